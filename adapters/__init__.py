@@ -1,0 +1,1 @@
+"""One package per transport. Each exposes a pure ``translate`` without importing its library."""

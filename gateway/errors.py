@@ -1,0 +1,261 @@
+"""The error type: one exception per failure, grouped by what the caller does about it.
+
+The class of an ``IoTHubError`` follows the catalog's default action for its code, so an ``except``
+clause reads as a decision::
+
+    IoTHubError                       every normalized failure; .code is the six-digit code
+    ├── RetryableError                the same operation can succeed later
+    │   ├── ServerError               retry with backoff (500xxx, 503xxx, 504000, ...)
+    │   ├── ThrottledError            back off on the throttle curve, honour .retry_after (429xxx, 503008)
+    │   ├── QuotaExceededError        park until the daily reset at 00:00 UTC (403002)
+    │   ├── ConnectionLostError       reconnect (dropped socket, refused, 404104, ...)
+    │   │   └── OperationTimeoutError no answer before the deadline; also a builtin TimeoutError
+    │   ├── CredentialsExpiredError   renew the token, then reconnect (401003); also an UnauthorizedError
+    │   └── DeviceOfflineError        hold work until the target device is online (404103, 504101)
+    ├── IdentityConflictError         another client holds this identity (400027, 409002)
+    ├── FatalError                    a permanent refusal of the connection: do not reconnect
+    │   └── UnauthorizedError         ... because of the credential (401xxx)
+    └── RequestError                  this operation can never succeed as sent: dead-letter it
+
+Raw transport facts stay on the error (``.native``) and the original exception on ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.codes import Action, CodeInfo, lookup
+
+__all__ = [
+    "ConnectionLostError",
+    "CredentialsExpiredError",
+    "DeviceOfflineError",
+    "FatalError",
+    "IdentityConflictError",
+    "IoTHubError",
+    "OperationTimeoutError",
+    "QuotaExceededError",
+    "RequestError",
+    "RetryableError",
+    "ServerError",
+    "ThrottledError",
+    "UnauthorizedError",
+    "error_class",
+    "make_error",
+]
+
+TRANSPORT_NAMES = frozenset({"http", "mqtt", "amqp", "network"})
+
+
+class IoTHubError(Exception):
+    """A transport failure normalized to IoT Hub's six-digit code.
+
+    Build one with :func:`make_error` (which picks the right subclass) rather than directly.
+    """
+
+    code: int
+    name: str
+    http_status: int | None
+    transport: str
+    retryable: bool
+    retry_after: float | None
+    retry_at: float | None
+    exact: bool
+    tracking_id: str | None
+    action: Action
+    message: str
+    device_id: str | None
+    native: dict[str, Any]
+
+    def __init__(
+        self,
+        info: CodeInfo,
+        *,
+        transport: str,
+        message: str = "",
+        exact: bool = True,
+        retry_after: float | None = None,
+        retry_at: float | None = None,
+        tracking_id: str | None = None,
+        device_id: str | None = None,
+        native: Mapping[str, Any] | None = None,
+    ) -> None:
+        if transport not in TRANSPORT_NAMES:
+            raise ValueError(f"unknown transport {transport!r}")
+        self.code = info.code
+        self.name = info.name
+        self.http_status = info.http_status
+        self.transport = transport
+        self.action = info.action
+        self.retryable = info.transient
+        self.exact = exact and info.known
+        self.retry_after = _clean_delay(retry_after)
+        self.retry_at = retry_at
+        self.tracking_id = tracking_id
+        self.device_id = device_id
+        self.message = message or info.description
+        self.native = dict(native or {})
+        super().__init__(str(self))
+
+    @property
+    def info(self) -> CodeInfo:
+        """The catalog row (or family) of this error's code."""
+        return lookup(self.code)
+
+    def __str__(self) -> str:
+        text = f"{self.code} {self.name}: {self.message}"
+        if self.retry_after is not None:
+            text += f" (retry after {_seconds(self.retry_after)})"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code}, {self.name!r}, transport={self.transport!r}, exact={self.exact})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.to_dict(),))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the error (the native facts included, stringified where needed)."""
+        return {
+            "code": self.code,
+            "name": self.name,
+            "http_status": self.http_status,
+            "transport": self.transport,
+            "retryable": self.retryable,
+            "retry_after": self.retry_after,
+            "retry_at": self.retry_at,
+            "exact": self.exact,
+            "tracking_id": self.tracking_id,
+            "action": self.action.value,
+            "message": self.message,
+            "device_id": self.device_id,
+            "native": _jsonable(self.native),
+        }
+
+
+class RetryableError(IoTHubError):
+    """The same operation can succeed later; the action says how long to wait."""
+
+
+class ServerError(RetryableError):
+    """A transient fault on the service side: retry with capped, jittered backoff."""
+
+
+class ThrottledError(RetryableError):
+    """The hub throttled the operation: back off, honouring ``retry_after`` when the peer gave one."""
+
+
+class QuotaExceededError(RetryableError):
+    """The daily message quota is used up: stop sending until it resets at 00:00 UTC."""
+
+
+class ConnectionLostError(RetryableError):
+    """The connection is gone or could not be made: reconnect with backoff."""
+
+
+class OperationTimeoutError(ConnectionLostError, TimeoutError):
+    """No answer before the deadline. The outcome is unknown: a resend may duplicate."""
+
+
+class UnauthorizedError(IoTHubError):
+    """The credential was refused."""
+
+
+class CredentialsExpiredError(RetryableError, UnauthorizedError):
+    """The token expired or did not match: renew it, then reconnect (once)."""
+
+
+class DeviceOfflineError(RetryableError):
+    """The target device is not online: hold work for it until it is."""
+
+
+class IdentityConflictError(IoTHubError):
+    """Another client connected with the same identity: two instances must not fight over it."""
+
+
+class FatalError(IoTHubError):
+    """A permanent refusal of the connection: reconnecting cannot help."""
+
+
+class FatalUnauthorizedError(FatalError, UnauthorizedError):
+    """The credential has no right to connect (401xxx other than an expired token)."""
+
+
+class RequestError(IoTHubError):
+    """This operation can never succeed as sent: fail it and dead-letter its message."""
+
+
+_BY_ACTION: dict[Action, type[IoTHubError]] = {
+    Action.RETRY: ServerError,
+    Action.THROTTLE: ThrottledError,
+    Action.WAIT_FOR_QUOTA_RESET: QuotaExceededError,
+    Action.RECONNECT: ConnectionLostError,
+    Action.REFRESH_CREDENTIALS: CredentialsExpiredError,
+    Action.WAIT_FOR_DEVICE: DeviceOfflineError,
+    Action.STOP_IDENTITY_CONFLICT: IdentityConflictError,
+    Action.STOP: FatalError,
+    Action.FAIL: RequestError,
+}
+
+
+def error_class(info: CodeInfo) -> type[IoTHubError]:
+    """The subclass for a catalog row: by its action, with the two refinements drawn above."""
+    if info.action is Action.STOP and info.code // 1000 == 401:
+        return FatalUnauthorizedError
+    if info.action is Action.RETRY and info.name == "OperationTimedOut":
+        return OperationTimeoutError
+    return _BY_ACTION[info.action]
+
+
+def make_error(code: int | CodeInfo, *, transport: str, **kwargs: Any) -> IoTHubError:
+    """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family)."""
+    info = code if isinstance(code, CodeInfo) else lookup(code)
+    return error_class(info)(info, transport=transport, **kwargs)
+
+
+def _rebuild(data: dict[str, Any]) -> IoTHubError:
+    return make_error(
+        data["code"],
+        transport=data["transport"],
+        message=data["message"],
+        exact=data["exact"],
+        retry_after=data["retry_after"],
+        retry_at=data["retry_at"],
+        tracking_id=data["tracking_id"],
+        device_id=data["device_id"],
+        native=data["native"],
+    )
+
+
+def _clean_delay(value: float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        delay = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(delay) or delay < 0:
+        return None
+    return min(delay, 366 * 86400.0)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s" if value < 1e6 else f"{value:.0f}s"
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    if depth > 8:
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v, depth + 1) for v in value]
+    return str(value)
