@@ -22,21 +22,21 @@ from types import MappingProxyType
 from typing import Final, Literal
 
 __all__ = [
+    "TRANSPORTS",
     "Action",
     "CodeInfo",
-    "TRANSPORTS",
     "all_codes",
     "by_name",
     "code_of",
-    "status_action",
     "family",
     "for_status",
     "lookup",
     "parse_code",
+    "status_action",
 ]
 
 
-class Action(str, enum.Enum):
+class Action(enum.StrEnum):
     """What the shared handler does by default about a code."""
 
     RETRY = "retry"  #: retry the operation with capped, jittered exponential backoff
@@ -179,11 +179,11 @@ _IOTHUB_ROWS: tuple[tuple, ...] = (  # type: ignore[type-arg]
     (401001, "IotHubNotFound", S, _DEV, "The hub named in the request does not exist."),
     (401002, "IotHubUnauthorizedAccess", S, _DEV, "The credential has no right to this operation: a permanent refusal."),
     (401003, "IotHubUnauthorized", K, _DEV,
-     "The token is expired or does not match; renew it, then reconnect.", {"aliases": ("IoTHubUnauthorized",)}),
+     "The token is expired or does not match; renew it, then reconnect.",),
     (401004, "ElasticPoolNotFound", S, _SVC, "The elastic pool does not exist."),
     (401100, "SystemModuleModifyUnauthorizedAccess", S, _SVC, "System modules cannot be changed with this credential."),
     (403000, "GenericForbidden", F, _DEV, "The request is forbidden; no finer code was given."),
-    (403001, "IotHubSuspended", S, _DEV, "The hub is suspended.", {"aliases": ("IoTHubSuspended",)}),
+    (403001, "IotHubSuspended", S, _DEV, "The hub is suspended."),
     (403002, "IotHubQuotaExceeded", Q, _DEV,
      "The hub's daily message quota is used up; sending resumes after the reset at 00:00 UTC.",
      {"aliases": ("QuotaExceeded",)}),

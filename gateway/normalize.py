@@ -84,9 +84,7 @@ def normalize(exc: BaseException, *, transport: str = "network", device_id: str 
 def _classify(exc: BaseException) -> tuple[int, str]:
     # TLS first: ssl errors are OSErrors too, and aiohttp wraps them with the cause attached.
     for candidate in _chain(exc):
-        if isinstance(candidate, ssl.SSLCertVerificationError) or (
-            isinstance(candidate, ssl.CertificateError)
-        ):
+        if isinstance(candidate, (ssl.SSLCertVerificationError, ssl.CertificateError)):
             return _TLS_VERIFY, "TLS certificate verification failed"
     for cls in type(exc).__mro__:
         code = _BY_CLASS_NAME.get(cls.__name__)

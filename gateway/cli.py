@@ -1,0 +1,202 @@
+"""``iothub-gateway``: look codes up, classify a raw transport failure, run the sidecar.
+
+Bad input exits 2 with one line on stderr, never a traceback: the CLI is used from shell scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from gateway.codes import CodeInfo, all_codes, by_name, lookup
+from gateway.errors import IoTHubError
+
+__all__ = ["main", "markdown_table"]
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit 2."""
+
+
+def markdown_table() -> str:
+    """The full code table as Markdown: README embeds exactly this (a test keeps them equal)."""
+    lines = [
+        "| code | name | HTTP | transports | transient | action | origin | description |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in all_codes():
+        aliases = ""
+        if row.aliases or row.alias_codes:
+            aliases = " (also " + ", ".join([*row.aliases, *map(str, row.alias_codes)]) + ")"
+        lines.append(
+            f"| {row.code} | {row.name}{aliases} | {row.http_status or 'N/A'} | {', '.join(sorted(row.transports))}"
+            f" | {'yes' if row.transient else 'no'} | {row.action.value} | {row.origin} | {row.description} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _resolve(text: str) -> CodeInfo:
+    row = by_name(text)
+    if row is not None:
+        return row
+    try:
+        return lookup(text)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (nor a code name)") from None
+
+
+def _cmd_codes(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([row.to_dict() for row in all_codes()], indent=1))
+    elif args.markdown:
+        sys.stdout.write(markdown_table())
+    else:
+        for row in all_codes():
+            status = row.http_status or "N/A"
+            print(f"{row.code}  {row.name:<48} {status!s:>4}  {row.action.value:<22} {row.description}")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    row = _resolve(args.code)
+    if args.json:
+        print(json.dumps(row.to_dict(), indent=1))
+        return 0
+    print(f"{row.code} {row.name}")
+    if not row.known:
+        print("  (not in the table: resolved to its status family)")
+    print(f"  HTTP status: {row.http_status or 'N/A (MQTT/AMQP only)'}")
+    print(f"  transports:  {', '.join(sorted(row.transports))}")
+    print(f"  transient:   {'yes' if row.transient else 'no'}")
+    print(f"  action:      {row.action.value}")
+    print(f"  defined by:  {'IoT Hub' if row.origin == 'iothub' else 'this gateway'}")
+    if row.aliases or row.alias_codes:
+        print(f"  aliases:     {', '.join([*row.aliases, *map(str, row.alias_codes)])}")
+    print(f"  {row.description}")
+    return 0
+
+
+def _pairs(items: Sequence[str], sep: str, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, found, value = item.partition(sep)
+        if not found or not key.strip():
+            raise UsageError(f"bad {what} {item!r}: expected 'name{sep}value'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise UsageError(f"bad {what} {text!r}: expected a number") from None
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    chosen = [x for x in (args.http, args.mqtt, args.topic, args.amqp) if x is not None]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of --http, --mqtt, --topic or --amqp")
+    result: IoTHubError | None
+    if args.http is not None:
+        from adapters.http import translate as http_translate
+
+        headers = _pairs(args.header, ":", "header")
+        result = _call(lambda: http_translate(_int(args.http, "HTTP status"), headers, args.body))
+    elif args.mqtt is not None:
+        from adapters.mqtt import translate as mqtt_translate
+
+        props = _pairs(args.property, "=", "property")
+        result = _call(
+            lambda: mqtt_translate(
+                _int(args.mqtt, "reason code"),
+                protocol_version=args.mqtt_version,
+                packet=args.packet,
+                properties=props or None,
+            )
+        )
+    elif args.topic is not None:
+        from adapters.mqtt import translate_topic
+
+        result = _call(lambda: translate_topic(args.topic, args.payload))
+    else:
+        from adapters.amqp import translate as amqp_translate
+
+        info = _pairs(args.info, "=", "info entry")
+        result = _call(lambda: amqp_translate(args.amqp, args.description, info or None))
+    if result is None:
+        print(json.dumps({"error": None}) if args.json else "not an error")
+        return 0
+    print(json.dumps(result.to_dict(), indent=1) if args.json else str(result))
+    if not args.json:
+        print(f"  action: {result.action.value}; retryable: {'yes' if result.retryable else 'no'}; "
+              f"exact: {'yes' if result.exact else 'no'}" + (f"; tracking id: {result.tracking_id}"
+                                                              if result.tracking_id else ""))
+    return 0
+
+
+def _call(fn: Callable[[], IoTHubError | None]) -> IoTHubError | None:
+    try:
+        return fn()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iothub-gateway",
+        description="Normalize Azure IoT Hub transport failures (HTTP, MQTT, AMQP) to six-digit codes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("codes", help="print the code table", description="Print the whole code catalog.")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="as JSON")
+    fmt.add_argument("--markdown", action="store_true", help="as the Markdown table README embeds")
+    p.set_defaults(func=_cmd_codes)
+
+    p = sub.add_parser("explain", help="explain one code", description="Explain a code (number, alias or name).")
+    p.add_argument("code", help="a six-digit code such as 429001, or a name such as ThrottlingException")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "classify",
+        help="classify a raw transport failure",
+        description="Turn one raw failure into its six-digit code and action. Give exactly one of "
+        "--http, --mqtt, --topic or --amqp.",
+    )
+    p.add_argument("--http", metavar="STATUS", help="an HTTP status, e.g. 429")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="a response header")
+    p.add_argument("--body", help="the response body")
+    p.add_argument("--mqtt", metavar="CODE", help="an MQTT CONNACK / reason code (decimal or 0x..)")
+    p.add_argument("--mqtt-version", type=int, choices=(3, 4, 5), default=4, help="MQTT protocol level")
+    p.add_argument("--packet", choices=("connack", "disconnect", "puback", "suback"), default="connack")
+    p.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
+                   help="an MQTT 5 user property such as status=0501")
+    p.add_argument("--topic", help="an MQTT response topic such as $iothub/twin/res/429/?$rid=1")
+    p.add_argument("--payload", help="the payload that came with --topic")
+    p.add_argument("--amqp", metavar="CONDITION", help="an AMQP error condition such as amqp:link:stolen")
+    p.add_argument("--description", help="the AMQP condition's description")
+    p.add_argument("--info", action="append", default=[], metavar="KEY=VALUE", help="an AMQP condition info entry")
+    p.add_argument("--json", action="store_true", help="print the error's to_dict() as JSON")
+    p.set_defaults(func=_cmd_classify)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as exc:
+        print(f"iothub-gateway {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `iothub-gateway codes | head`: the reader left, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        return 0
