@@ -1,0 +1,115 @@
+"""The emulated hub's state: registry, who is connected where, what arrived, what waits for devices.
+
+Thread-safe (the AMQP front runs in proton's thread). The fronts own the wire; this owns the facts
+that several fronts must agree on, e.g. a direct method call over HTTP fails with DeviceNotOnline
+unless the device is connected over MQTT or AMQP.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.emulator.faults import FaultPlan
+from gateway.sas import make_sas_token, verify_sas_token
+
+__all__ = ["Device", "Hub", "Received"]
+
+
+@dataclass
+class Device:
+    device_id: str
+    key: str  #: base64 symmetric key
+    enabled: bool = True
+    twin_desired: dict[str, Any] = field(default_factory=dict)
+    twin_reported: dict[str, Any] = field(default_factory=dict)
+    twin_version: int = 1
+    c2d: deque[tuple[str, bytes]] = field(default_factory=deque)  #: (message id, body)
+
+
+@dataclass(frozen=True)
+class Received:
+    device_id: str
+    message_id: str | None
+    body: bytes
+    transport: str
+    properties: dict[str, str]
+
+
+
+class Hub:
+    """One emulated IoT Hub, shared by the three fronts."""
+
+    def __init__(self, host_name: str = "emulator.azure-devices.net", plan: FaultPlan | None = None) -> None:
+        self.host_name = host_name
+        self.plan = plan or FaultPlan()
+        self._lock = threading.RLock()
+        self._devices: dict[str, Device] = {}
+        self._connections: dict[str, tuple[str, object]] = {}  # device -> (transport, session handle)
+        self.received: list[Received] = []
+
+    # -- registry ---------------------------------------------------------------------------
+    def add_device(self, device_id: str, key: str | None = None) -> Device:
+        key = key or base64.b64encode(f"emulator-key-{device_id}".encode().ljust(32, b"=")).decode()
+        with self._lock:
+            device = self._devices.setdefault(device_id, Device(device_id, key))
+        return device
+
+    def device(self, device_id: str) -> Device | None:
+        with self._lock:
+            return self._devices.get(device_id)
+
+    def connection_string(self, device_id: str) -> str:
+        device = self.device(device_id) or self.add_device(device_id)
+        return f"HostName={self.host_name};DeviceId={device_id};SharedAccessKey={device.key}"
+
+    def token(self, device_id: str, expiry: int) -> str:
+        device = self.device(device_id) or self.add_device(device_id)
+        return make_sas_token(f"{self.host_name}/devices/{device_id}", device.key, expiry)
+
+    def authenticate(self, device_id: str, token: str | None, now: float) -> str | None:
+        """Why this device may not connect with this token, or None when it may.
+
+        Answers: ``"unknown"`` (not registered), ``"disabled"``, ``"malformed"``, ``"mismatch"``,
+        ``"expired"``.
+        """
+        device = self.device(device_id)
+        if device is None:
+            return "unknown"
+        if not device.enabled:
+            return "disabled"
+        return verify_sas_token(token or "", f"{self.host_name}/devices/{device_id}", device.key, now)
+
+    # -- connections ------------------------------------------------------------------------
+    def attach(self, device_id: str, transport: str, handle: object) -> tuple[str, object] | None:
+        """Record a new connection for the device; returns the one it takes over, if any."""
+        with self._lock:
+            previous = self._connections.get(device_id)
+            self._connections[device_id] = (transport, handle)
+        return previous if previous is not None and previous[1] is not handle else None
+
+    def detach(self, device_id: str, handle: object) -> None:
+        with self._lock:
+            current = self._connections.get(device_id)
+            if current is not None and current[1] is handle:
+                del self._connections[device_id]
+
+    def is_online(self, device_id: str) -> bool:
+        with self._lock:
+            return device_id in self._connections
+
+    def online(self) -> dict[str, str]:
+        with self._lock:
+            return {d: t for d, (t, _) in self._connections.items()}
+
+    # -- messages ---------------------------------------------------------------------------
+    def record(self, received: Received) -> None:
+        with self._lock:
+            self.received.append(received)
+
+    def received_ids(self, device_id: str | None = None) -> list[str | None]:
+        with self._lock:
+            return [r.message_id for r in self.received if device_id in (None, r.device_id)]
