@@ -200,3 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `iothub-gateway codes | head`: the reader left, which is fine
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
         return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

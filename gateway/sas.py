@@ -43,7 +43,9 @@ class ConnectionString:
         secret = fields.get("SharedAccessKey")
         if secret is not None:
             _decode_key(secret)
-        return cls(fields["HostName"], fields["DeviceId"], secret, fields.get("ModuleId"), fields.get("GatewayHostName"))
+        return cls(
+            fields["HostName"], fields["DeviceId"], secret, fields.get("ModuleId"), fields.get("GatewayHostName")
+        )
 
     @property
     def resource_uri(self) -> str:
