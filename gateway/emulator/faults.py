@@ -47,6 +47,7 @@ class Fault:
     times: int | None = 1  #: None: for ever (until removed)
     retry_after: float | None = None
     delay: float = 0.0
+    form: str | None = None  #: a front's wire-form hint, e.g. the HTTP body form ("legacy", "nested", ...)
     hits: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +73,7 @@ class Fault:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
-        allowed = {"operation", "kind", "code", "device", "transport", "times", "retry_after", "delay"}
+        allowed = {"operation", "kind", "code", "device", "transport", "times", "retry_after", "delay", "form"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(sorted(unknown))}")
@@ -88,6 +89,7 @@ class Fault:
             "times": self.times,
             "retry_after": self.retry_after,
             "delay": self.delay,
+            "form": self.form,
             "hits": self.hits,
         }
 
