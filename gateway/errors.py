@@ -26,7 +26,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.codes import Action, CodeInfo, lookup
+from gateway.codes import CATALOG as _TABLE
+from gateway.codes import Action, CodeInfo, all_codes, lookup
 
 __all__ = [
     "ConnectionLostError",
@@ -52,22 +53,15 @@ TRANSPORT_NAMES = frozenset({"http", "mqtt", "amqp", "network"})
 class IoTHubError(Exception):
     """A transport failure normalized to IoT Hub's six-digit code.
 
-    Build one with :func:`make_error` (which picks the right subclass) rather than directly.
+    Build one with :func:`make_error` (which picks the right subclass) rather than directly. The
+    catalog facts (code, name, status, action) are read from the row, not copied: translators build
+    errors on hot paths, so construction stores only what differs per failure.
     """
 
-    code: int
-    name: str
-    http_status: int | None
-    transport: str
-    retryable: bool
-    retry_after: float | None
-    retry_at: float | None
-    exact: bool
-    tracking_id: str | None
-    action: Action
-    message: str
-    device_id: str | None
-    native: dict[str, Any]
+    retry_after: float | None = None  #: seconds the peer asked us to wait, when it said
+    retry_at: float | None = None  #: the same as an absolute epoch time, when the peer gave a date
+    tracking_id: str | None = None
+    device_id: str | None = None
 
     def __init__(
         self,
@@ -80,29 +74,52 @@ class IoTHubError(Exception):
         retry_at: float | None = None,
         tracking_id: str | None = None,
         device_id: str | None = None,
-        native: Mapping[str, Any] | None = None,
+        native: dict[str, Any] | None = None,
     ) -> None:
         if transport not in TRANSPORT_NAMES:
             raise ValueError(f"unknown transport {transport!r}")
-        self.code = info.code
-        self.name = info.name
-        self.http_status = info.http_status
+        self._info = info
         self.transport = transport
-        self.action = info.action
-        self.retryable = info.transient
         self.exact = exact and info.known
-        self.retry_after = _clean_delay(retry_after)
-        self.retry_at = retry_at
-        self.tracking_id = tracking_id
-        self.device_id = device_id
-        self.message = message or info.description
-        self.native = dict(native or {})
-        super().__init__(str(self))
+        self._message = message
+        self.native: dict[str, Any] = native if native is not None else {}
+        if retry_after is not None:
+            self.retry_after = _clean_delay(retry_after)
+        if retry_at is not None:
+            self.retry_at = retry_at
+        if tracking_id is not None:
+            self.tracking_id = tracking_id
+        if device_id is not None:
+            self.device_id = device_id
+
+    @property
+    def code(self) -> int:
+        return self._info.code
+
+    @property
+    def name(self) -> str:
+        return self._info.name
+
+    @property
+    def http_status(self) -> int | None:
+        return self._info.http_status
+
+    @property
+    def action(self) -> Action:
+        return self._info.action
+
+    @property
+    def retryable(self) -> bool:
+        return self._info.action.transient
+
+    @property
+    def message(self) -> str:
+        return self._message or self._info.description
 
     @property
     def info(self) -> CodeInfo:
         """The catalog row (or family) of this error's code."""
-        return lookup(self.code)
+        return self._info
 
     def __str__(self) -> str:
         text = f"{self.code} {self.name}: {self.message}"
@@ -211,8 +228,12 @@ def error_class(info: CodeInfo) -> type[IoTHubError]:
 
 def make_error(code: int | CodeInfo, *, transport: str, **kwargs: Any) -> IoTHubError:
     """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family)."""
-    info = code if isinstance(code, CodeInfo) else lookup(code)
-    return error_class(info)(info, transport=transport, **kwargs)
+    info = code if isinstance(code, CodeInfo) else (_TABLE.get(code) if type(code) is int else None) or lookup(code)
+    cls = _CLASS_BY_CODE.get(info.code) if info.known else None
+    return (cls or error_class(info))(info, transport=transport, **kwargs)
+
+
+_CLASS_BY_CODE: dict[int, type[IoTHubError]] = {row.code: error_class(row) for row in all_codes()}
 
 
 def _rebuild(data: dict[str, Any]) -> IoTHubError:
@@ -225,7 +246,7 @@ def _rebuild(data: dict[str, Any]) -> IoTHubError:
         retry_at=data["retry_at"],
         tracking_id=data["tracking_id"],
         device_id=data["device_id"],
-        native=data["native"],
+        native=dict(data["native"]),
     )
 
 

@@ -1,0 +1,939 @@
+"""The supervisor: one upstream connection kept up by the policy, with deadlines on every operation.
+
+The handler is the only part of the package that waits, reconnects, holds or parks; it asks
+:class:`~gateway.policy.Policy` what to do and does it. Everything that waits goes through the injected
+:class:`~gateway.clock.Clock`, and every random draw through the injected ``random.Random``, so a test
+drives hours of outages in milliseconds.
+
+- One supervisor task owns the connection: only it calls ``transport.connect()``, so a reconnect is
+  single-flight however many operations see the drop.
+- An operation (``send``, ``request``) runs in the caller's task with a deadline. It waits while the
+  connection is down unless the handler already knows it cannot succeed in time (stopped, parked past
+  the deadline, next attempt past the deadline): then it fails at once with a classified ``IoTHubError``.
+- Every end of an operation is reported: delivered (maybe as a possible duplicate), failed with a code,
+  expired with a code, or outcome unknown; the last three also reach the ``on_undelivered`` hook.
+- State changes carry the code and the cause, and reach a property, an async iterator and a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from gateway.clock import Clock, SystemClock
+from gateway.codes import Action, code_of
+from gateway.errors import IoTHubError, make_error
+from gateway.normalize import normalize
+from gateway.policy import (
+    History,
+    HoldForDevice,
+    Operation,
+    ParkUntil,
+    Policy,
+    ReconnectAfter,
+    RefreshCredentials,
+    RetryAfter,
+    Stop,
+    StopReason,
+)
+from gateway.transport import DeviceOffline, DeviceOnline, Disconnected, Inbound, Message, Transport
+
+__all__ = [
+    "DeviceHolds",
+    "Handler",
+    "Receipt",
+    "State",
+    "StateChange",
+    "Undelivered",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_CONNECTED = code_of("NotConnected")
+_TIMED_OUT = code_of("OperationTimedOut")
+_OFFLINE = code_of("DeviceNotOnline")  # the code of a held item whose deadline passed (see Undelivered)
+_QUOTA = code_of("IotHubQuotaExceeded")
+_CONNECTION_ACTIONS = frozenset(
+    {Action.RECONNECT, Action.REFRESH_CREDENTIALS, Action.STOP_IDENTITY_CONFLICT, Action.STOP}
+)
+
+
+class State(enum.StrEnum):
+    """The connection as the application sees it."""
+
+    IDLE = "idle"  #: not started
+    CONNECTING = "connecting"  #: the first connect is under way
+    CONNECTED = "connected"
+    RETRYING = "disconnected-retrying"  #: down; ``until`` is the next attempt
+    THROTTLED = "throttled"  #: up or down, waiting out a throttle until ``until``
+    PARKED = "parked"  #: daily quota used up; nothing is sent until ``until``
+    STOPPED = "stopped"  #: given up; ``code`` and ``reason`` say why. Operations fail at once.
+    CLOSED = "closed"  #: closed by the application
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One transition, with why: the code and the error that caused it."""
+
+    state: State
+    at: float
+    code: int | None = None
+    cause: IoTHubError | None = None
+    until: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A delivered operation. ``possible_duplicate``: an earlier attempt may have been delivered too."""
+
+    id: str
+    attempts: int
+    possible_duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Undelivered:
+    """An operation that ended without a confirmed delivery, for the app to persist or replay.
+
+    ``outcome`` is ``"failed"`` (the hub refused it for good, or the handler stopped), ``"expired"`` (its
+    deadline passed first; held items for an offline device expire with DeviceNotOnline, because they
+    were never sent) or ``"unknown"`` (an attempt may have been delivered: OperationTimedOut).
+    """
+
+    kind: str
+    id: str
+    device_id: str | None
+    outcome: str
+    error: IoTHubError
+    message: Message | None = None
+    payload: Any = None
+
+
+class _DeadlineExceeded(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Held:
+    device_id: str
+    deadline: float
+    waiter: asyncio.Future[bool]
+    settled: asyncio.Future[None] | None = None
+
+
+class DeviceHolds:
+    """Bounded per-device FIFO queues of held operations. Not thread-safe; the handler's loop owns it."""
+
+    def __init__(self, max_per_device: int) -> None:
+        self.max_per_device = max_per_device
+        self._queues: dict[str, deque[_Held]] = {}
+
+    def add(self, item: _Held, *, front: bool = False) -> bool:
+        """Queue ``item``; False when the device's queue is full (a re-held item always fits)."""
+        queue = self._queues.setdefault(item.device_id, deque())
+        if front:
+            queue.appendleft(item)
+            return True
+        if len(queue) >= self.max_per_device:
+            return False
+        queue.append(item)
+        return True
+
+    def pop(self, device_id: str) -> _Held | None:
+        """The oldest still-waiting item of the device, or None."""
+        queue = self._queues.get(device_id)
+        while queue:
+            item = queue.popleft()
+            if not item.waiter.done():
+                return item
+        self._queues.pop(device_id, None)
+        return None
+
+    def remove(self, item: _Held) -> None:
+        queue = self._queues.get(item.device_id)
+        if queue is not None:
+            with contextlib.suppress(ValueError):
+                queue.remove(item)
+            if not queue:
+                del self._queues[item.device_id]
+
+    def count(self, device_id: str | None = None) -> int:
+        if device_id is not None:
+            return len(self._queues.get(device_id, ()))
+        return sum(len(q) for q in self._queues.values())
+
+    def devices(self) -> list[str]:
+        return list(self._queues)
+
+    def drain(self) -> list[_Held]:
+        items = [item for queue in self._queues.values() for item in queue]
+        self._queues.clear()
+        return items
+
+
+@dataclass
+class _Op:
+    kind: str
+    id: str
+    device_id: str | None  #: the device the operation is aimed at (holds apply to it)
+    message: Message | None = None
+    payload: Any = None
+    attempts: int = 0
+    duplicate: bool = False
+    released: bool = False  #: it was held and released once: a re-hold goes to the front of the queue
+    outcome: str = "failed"  #: how it ended if it raised: failed, expired or unknown
+    last_error: IoTHubError | None = None
+    held: _Held | None = field(default=None, repr=False)
+
+
+RefreshHook = Callable[[], Awaitable[float | None]]
+
+
+class Handler:
+    """Owns one upstream connection through a :class:`~gateway.transport.Transport`.
+
+    ``refresh_credentials`` is awaited when the hub says the token expired (and before a known expiry,
+    ``renew_before`` seconds ahead); it must make the transport's next ``connect()`` use the new credential
+    and may return the new credential's expiry (epoch seconds) to have it renewed in time.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        policy: Policy | None = None,
+        clock: Clock | None = None,
+        rand: random.Random | None = None,
+        identity: str = "",
+        refresh_credentials: RefreshHook | None = None,
+        credential_expiry: float | None = None,
+        on_state_change: Callable[[StateChange], None] | None = None,
+        on_undelivered: Callable[[Undelivered], None] | None = None,
+        on_inbound: Callable[[Inbound], None] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._policy = policy or Policy()
+        self._clock: Clock = clock or SystemClock()
+        self._rand = rand or random.Random()
+        self._refresh_hook = refresh_credentials
+        self._credential_expiry = credential_expiry
+        self._on_state_change = on_state_change
+        self._on_undelivered = on_undelivered
+        self._on_inbound = on_inbound
+        self._history = History(identity=identity, can_refresh=refresh_credentials is not None)
+        self._last = StateChange(State.IDLE, self._clock.now())
+        self._subscribers: list[asyncio.Queue[StateChange | None]] = []
+        self._changed = asyncio.Event()
+        self._up = False
+        self._gen = 0
+        self._loss: asyncio.Future[IoTHubError | None] | None = None
+        self._down_cause: IoTHubError | None = None
+        self._next_attempt_at: float | None = None
+        self._stop_error: IoTHubError | None = None
+        self._closed = False
+        self._parked_until = 0.0
+        self._gate_cause: IoTHubError | None = None  #: the throttle or quota error gating sends
+        self._probe_owner: _Op | None = None
+        self._throttled_until = 0.0
+        self._holds = DeviceHolds(self._policy.config.device.max_held)
+        self._offline: set[str] = set()
+        self._releasing: set[str] = set()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._renew_task: asyncio.Task[None] | None = None
+        self.counters: Counter[tuple[int | None, str, str]] = Counter()
+
+    # -- public surface -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._last.state
+
+    @property
+    def last_change(self) -> StateChange:
+        """The latest state change: state, code, cause, until, reason."""
+        return self._last
+
+    @property
+    def history(self) -> History:
+        """What the policy currently remembers about this connection (read-only snapshot)."""
+        return self._history
+
+    @property
+    def transport(self) -> Transport:
+        return self._transport
+
+    def held(self, device_id: str | None = None) -> int:
+        """How many operations are held for ``device_id`` (or for all devices)."""
+        return self._holds.count(device_id)
+
+    def offline_devices(self) -> frozenset[str]:
+        return frozenset(self._offline)
+
+    def metrics(self) -> dict[tuple[int | None, str, str], int]:
+        """Counts keyed by (code or None, transport, outcome)."""
+        return dict(self.counters)
+
+    async def changes(self) -> AsyncIterator[StateChange]:
+        """Every state change from now on; ends when the handler is closed."""
+        queue: asyncio.Queue[StateChange | None] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            while True:
+                change = await queue.get()
+                if change is None:
+                    return
+                yield change
+        finally:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(queue)
+
+    async def start(self) -> None:
+        """Start the supervisor (returns at once; watch ``state`` or ``wait_connected``)."""
+        if self._closed:
+            raise RuntimeError("handler is closed")
+        if self._supervisor is not None:
+            return
+        self._set_state(State.CONNECTING)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="iothub-supervisor")
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected; raise the stop error if the handler stops first."""
+        deadline = self._clock.now() + (timeout if timeout is not None else self._policy.config.operation.timeout)
+        op = _Op("wait", "", None)
+        await self._wait_ready(op, deadline, gates=False)
+
+    async def close(self) -> None:
+        """Stop everything, fail what is still waiting with NotConnected, and leave no task behind."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._supervisor, self._reader, self._renew_task) if t is not None]
+        tasks += list(self._background) + list(self._inflight)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._up = False
+        with contextlib.suppress(Exception):
+            await self._transport.close()
+        for item in self._holds.drain():
+            if not item.waiter.done():
+                item.waiter.set_result(False)
+        self._set_state(State.CLOSED, reason="closed by the application")
+        self._notify()
+        for queue in self._subscribers:
+            queue.put_nowait(None)
+
+    async def __aenter__(self) -> Handler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def device_online(self, device_id: str) -> None:
+        """Mark a device online and release its held operations, oldest first."""
+        self._offline.discard(device_id)
+        if self._holds.count(device_id) and device_id not in self._releasing and not self._closed:
+            self._releasing.add(device_id)
+            self._spawn(self._release(device_id), f"iothub-release-{device_id}")
+        self._notify()
+
+    def device_offline(self, device_id: str) -> None:
+        """Mark a device offline: new work for it is held instead of sent."""
+        self._offline.add(device_id)
+
+    async def send(self, message: Message, *, timeout: float | None = None) -> Receipt:
+        """Send telemetry; resends keep ``message.id``. Raises ``IoTHubError`` when not delivered."""
+        op = _Op("send", message.id, message.device_id, message=message)
+
+        async def call(_remaining: float) -> None:
+            await self._transport.send(message)
+
+        await self._operate(op, call, timeout)
+        return Receipt(message.id, op.attempts, op.duplicate)
+
+    async def request(self, kind: str, payload: Any, *, device_id: str | None = None, timeout: float | None = None,
+                      request_id: str = "") -> Any:
+        """A request/response exchange (twin, method) aimed at ``device_id`` if given."""
+        op = _Op(kind, request_id, device_id, payload=payload)
+
+        async def call(remaining: float) -> Any:
+            return await self._transport.request(kind, payload, timeout=remaining)
+
+        return await self._operate(op, call, timeout)
+
+    # -- operations -----------------------------------------------------------------------------------
+
+    async def _operate(self, op: _Op, call: Callable[[float], Awaitable[T]], timeout: float | None) -> T:
+        started = self._clock.now()
+        deadline = started + (timeout if timeout is not None else self._policy.config.operation.timeout)
+        try:
+            return await self._attempts(op, call, started, deadline)
+        except IoTHubError as err:
+            self._report_undelivered(op, err)
+            raise
+        finally:
+            if self._probe_owner is op:
+                self._probe_owner = None  # the probe failed (or will be re-gated): let another one try
+                self._notify()
+            self._settle_held(op)
+
+    async def _attempts(self, op: _Op, call: Callable[[float], Awaitable[T]], started: float, deadline: float) -> T:
+        while True:
+            self._raise_if_down(op)
+            device = op.device_id
+            if device is not None and self._must_hold(device, op):
+                hold_until = min(deadline, self._clock.now() + self._policy.config.device.hold_timeout)
+                await self._hold(op, device, hold_until, None)
+                continue
+            gen = await self._wait_ready(op, deadline, gates=True)
+            op.attempts += 1
+            now = self._clock.now()
+            try:
+                result = await self._within(call(deadline - now), deadline - now, track=True)
+            except _DeadlineExceeded:
+                raise self._expired(op, in_flight=True) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and task is not None and not task.cancelling():
+                    raise self._closed_error() from None
+                raise
+            except IoTHubError as exc:
+                err = exc
+            except Exception as exc:
+                err = normalize(exc, transport=self._err_transport())
+            else:
+                self._succeeded(op)
+                return result
+            op.last_error = err
+            self._settle_held(op)
+            now = self._clock.now()
+            decision, history = self._policy.step(err, self._history, now=now, rand=self._rand,
+                                                  op=Operation(op.attempts, started, device))
+            if isinstance(decision, (ReconnectAfter, RefreshCredentials, Stop)):
+                # The connection itself is at stake: the supervisor decides (once) what to do about it,
+                # and this operation waits for its verdict (reconnected, or stopped).
+                self._report_loss(err, gen)
+                op.duplicate = op.duplicate or (isinstance(decision, ReconnectAfter) and decision.possible_duplicate)
+                continue
+            if self._policy.action_for(err) in _CONNECTION_ACTIONS:
+                self._report_loss(err, gen)  # this operation gave up, but the connection is still down
+            self._history = history
+            if isinstance(decision, RetryAfter):
+                op.duplicate = op.duplicate or decision.possible_duplicate
+                if decision.throttled:
+                    self._count(err.code, "throttled")
+                    self._throttle(err, now + decision.delay)
+                    continue
+                self._count(err.code, "retry")
+                if now + decision.delay >= deadline:
+                    raise self._expired(op)
+                await self._clock.sleep(decision.delay)
+            elif isinstance(decision, ParkUntil):
+                self._count(err.code, "parked")
+                self._park(err, decision.until)
+            elif isinstance(decision, HoldForDevice):
+                self._count(err.code, "held")
+                self._offline.add(decision.device_id)
+                await self._hold(op, decision.device_id, min(deadline, decision.deadline), err)
+            else:
+                self._count(err.code, "dead_letter")
+                if op.duplicate:
+                    raise self._unknown(op, err)
+                failed = make_error(err.code, transport=err.transport, message=decision.detail,
+                                    device_id=err.device_id or op.device_id, native=err.native,
+                                    retry_after=err.retry_after)
+                failed.__cause__ = err
+                raise failed
+
+    def _succeeded(self, op: _Op) -> None:
+        self._history = self._history.on_success()
+        self._count(None, "duplicate" if op.duplicate else "delivered")
+        if op.device_id is not None and op.device_id in self._offline:
+            self.device_online(op.device_id)
+        if self._gate_cause is not None or self._throttled_until:
+            # The probe went through: the throttle or the quota park is over for everyone.
+            self._gate_cause = None
+            self._probe_owner = None
+            self._throttled_until = 0.0
+            if self._up and self.state in (State.THROTTLED, State.PARKED):
+                self._set_state(State.CONNECTED, reason="recovered")
+            self._notify()
+
+    def _must_hold(self, device: str, op: _Op) -> bool:
+        if op.held is not None:
+            return False  # just released: this is its turn
+        return device in self._offline or device in self._releasing or self._holds.count(device) > 0
+
+    async def _hold(self, op: _Op, device: str, deadline: float, cause: IoTHubError | None) -> None:
+        """Wait in the device's queue until released; raise the expiry or stop error otherwise."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        item = _Held(device, deadline, waiter)
+        if not self._holds.add(item, front=op.released):
+            self._count(_OFFLINE, "failed")
+            err = make_error(_OFFLINE, transport=self._err_transport(cause), device_id=device,
+                             message=f"device {device!r} is offline and its hold queue is full "
+                                     f"({self._holds.max_per_device} items)")
+            err.__cause__ = cause
+            raise err
+        if device not in self._offline and device not in self._releasing:
+            self.device_online(device)  # nothing says it is offline (any more): release at once
+        released = False
+        try:
+            released = await self._within(waiter, deadline - self._clock.now())
+        except _DeadlineExceeded:
+            pass
+        finally:
+            if not released:
+                self._holds.remove(item)
+                if not waiter.done():
+                    waiter.cancel()
+        if released:
+            op.held = item
+            op.released = True
+            return
+        self._raise_if_down(op)
+        if op.duplicate:
+            raise self._unknown(op, cause)
+        op.outcome = "expired"
+        self._count(_OFFLINE, "expired")
+        err = make_error(_OFFLINE, transport=self._err_transport(cause), device_id=device,
+                         message=f"held for offline device {device!r} until its deadline passed; not sent again")
+        err.__cause__ = cause
+        raise err
+
+    def _settle_held(self, op: _Op) -> None:
+        item = op.held
+        op.held = None
+        if item is not None and item.settled is not None and not item.settled.done():
+            item.settled.set_result(None)
+
+    async def _release(self, device: str) -> None:
+        """Release a device's held operations one at a time, oldest first, so their order is kept."""
+        try:
+            while device not in self._offline and not self._closed:
+                item = self._holds.pop(device)
+                if item is None:
+                    break
+                item.settled = asyncio.get_running_loop().create_future()
+                item.waiter.set_result(True)
+                self._count(_OFFLINE, "released")
+                await item.settled
+        finally:
+            self._releasing.discard(device)
+            if self._holds.count(device) and device not in self._offline and not self._closed:
+                self.device_online(device)
+
+    async def _wait_ready(self, op: _Op, deadline: float, *, gates: bool) -> int:
+        """Wait until an attempt may go out; fail fast when it cannot happen before ``deadline``."""
+        while True:
+            self._raise_if_down(op)
+            now = self._clock.now()
+            gate = max(self._parked_until, self._throttled_until) if gates else 0.0
+            probing = gates and self._gate_cause is not None and self._probe_owner not in (None, op)
+            if self._up and now >= gate and not probing:
+                if gates and self._gate_cause is not None:
+                    self._probe_owner = op  # after a throttle or a park, one operation probes first
+                return self._gen
+            if gates and self._parked_until > max(now, deadline):
+                op.outcome = "expired"
+                self._count(_QUOTA, "failed_fast")
+                cause = self._gate_cause
+                err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=self._parked_until,
+                                 device_id=op.device_id,
+                                 message=f"daily quota used up; sending is parked until {self._parked_until:.0f}, "
+                                         f"after this operation's deadline")
+                err.__cause__ = cause
+                raise err
+            if not self._up and self._next_attempt_at is not None and self._next_attempt_at > deadline:
+                raise self._fail_fast(op, deadline)
+            if now >= deadline:
+                raise self._expired(op)
+            wake = deadline if gate <= now else min(deadline, gate)
+            changed = self._changed
+            with contextlib.suppress(_DeadlineExceeded):
+                await self._within(changed.wait(), wake - now)
+
+    def _raise_if_down(self, op: _Op) -> None:
+        if self._closed:
+            raise self._closed_error()
+        if self._stop_error is not None:
+            stop = self._stop_error
+            err = make_error(stop.code, transport=stop.transport, message=stop.message, device_id=op.device_id,
+                             native=stop.native)
+            err.__cause__ = stop.__cause__
+            raise err
+
+    def _fail_fast(self, op: _Op, deadline: float) -> IoTHubError:
+        op.outcome = "expired"
+        cause = self._down_cause
+        code = cause.code if cause is not None else _NOT_CONNECTED
+        self._count(code, "failed_fast")
+        err = make_error(code, transport=self._err_transport(cause), device_id=op.device_id,
+                         message=f"connection is down ({cause.name if cause else 'not connected'}); "
+                                 f"next attempt at {self._next_attempt_at:.0f} is after this operation's "
+                                 f"deadline {deadline:.0f}")
+        err.__cause__ = cause
+        return err
+
+    def _expired(self, op: _Op, *, in_flight: bool = False) -> IoTHubError:
+        """The deadline passed. Unknown if an attempt may have been delivered; else expired with a code."""
+        if op.duplicate or in_flight:
+            return self._unknown(op, op.last_error)
+        op.outcome = "expired"
+        cause = op.last_error or (self._down_cause if not self._up else None)
+        if cause is None:
+            self._count(_NOT_CONNECTED, "expired")
+            return make_error(_NOT_CONNECTED, transport=self._err_transport(), device_id=op.device_id,
+                              message="deadline passed before the operation could be sent")
+        self._count(cause.code, "expired")
+        err = make_error(cause.code, transport=cause.transport, device_id=op.device_id, retry_after=cause.retry_after,
+                         message=f"deadline passed before a successful attempt; last: {cause.message}")
+        err.__cause__ = cause
+        return err
+
+    def _unknown(self, op: _Op, cause: IoTHubError | None) -> IoTHubError:
+        op.outcome = "unknown"
+        self._count(_TIMED_OUT, "unknown")
+        err = make_error(_TIMED_OUT, transport=self._err_transport(cause), device_id=op.device_id,
+                         message=f"outcome unknown after {op.attempts} attempts of {op.kind} {op.id!r}: "
+                                 f"it may have been delivered",
+                         native={"id": op.id, "possible_duplicate": True})
+        err.__cause__ = cause
+        return err
+
+    def _closed_error(self) -> IoTHubError:
+        return make_error(_NOT_CONNECTED, transport=self._err_transport(), message="the handler was closed")
+
+    def _report_undelivered(self, op: _Op, err: IoTHubError) -> None:
+        if self._on_undelivered is None or op.kind == "wait":
+            return
+        record = Undelivered(op.kind, op.id, op.device_id, op.outcome, err, op.message, op.payload)
+        try:
+            self._on_undelivered(record)
+        except Exception:
+            log.exception("on_undelivered hook raised")
+
+    def _throttle(self, err: IoTHubError, until: float) -> None:
+        self._gate_cause = err
+        self._probe_owner = None
+        self._throttled_until = max(self._throttled_until, until)
+        self._set_state(State.THROTTLED, code=err.code, cause=err, until=self._throttled_until,
+                        reason="throttled by the hub")
+        self._spawn(self._ungate(), "iothub-unthrottle")
+
+    def _park(self, err: IoTHubError, until: float) -> None:
+        self._gate_cause = err
+        self._probe_owner = None
+        self._parked_until = max(self._parked_until, until)
+        self._set_state(State.PARKED, code=err.code, cause=err, until=self._parked_until,
+                        reason="daily message quota used up")
+        self._spawn(self._ungate(), "iothub-unpark")
+
+    async def _ungate(self) -> None:
+        """At the end of a park or throttle, wake the waiting operations (one of them probes)."""
+        until = max(self._parked_until, self._throttled_until)
+        await self._clock.sleep(until - self._clock.now())
+        if max(self._parked_until, self._throttled_until) != until:
+            return  # extended meanwhile; a later timer handles it
+        self._parked_until = 0.0
+        self._notify()
+
+    # -- the supervisor -------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        err: IoTHubError | None = None
+        try:
+            while True:
+                if err is not None and not await self._apply_connection_decision(err):
+                    return
+                err = await self._connect_once()
+                if err is not None:
+                    continue
+                err = await self._run_connection()
+                self._up = False
+                self._gen += 1
+                await self._close_transport()
+                if err is None:  # a scheduled renewal: refresh, then reconnect at once
+                    self._history = self._history.on_closed()
+                    err = await self._refresh()
+                    if err is None:
+                        self._down_cause = None
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not leave callers waiting forever
+            log.exception("handler supervisor failed")
+            internal = make_error(code_of("UnclassifiedTransportError"), transport=self._err_transport(),
+                                  message="the handler's supervisor failed; see the log")
+            self._stop(Stop(reason=StopReason.RETRY_EXPIRED, code=internal.code, detail=internal.message), internal)
+
+    async def _connect_once(self) -> IoTHubError | None:
+        timeout = self._policy.config.operation.connect_timeout
+        self._next_attempt_at = None
+        try:
+            await self._within(self._transport.connect(), timeout)
+        except _DeadlineExceeded:
+            return make_error(_TIMED_OUT, transport=self._err_transport(),
+                              message=f"connect did not complete within {timeout:g}s")
+        except IoTHubError as exc:
+            return exc
+        except Exception as exc:
+            name = self._transport.name
+            return normalize(exc, transport=name if name in {"http", "mqtt", "amqp"} else "network")
+        now = self._clock.now()
+        cause = self._down_cause
+        self._history = self._history.on_connected(now)
+        self._gen += 1
+        self._up = True
+        self._down_cause = None
+        self._count(None, "connected")
+        loss: asyncio.Future[IoTHubError | None] = asyncio.get_running_loop().create_future()
+        self._loss = loss
+        self._reader = asyncio.get_running_loop().create_task(self._read(loss), name="iothub-reader")
+        state = State.CONNECTED
+        if self._parked_until > now:
+            state = State.PARKED
+        elif self._throttled_until > now:
+            state = State.THROTTLED
+        self._set_state(state, code=cause.code if cause else None, cause=cause,
+                        until=max(self._parked_until, self._throttled_until) or None,
+                        reason="connected" if state is State.CONNECTED else "connected; still waiting")
+        if self._credential_expiry is not None:
+            self._schedule_renewal(self._credential_expiry)
+        self._notify()
+        return None
+
+    async def _run_connection(self) -> IoTHubError | None:
+        loss = self._loss
+        assert loss is not None
+        try:
+            return await loss
+        finally:
+            reader = self._reader
+            self._reader = None
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+    async def _read(self, loss: asyncio.Future[IoTHubError | None]) -> None:
+        name = self._transport.name
+        try:
+            async for event in self._transport.events():
+                if isinstance(event, Disconnected):
+                    if not loss.done():
+                        loss.set_result(event.error)
+                    return
+                if isinstance(event, DeviceOnline):
+                    self.device_online(event.device_id)
+                elif isinstance(event, DeviceOffline):
+                    self.device_offline(event.device_id)
+                elif isinstance(event, Inbound):
+                    self._count(None, "inbound")
+                    if self._on_inbound is not None:
+                        try:
+                            self._on_inbound(event)
+                        except Exception:
+                            log.exception("on_inbound hook raised")
+            err = make_error(_NOT_CONNECTED, transport=self._err_transport(),
+                             message="the transport's event stream ended without a reason")
+        except asyncio.CancelledError:
+            raise
+        except IoTHubError as exc:
+            err = exc
+        except Exception as exc:
+            err = normalize(exc, transport=name if name in {"http", "mqtt", "amqp"} else "network")
+        if not loss.done():
+            loss.set_result(err)
+
+    def _report_loss(self, err: IoTHubError, gen: int) -> None:
+        """An operation saw the connection fail: hand it to the supervisor, once per connection."""
+        loss = self._loss
+        if gen == self._gen and self._up and loss is not None and not loss.done():
+            loss.set_result(err)
+        # mark down at once so other operations wait instead of hitting a dead connection
+        if gen == self._gen and self._up:
+            self._up = False
+            self._down_cause = err
+
+    async def _apply_connection_decision(self, err: IoTHubError) -> bool:
+        """Act on a connection-level error. False means stop the supervisor."""
+        self._up = False
+        self._down_cause = err
+        now = self._clock.now()
+        decision, self._history = self._policy.step(err, self._history, now=now, rand=self._rand)
+        self._notify()
+        if isinstance(decision, Stop):
+            self._count(err.code, "stopped")
+            self._stop(decision, err)
+            return False
+        if isinstance(decision, RefreshCredentials):
+            self._count(err.code, "refresh")
+            self._set_state(State.RETRYING, code=err.code, cause=err, until=now, reason="refreshing credentials")
+            failure = await self._refresh()
+            if failure is not None:
+                return await self._apply_connection_decision(failure)
+            return True
+        if isinstance(decision, ParkUntil):
+            self._count(err.code, "parked")
+            self._gate_cause = err
+            self._parked_until = max(self._parked_until, decision.until)
+            self._next_attempt_at = decision.until
+            self._set_state(State.PARKED, code=err.code, cause=err, until=decision.until,
+                            reason="daily message quota used up")
+            self._notify()
+            await self._clock.sleep(decision.until - now)
+            if self._parked_until == decision.until:
+                self._parked_until = 0.0
+            return True
+        delay = decision.delay if isinstance(decision, (ReconnectAfter, RetryAfter)) else 0.0
+        throttled = isinstance(decision, ReconnectAfter) and decision.throttled
+        self._count(err.code, "throttled" if throttled else "reconnect")
+        self._next_attempt_at = now + delay
+        if throttled:
+            self._throttled_until = max(self._throttled_until, now + delay)
+        reason = "reconnecting"
+        if isinstance(decision, ReconnectAfter) and decision.identity_conflict:
+            reason = "another client took this identity; reconnecting after a long delay"
+        self._set_state(State.THROTTLED if throttled else State.RETRYING, code=err.code, cause=err,
+                        until=now + delay, reason=reason)
+        self._notify()
+        await self._clock.sleep(delay)
+        return True
+
+    async def _refresh(self) -> IoTHubError | None:
+        hook = self._refresh_hook
+        if hook is None:
+            return None
+        timeout = self._policy.config.operation.refresh_timeout
+        try:
+            expiry = await self._within(hook(), timeout)
+        except _DeadlineExceeded:
+            return make_error(_TIMED_OUT, transport=self._err_transport(),
+                              message=f"the credential-refresh hook did not finish within {timeout:g}s")
+        except IoTHubError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("credential-refresh hook raised")
+            err = make_error(code_of("IotHubUnauthorizedAccess"), transport=self._err_transport(),
+                             message=f"the credential-refresh hook raised {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            return err
+        self._count(None, "refreshed")
+        self._credential_expiry = expiry
+        return None
+
+    def _schedule_renewal(self, expiry: float) -> None:
+        if self._renew_task is not None:
+            self._renew_task.cancel()
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(expiry), name="iothub-renew")
+
+    async def _renew_at(self, expiry: float) -> None:
+        await self._clock.sleep(expiry - self._policy.config.operation.renew_before - self._clock.now())
+        loss = self._loss
+        if self._up and loss is not None and not loss.done():
+            self._count(None, "renew")
+            loss.set_result(None)
+
+    def _stop(self, decision: Stop, err: IoTHubError) -> None:
+        stop = make_error(decision.code, transport=err.transport, message=decision.detail,
+                          device_id=err.device_id, native={"reason": decision.reason.value})
+        stop.__cause__ = err
+        self._stop_error = stop
+        self._up = False
+        self._next_attempt_at = None
+        for item in self._holds.drain():
+            if not item.waiter.done():
+                item.waiter.set_result(False)
+        self._set_state(State.STOPPED, code=decision.code, cause=err, reason=decision.detail)
+        self._notify()
+        self._spawn(self._close_transport(), "iothub-close")
+
+    async def _close_transport(self) -> None:
+        try:
+            await self._transport.close()
+        except Exception:
+            log.debug("transport.close() raised", exc_info=True)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _within(self, aw: Awaitable[T], timeout: float, *, track: bool = False) -> T:
+        """Await ``aw`` for at most ``timeout`` seconds of the handler's clock."""
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
+        if track and isinstance(task, asyncio.Task):
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        if task.done():
+            return task.result()
+        if timeout <= 0:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise _DeadlineExceeded
+        timer = asyncio.ensure_future(self._clock.sleep(timeout))
+        both: set[asyncio.Future[Any]] = {task, timer}
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            timer.cancel()
+            await asyncio.gather(task, timer, return_exceptions=True)
+            raise
+        if task.done():
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return task.result()  # finished while being cancelled: keep the result
+        raise _DeadlineExceeded
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _set_state(self, state: State, *, code: int | None = None, cause: IoTHubError | None = None,
+                   until: float | None = None, reason: str = "") -> None:
+        last = self._last
+        if (last.state, last.code, last.until, last.reason) == (state, code, until, reason):
+            return
+        change = StateChange(state, self._clock.now(), code, cause, until, reason)
+        self._last = change
+        self._count(code, f"state:{state.value}")
+        for queue in self._subscribers:
+            queue.put_nowait(change)
+        if self._on_state_change is not None:
+            try:
+                self._on_state_change(change)
+            except Exception:
+                log.exception("on_state_change hook raised")
+
+    def _count(self, code: int | None, outcome: str) -> None:
+        self.counters[(code, self._transport.name, outcome)] += 1
+
+    def _err_transport(self, cause: IoTHubError | None = None) -> str:
+        if cause is not None:
+            return cause.transport
+        name = self._transport.name
+        return name if name in {"http", "mqtt", "amqp"} else "network"
