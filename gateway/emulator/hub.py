@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,12 @@ class Device:
     twin_reported: dict[str, Any] = field(default_factory=dict)
     twin_version: int = 1
     c2d: deque[tuple[str, bytes]] = field(default_factory=deque)  #: (message id, body)
+
+
+#: How a front lets the hub call a direct method on a device connected to it: (name, payload, timeout)
+#: -> (status, payload). Called on the emulator's event loop; a front that answers from another thread
+#: hops threads itself. Raises ``TimeoutError`` when the device does not answer in time.
+MethodInvoker = Callable[[str, Any, float], Awaitable[tuple[int, Any]]]
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Hub:
         self._lock = threading.RLock()
         self._devices: dict[str, Device] = {}
         self._connections: dict[str, tuple[str, object]] = {}  # device -> (transport, session handle)
+        self._invokers: dict[str, tuple[object, MethodInvoker]] = {}
         self.received: list[Received] = []
 
     # -- registry ---------------------------------------------------------------------------
@@ -96,6 +104,20 @@ class Hub:
             current = self._connections.get(device_id)
             if current is not None and current[1] is handle:
                 del self._connections[device_id]
+            invoker = self._invokers.get(device_id)
+            if invoker is not None and invoker[0] is handle:
+                del self._invokers[device_id]
+
+    def serve_methods(self, device_id: str, handle: object, invoker: MethodInvoker) -> None:
+        """The device on connection ``handle`` subscribed to direct methods."""
+        with self._lock:
+            self._invokers[device_id] = (handle, invoker)
+
+    def method_invoker(self, device_id: str) -> MethodInvoker | None:
+        """How to reach the device for a direct method, or None: IoT Hub then answers DeviceNotOnline."""
+        with self._lock:
+            entry = self._invokers.get(device_id)
+        return entry[1] if entry is not None else None
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
