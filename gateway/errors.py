@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.codes import CATALOG as _TABLE
+from gateway.codes import _TABLE as _ROWS
 from gateway.codes import Action, CodeInfo, all_codes, lookup
 
 __all__ = [
@@ -58,6 +58,7 @@ class IoTHubError(Exception):
     errors on hot paths, so construction stores only what differs per failure.
     """
 
+    # Optional facts are class-level defaults, stored on the instance only when set.
     retry_after: float | None = None  #: seconds the peer asked us to wait, when it said
     retry_at: float | None = None  #: the same as an absolute epoch time, when the peer gave a date
     tracking_id: str | None = None
@@ -82,7 +83,7 @@ class IoTHubError(Exception):
         self.transport = transport
         self.exact = exact and info.known
         self._message = message
-        self.native: dict[str, Any] = native if native is not None else {}
+        self.native = native if native is not None else {}
         if retry_after is not None:
             self.retry_after = _clean_delay(retry_after)
         if retry_at is not None:
@@ -226,11 +227,49 @@ def error_class(info: CodeInfo) -> type[IoTHubError]:
     return _BY_ACTION[info.action]
 
 
-def make_error(code: int | CodeInfo, *, transport: str, **kwargs: Any) -> IoTHubError:
-    """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family)."""
-    info = code if isinstance(code, CodeInfo) else (_TABLE.get(code) if type(code) is int else None) or lookup(code)
+def make_error(
+    code: int | CodeInfo,
+    *,
+    transport: str,
+    message: str = "",
+    exact: bool = True,
+    native: dict[str, Any] | None = None,
+    retry_after: float | None = None,
+    retry_at: float | None = None,
+    tracking_id: str | None = None,
+    device_id: str | None = None,
+) -> IoTHubError:
+    """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family).
+
+    This is the translators' hot path, so it fills the slots directly instead of going through
+    ``__init__`` (which costs as much again as the rest of a translation).
+    """
+    if type(code) is int:
+        info = _ROWS.get(code) or lookup(code)  # type: ignore[arg-type]
+    elif isinstance(code, CodeInfo):
+        info = code
+    else:
+        info = lookup(code)
+    if transport not in TRANSPORT_NAMES:
+        raise ValueError(f"unknown transport {transport!r}")
     cls = _CLASS_BY_CODE.get(info.code) if info.known else None
-    return (cls or error_class(info))(info, transport=transport, **kwargs)
+    if cls is None:
+        cls = error_class(info)
+    err = cls.__new__(cls)
+    err._info = info
+    err.transport = transport
+    err.exact = exact and info.known
+    err._message = message
+    err.native = native if native is not None else {}
+    if retry_after is not None:
+        err.retry_after = _clean_delay(retry_after)
+    if retry_at is not None:
+        err.retry_at = retry_at
+    if tracking_id is not None:
+        err.tracking_id = tracking_id
+    if device_id is not None:
+        err.device_id = device_id
+    return err
 
 
 _CLASS_BY_CODE: dict[int, type[IoTHubError]] = {row.code: error_class(row) for row in all_codes()}

@@ -39,7 +39,7 @@ from itertools import islice
 from typing import Any, Final, Protocol, TypeAlias
 
 from gateway.codes import CATALOG, CodeInfo, by_name, family, lookup
-from gateway.errors import IoTHubError, error_class
+from gateway.errors import IoTHubError, make_error
 
 __all__ = ["BODY_LIMIT", "HEADER_LIMIT", "Body", "Headers", "SupportsItems", "translate"]
 
@@ -88,9 +88,6 @@ for _info in CATALOG.values():
 _BY_NAME: Final[dict[str, CodeInfo]] = {name: info for info in CATALOG.values() for name in (info.name, *info.aliases)}
 del _info, _alias
 _FAMILIES: Final = {status: family(status) for status in range(300, 600)}
-_CLASSES: Final[dict[int, type[IoTHubError]]] = {
-    row.code: error_class(row) for row in (*CATALOG.values(), *_FAMILIES.values()) if row.known
-}
 _NO_HEADERS: Final[dict[str, str]] = {}  # shared and never written to
 
 _Facts: TypeAlias = tuple[CodeInfo | None, str | None, str | None]  # (code, message, tracking id)
@@ -197,9 +194,7 @@ def translate(
             else:
                 retry_after, retry_at = _retry(found, now)
 
-    # What make_error does, with the subclass looked up once per code rather than per call.
-    cls = _CLASSES.get(info.code) or error_class(info)
-    return cls(
+    return make_error(
         info,
         transport="http",
         message=message or "",
