@@ -26,6 +26,27 @@ from gateway.normalize import normalize
 
 __version__ = "0.1.0"
 
+# The runtime (asyncio) is loaded on first use, so `import gateway` stays a catalog-only import.
+_LAZY = {
+    "Handler": "gateway.handler",
+    "State": "gateway.handler",
+    "StateChange": "gateway.handler",
+    "Policy": "gateway.policy",
+    "PolicyConfig": "gateway.policy",
+    "load_policy": "gateway.policy",
+    "Message": "gateway.transport",
+    "Transport": "gateway.transport",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gateway' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 __all__ = [
     "Action",
     "CodeInfo",
@@ -33,16 +54,24 @@ __all__ = [
     "CredentialsExpiredError",
     "DeviceOfflineError",
     "FatalError",
+    "Handler",
     "IdentityConflictError",
     "IoTHubError",
+    "Message",
     "OperationTimeoutError",
+    "Policy",
+    "PolicyConfig",
     "QuotaExceededError",
     "RequestError",
     "RetryableError",
     "ServerError",
+    "State",
+    "StateChange",
     "ThrottledError",
+    "Transport",
     "UnauthorizedError",
     "by_name",
+    "load_policy",
     "lookup",
     "make_error",
     "normalize",
