@@ -1,0 +1,574 @@
+"""The emulated hub's HTTP front: IoT Hub's device and service REST endpoints on an aiohttp server.
+
+It plays the calls a gateway makes (telemetry, cloud-to-device receive and settle, twin read, direct
+method invocation), authenticates with SAS tokens through :class:`~gateway.emulator.Hub`, and answers
+whatever the shared :class:`~gateway.emulator.FaultPlan` scripts. Error answers are rendered from the
+catalog (:func:`render`) in every body form IoT Hub uses, so a client meets the same variety it meets
+in production; ``tests/adapters/test_http_emulator.py`` proves each form translates back to its code.
+
+aiohttp is imported here at module level: this module is the I/O side and is never imported by
+``import adapters.http``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+from gateway.codes import CodeInfo, code_of, lookup
+from gateway.emulator.faults import Fault, FaultKind, Operation
+from gateway.emulator.front import FrontConfig
+from gateway.emulator.hub import Hub, Received
+from gateway.sas import parse_sas_token, verify_sas_token
+
+__all__ = ["CHAOS_FORMS", "FORMS", "HttpFront", "Rendered", "render"]
+
+log = logging.getLogger(__name__)
+
+#: IoT Hub's own error body forms (``peer-sdks.md`` §2.5): the legacy ``ErrorCode:<Name>;`` message, the
+#: code object nested in ``Message``, the same object double-escaped into a string, the object at the
+#: top level, and no body at all with the name in the ``iothub-errorcode`` header.
+FORMS: Final = ("legacy", "nested", "escaped", "top", "header")
+#: Hostile bodies no healthy hub sends, for testing clients: JSON cut off mid-way with invalid UTF-8,
+#: an HTML page (what a proxy answers), and an endless body that starts with the code.
+CHAOS_FORMS: Final = ("malformed", "html", "huge")
+
+_NOT_FOUND = code_of("DeviceNotFound")
+_NOT_ONLINE = code_of("DeviceNotOnline")
+_GATEWAY_TIMEOUT = code_of("GatewayTimeout")
+_EXPIRED = code_of("IotHubUnauthorized")
+_UNAUTHORIZED = code_of("IotHubUnauthorizedAccess")
+_LOCK_LOST = code_of("DeviceMessageLockLost")
+_PRECONDITION = code_of("PreconditionFailed")
+_TOO_LARGE = code_of("MessageTooLarge")
+_BAD_ARGUMENT = code_of("ArgumentInvalid")
+
+_NO_BODY_STATUSES: Final = frozenset({204, 304})  # HTTP forbids a body: only the header form fits
+_MAX_TELEMETRY: Final = 256 * 1024  # IoT Hub's device-to-cloud message limit
+_HUGE_CHUNK: Final = b" " * 65536
+_HUGE_CAP: Final = 1 << 30  # an endless body still ends somewhere if the client never hangs up
+_APP_PREFIX: Final = "iothub-app-"
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An error response: status, headers, body (None for the header form and the endless body)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | None
+    endless: bool = False  #: stream ``body`` as a prefix and then filler until the client hangs up
+
+
+def _tracking(now: float) -> str:
+    stamp = time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(now))
+    return f"{uuid.uuid4().hex}-G:0-TimeStamp:{stamp}"
+
+
+def render(
+    code: int,
+    form: str = "legacy",
+    *,
+    message: str | None = None,
+    tracking_id: str | None = None,
+    retry_after: float | None = None,
+    retry_style: str = "seconds",
+    now: float | None = None,
+) -> Rendered:
+    """``code`` as IoT Hub would put it on the wire in ``form``; status and name come from the catalog.
+
+    A code with no HTTP form of its own (``http_status`` None, e.g. DeviceMessageLockLost) is sent with
+    its family status, as the hub does. ``retry_after`` becomes ``Retry-After`` (whole seconds, or an
+    HTTP date when ``retry_style`` is ``"date"``) or ``x-ms-retry-after-ms`` for a fraction of a second
+    or ``retry_style="ms"``. Raises ``ValueError`` for an unknown form or a non-code.
+    """
+    info: CodeInfo = lookup(code)
+    if form not in FORMS and form not in CHAOS_FORMS:
+        raise ValueError(f"unknown HTTP error form {form!r}; expected one of {FORMS + CHAOS_FORMS}")
+    when = time.time() if now is None else now
+    status = info.http_status or info.code // 1000
+    text = message or info.description
+    track = tracking_id or _tracking(when)
+    # The legacy form names the code; a code the catalog does not list goes by its digits.
+    name = info.name if info.known else str(info.code)
+    headers: dict[str, str] = {}
+    obj = {"errorCode": info.code, "trackingId": track, "message": text, "timestampUtc": _iso(when)}
+    body: bytes | None
+    endless = False
+    if status in _NO_BODY_STATUSES or form == "header":
+        headers["iothub-errorcode"] = name
+        body = None
+    elif form == "legacy":
+        body = _json({"Message": f"ErrorCode:{name};{text}", "ExceptionMessage": f"Tracking ID:{track}"})
+    elif form == "nested":
+        body = _json({"Message": obj, "ExceptionMessage": ""})
+    elif form == "escaped":
+        body = _json({"Message": json.dumps(obj), "ExceptionMessage": ""})
+    elif form == "top":
+        body = _json(obj)
+    elif form == "malformed":
+        legacy = _json({"Message": f"ErrorCode:{name};{text}", "ExceptionMessage": f"Tracking ID:{track}"})
+        body = legacy[: legacy.index(b";") + 6] + b"\xff\xfe\x00{{{"
+    elif form == "html":
+        body = f"<html><body><h1>{status}</h1><p>errorCode: {info.code}</p></body></html>".encode()
+    else:  # huge
+        body = b'{"errorCode":' + str(info.code).encode() + b',"message":"'
+        endless = True
+    if body is not None and form not in ("html", "malformed"):
+        headers["Content-Type"] = "application/json; charset=utf-8"
+    if retry_after is not None:
+        headers.update(_retry_headers(retry_after, retry_style, when))
+    return Rendered(status, headers, body, endless)
+
+
+def _retry_headers(delay: float, style: str, now: float) -> dict[str, str]:
+    if style == "date":
+        return {"Retry-After": email.utils.formatdate(now + delay, usegmt=True)}
+    if style == "ms" or not float(delay).is_integer():
+        return {"x-ms-retry-after-ms": str(math.ceil(delay * 1000))}
+    return {"Retry-After": str(int(delay))}
+
+
+def _iso(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass
+class _Lock:
+    device_id: str
+    message_id: str
+    body: bytes
+    expires: float
+    deliveries: int = 1
+
+
+@dataclass
+class _ServiceKey:
+    policy: str
+    key: str
+
+
+@dataclass
+class Stats:
+    """What the front answered, for tests that assert on the far end's view."""
+
+    requests: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class HttpFront:
+    """The HTTP face of an emulated :class:`~gateway.emulator.Hub`.
+
+    ``default_form`` is the body form of errors whose fault names none (and of the front's own
+    answers: auth failures, unknown devices, offline method targets). ``retry_style`` is how a fault's
+    ``retry_after`` is written. ``clock`` is the hub's wall clock (SAS expiry, C2D lock expiry), so a
+    test can expire a lock without waiting a minute. ``service_key`` signs service calls (direct
+    methods) under ``service_policy``; one is made up when not given (see
+    :attr:`service_connection_string`).
+    """
+
+    transport = "http"
+
+    def __init__(
+        self,
+        hub: Hub,
+        config: FrontConfig = FrontConfig(),  # noqa: B008 - frozen dataclass, safe as a default
+        *,
+        default_form: str = "legacy",
+        retry_style: str = "seconds",
+        c2d_lock_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        service_key: str | None = None,
+        service_policy: str = "iothubowner",
+    ) -> None:
+        if default_form not in FORMS and default_form not in CHAOS_FORMS:
+            raise ValueError(f"unknown HTTP error form {default_form!r}")
+        self.hub = hub
+        self.config = config
+        self.default_form = default_form
+        self.retry_style = retry_style
+        self.c2d_lock_seconds = c2d_lock_seconds
+        self.clock = clock
+        key = service_key or "ZW11bGF0b3Itc2VydmljZS1rZXktZm9yLXRlc3RzLW9ubHk="  # base64, test-only
+        self._service = _ServiceKey(service_policy, key)
+        self.stats = Stats()
+        self._locks: dict[str, _Lock] = {}
+        self._lost: set[str] = set()  # etags whose lock expired: a late settle is DeviceMessageLockLost
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self._stopping = asyncio.Event()
+
+    # -- Front -----------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Where to point a client: ``http(s)://host:port``."""
+        scheme = "https" if self.config.ssl_context is not None else "http"
+        return f"{scheme}://{self.config.host}:{self._port}"
+
+    @property
+    def service_connection_string(self) -> str:
+        """A service (policy) connection string the front accepts for direct method calls."""
+        svc = self._service
+        return f"HostName={self.hub.host_name};SharedAccessKeyName={svc.policy};SharedAccessKey={svc.key}"
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=4 * _MAX_TELEMETRY)
+        app.router.add_post("/devices/{device}/messages/events", self._telemetry)
+        app.router.add_get("/devices/{device}/messages/deviceBound", self._c2d_receive)
+        app.router.add_delete("/devices/{device}/messages/deviceBound/{etag}", self._c2d_settle)
+        app.router.add_post("/devices/{device}/messages/deviceBound/{etag}/abandon", self._c2d_abandon)
+        app.router.add_get("/twins/{device}", self._twin_get)
+        app.router.add_post("/twins/{device}/methods", self._method)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        address = runner.addresses[0]
+        self._port = int(address[1])
+
+    async def stop(self) -> None:
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner = None
+        self._stopping.set()  # wake handlers held by DELAY / NO_ACK so shutdown does not wait on them
+        await self.drop_all(runner)
+        await runner.cleanup()
+
+    async def drop_all(self, runner: web.AppRunner | None = None) -> None:
+        runner = runner or self._runner
+        server = runner.server if runner is not None else None
+        if server is None:
+            return
+        for conn in list(server.connections):
+            transport = conn.transport
+            if transport is not None:
+                transport.abort()
+
+    # -- C2D (the hub side a service would drive) ------------------------------------------------
+
+    def enqueue_c2d(self, device_id: str, body: bytes, message_id: str | None = None) -> str:
+        """Queue a cloud-to-device message for ``device_id``; returns its message id."""
+        device = self.hub.device(device_id)
+        if device is None:
+            raise KeyError(f"no device {device_id!r} in the hub")
+        mid = message_id or uuid.uuid4().hex
+        device.c2d.append((mid, body))
+        return mid
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def error(self, code: int, form: str | None = None, *, retry_after: float | None = None,
+              message: str | None = None) -> web.StreamResponse:
+        """An error answer for ``code`` in ``form`` (default: the front's)."""
+        rendered = render(code, form or self.default_form, message=message, retry_after=retry_after,
+                          retry_style=self.retry_style, now=self.clock())
+        if rendered.endless:
+            raise _Endless(rendered)
+        return self._count(web.Response(status=rendered.status, headers=rendered.headers, body=rendered.body))
+
+    def _count(self, resp: web.StreamResponse) -> web.StreamResponse:
+        self.stats.requests += 1
+        self.stats.by_status[resp.status] = self.stats.by_status.get(resp.status, 0) + 1
+        return resp
+
+    def _auth_device(self, request: web.Request, device_id: str) -> web.StreamResponse | None:
+        token = request.headers.get("Authorization")
+        why = self.hub.authenticate(device_id, token, self.clock())
+        if why is None:
+            return None
+        if why == "unknown":
+            return self.error(_NOT_FOUND, message=f"Device {device_id} not registered")
+        if why == "expired":
+            return self.error(_EXPIRED, message="SAS token expired")
+        return self.error(_UNAUTHORIZED, message=f"Unauthorized ({why})")
+
+    def _auth_service(self, request: web.Request) -> web.StreamResponse | None:
+        token = request.headers.get("Authorization") or ""
+        try:
+            parsed = parse_sas_token(token)
+        except ValueError:
+            return self.error(_UNAUTHORIZED, message="Unauthorized (malformed)")
+        if parsed.key_name != self._service.policy:
+            return self.error(_UNAUTHORIZED, message="Unauthorized (unknown policy)")
+        why = verify_sas_token(token, self.hub.host_name, self._service.key, self.clock())
+        if why == "expired":
+            return self.error(_EXPIRED, message="SAS token expired")
+        if why is not None:
+            return self.error(_UNAUTHORIZED, message=f"Unauthorized ({why})")
+        return None
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False when the front is stopping first (the answer is then abandoned)."""
+        if seconds <= 0:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+            return False
+        return True
+
+    async def _apply(self, request: web.Request, device_id: str, operation: Operation,
+                     work: Callable[[], web.StreamResponse | None] | None = None,
+                     answer: Callable[[], web.StreamResponse] | None = None) -> web.StreamResponse:
+        """Run the fault plan around one operation: error, delay, drop or no-ack, else ``work``/``answer``.
+
+        ``work`` is the operation's effect (recording telemetry, locking a message); a DROP or NO_ACK
+        fault happens after it, as when the hub acted but its answer never arrived.
+        """
+        fault = self.hub.plan.take(device_id, operation, "http")
+        try:
+            return await self._faulted(request, fault, work, answer)
+        except _Endless as endless:
+            return await self._stream_endless(request, endless.rendered)
+
+    async def _faulted(self, request: web.Request, fault: Fault | None,
+                       work: Callable[[], web.StreamResponse | None] | None,
+                       answer: Callable[[], web.StreamResponse] | None) -> web.StreamResponse:
+        if fault is not None and fault.kind is FaultKind.ERROR:
+            assert fault.code is not None
+            return self.error(fault.code, fault.form, retry_after=fault.retry_after)
+        if fault is not None and fault.kind is FaultKind.DELAY and not await self._pause(fault.delay):
+            return await self._abandon(request)
+        early = work() if work is not None else None
+        if early is not None:
+            return early
+        if fault is not None and fault.kind is FaultKind.DROP:
+            return await self._drop(request)
+        if fault is not None and fault.kind is FaultKind.NO_ACK:
+            await self._stopping.wait()
+            return await self._abandon(request)
+        return self._count(answer() if answer is not None else web.Response(status=204))
+
+    async def _drop(self, request: web.Request) -> web.StreamResponse:
+        """Start a 200 answer, send part of its body, and hang up: a reset mid-body as the client sees it."""
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = 4096
+        await resp.prepare(request)
+        await resp.write(b'{"partial":"')
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        self.stats.requests += 1
+        return resp
+
+    async def _abandon(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return web.Response(status=503)  # never reaches the client: the socket is gone
+
+    async def _stream_endless(self, request: web.Request, rendered: Rendered) -> web.StreamResponse:
+        resp = web.StreamResponse(status=rendered.status, headers=rendered.headers)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        sent = 0
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write(rendered.body or b"")
+            while sent < _HUGE_CAP and not self._stopping.is_set():
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                await resp.write(_HUGE_CHUNK)
+                sent += len(_HUGE_CHUNK)
+        self.stats.requests += 1
+        return resp
+
+    def _device(self, device_id: str) -> web.StreamResponse | None:
+        if self.hub.device(device_id) is None:
+            return self.error(_NOT_FOUND, message=f"Device {device_id} not registered")
+        return None
+
+    # -- endpoints ---------------------------------------------------------------------------------
+
+    async def _telemetry(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_device(request, device_id)
+        if refused is not None:
+            return refused
+        body = await request.read()
+        if len(body) > _MAX_TELEMETRY:
+            return self.error(_TOO_LARGE, message=f"Message size {len(body)} exceeds {_MAX_TELEMETRY} bytes")
+        props = {k[len(_APP_PREFIX):]: v for k, v in request.headers.items() if k.lower().startswith(_APP_PREFIX)}
+        message_id = request.headers.get("iothub-messageid")
+
+        def work() -> None:
+            self.hub.record(Received(device_id, message_id, body, "http", props))
+
+        return await self._apply(request, device_id, Operation.TELEMETRY, work)
+
+    def _requeue_expired(self, device_id: str) -> None:
+        now = self.clock()
+        device = self.hub.device(device_id)
+        for etag, lock in list(self._locks.items()):
+            if lock.device_id == device_id and lock.expires <= now:
+                del self._locks[etag]
+                self._lost.add(etag)
+                if device is not None:
+                    device.c2d.appendleft((lock.message_id, lock.body))
+
+    async def _c2d_receive(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_device(request, device_id)
+        if refused is not None:
+            return refused
+        self._requeue_expired(device_id)
+        locked: list[tuple[str, _Lock]] = []
+
+        def work() -> None:
+            device = self.hub.device(device_id)
+            if device is not None and device.c2d:
+                mid, body = device.c2d.popleft()
+                etag = uuid.uuid4().hex
+                lock = _Lock(device_id, mid, body, self.clock() + self.c2d_lock_seconds)
+                self._locks[etag] = lock
+                locked.append((etag, lock))
+
+        def answer() -> web.StreamResponse:
+            if not locked:
+                return web.Response(status=204)
+            etag, lock = locked[0]
+            headers = {"ETag": f'"{etag}"', "iothub-messageid": lock.message_id,
+                       "iothub-deliverycount": str(lock.deliveries - 1), "iothub-to": f"/devices/{device_id}"}
+            return web.Response(status=200, body=lock.body, headers=headers)
+
+        return await self._apply(request, device_id, Operation.C2D_RECEIVE, work, answer)
+
+    def _settle(self, device_id: str, etag: str) -> tuple[_Lock | None, web.StreamResponse | None]:
+        self._requeue_expired(device_id)
+        etag = etag.strip('"')
+        lock = self._locks.get(etag)
+        if lock is None or lock.device_id != device_id:
+            if etag in self._lost:
+                return None, self.error(_LOCK_LOST, message="The message lock expired before it was settled")
+            return None, self.error(_PRECONDITION, message=f"No locked message with etag {etag}")
+        del self._locks[etag]
+        return lock, None
+
+    async def _c2d_settle(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_device(request, device_id)
+        if refused is not None:
+            return refused
+
+        def work() -> web.StreamResponse | None:
+            # complete and reject both end the message (reject dead-letters it on a real hub)
+            return self._settle(device_id, request.match_info["etag"])[1]
+
+        return await self._apply(request, device_id, Operation.C2D_SETTLE, work)
+
+    async def _c2d_abandon(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_device(request, device_id)
+        if refused is not None:
+            return refused
+
+        def work() -> web.StreamResponse | None:
+            lock, failed = self._settle(device_id, request.match_info["etag"])
+            device = self.hub.device(device_id)
+            if lock is not None and device is not None:
+                device.c2d.appendleft((lock.message_id, lock.body))
+            return failed
+
+        return await self._apply(request, device_id, Operation.C2D_SETTLE, work)
+
+    async def _twin_get(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        # Either the device's own token or a service token may read the twin.
+        refused = self._auth_device(request, device_id)
+        if refused is not None and self._auth_service(request) is None:
+            refused = self._device(device_id)
+        if refused is not None:
+            return refused
+
+        def answer() -> web.StreamResponse:
+            device = self.hub.device(device_id)
+            assert device is not None
+            twin = {
+                "deviceId": device_id,
+                "etag": f"AAAAAAAAAA{device.twin_version}=",
+                "version": device.twin_version,
+                "status": "enabled" if device.enabled else "disabled",
+                "connectionState": "Connected" if self.hub.is_online(device_id) else "Disconnected",
+                "properties": {
+                    "desired": {**device.twin_desired, "$version": device.twin_version},
+                    "reported": {**device.twin_reported, "$version": device.twin_version},
+                },
+            }
+            return web.json_response(twin)
+
+        return await self._apply(request, device_id, Operation.TWIN_GET, None, answer)
+
+    async def _method(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_service(request) or self._device(device_id)
+        if refused is not None:
+            return refused
+        try:
+            call = json.loads(await request.read())
+            if not isinstance(call, Mapping) or not isinstance(call.get("methodName"), str):
+                raise ValueError("methodName missing")
+            wait = float(call.get("responseTimeoutInSeconds", 30))
+            if not 0 < wait <= 300:
+                raise ValueError("responseTimeoutInSeconds out of range")
+        except (ValueError, TypeError):
+            return self.error(_BAD_ARGUMENT, message="Invalid method invocation body")
+        fault = self.hub.plan.take(device_id, Operation.METHOD, "http")
+        if fault is not None and fault.kind is not FaultKind.DELAY:
+            try:
+                return await self._faulted(request, fault, None, None)
+            except _Endless as endless:
+                return await self._stream_endless(request, endless.rendered)
+        if fault is not None and not await self._pause(fault.delay):
+            return await self._abandon(request)
+        invoker = self.hub.method_invoker(device_id)
+        if invoker is None:
+            return self.error(_NOT_ONLINE, message=f"Device {device_id} is not online")
+        try:
+            async with asyncio.timeout(wait):
+                status, payload = await invoker(call["methodName"], call.get("payload"), wait)
+        except TimeoutError:
+            return self.error(_GATEWAY_TIMEOUT, message=f"Timed out waiting for device {device_id} to respond")
+        return self._count(web.json_response({"status": status, "payload": payload}))
+
+
+class _Endless(Exception):
+    """Raised by :meth:`HttpFront.error` for the endless form, which needs the request to stream."""
+
+    def __init__(self, rendered: Rendered) -> None:
+        super().__init__("endless body")
+        self.rendered = rendered
+
+
+async def serve(hub: Hub, config: FrontConfig = FrontConfig(), **kwargs: Any) -> HttpFront:  # noqa: B008
+    """Start an :class:`HttpFront` and return it (stop it with ``await front.stop()``)."""
+    front = HttpFront(hub, config, **kwargs)
+    await front.start()
+    return front
