@@ -138,6 +138,14 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.sidecar.service import run
+
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise UsageError(f"bad port {args.port}: expected 0-65535 (0 picks a free port)")
+    return run(args.config, port=args.port, log_format=args.log_format)
+
+
 def _call(fn: Callable[[], IoTHubError | None]) -> IoTHubError | None:
     try:
         return fn()
@@ -184,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="append", default=[], metavar="KEY=VALUE", help="an AMQP condition info entry")
     p.add_argument("--json", action="store_true", help="print the error's to_dict() as JSON")
     p.set_defaults(func=_cmd_classify)
+
+    p = sub.add_parser(
+        "run",
+        help="run the sidecar (local API, durable outbox, upstream connections)",
+        description="Run the sidecar. Prints the local API's URL on start; SIGTERM or Ctrl-C stops it cleanly. "
+        "Without --config it reads configs/gateway.toml: the bundled emulator as upstream, with demo devices.",
+    )
+    p.add_argument("--config", metavar="PATH", help="the sidecar's TOML config (default: configs/gateway.toml)")
+    p.add_argument("--port", type=int, metavar="N", help="the API port (overrides [api] port; 0 picks a free one)")
+    p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
+    p.set_defaults(func=_cmd_run)
 
     return parser
 

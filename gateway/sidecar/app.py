@@ -1,0 +1,388 @@
+"""The local API (aiohttp). Routes are listed in ``openapi.json`` next to this file; a test keeps both equal.
+
+The API's own errors are catalog errors too: the body is the error's ``to_dict()`` plus IoT Hub's
+``errorCode`` key (and the ``iothub-errorcode`` header), so the package's own HTTP translator reads
+them back exactly. Every JSON answer, event and the metrics page pass through the redactor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
+from gateway.errors import IoTHubError, make_error
+from gateway.outbox import OutboxFull
+from gateway.sidecar.metrics import CONTENT_TYPE
+from gateway.sidecar.security import RateLimiter, token_matches
+from gateway.sidecar.service import Sidecar, UnknownDevice
+
+__all__ = ["API_KEY", "Api", "api_error", "classify", "make_app", "openapi_text"]
+
+log = logging.getLogger("gateway.sidecar.api")
+
+_ARGUMENT = code_of("ArgumentInvalid")
+_TOO_LARGE = code_of("MessageTooLarge")
+_THROTTLED = code_of("ThrottlingException")
+_NO_DEVICE = code_of("DeviceNotFound")
+_UNAUTHORIZED = code_of("IotHubUnauthorizedAccess")
+_SERVER = code_of("ServerError")
+_UNAVAILABLE = code_of("ServiceUnavailable")
+_MESSAGE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_APP_PREFIX = "iothub-app-"
+_MAX_PROPERTIES = 64
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_SSE_HEARTBEAT = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def api_error(code: int | CodeInfo, message: str, *, retry_after: float | None = None,
+              redact: Callable[[str], str] = str) -> web.Response:
+    """An answer in the catalog's conventions: status from the code, body ``to_dict()`` + ``errorCode``."""
+    err = make_error(code, transport="http", message=message, retry_after=retry_after)
+    return _error_response(err, redact)
+
+
+def _error_response(err: IoTHubError, redact: Callable[[str], str]) -> web.Response:
+    body = err.to_dict()
+    body["errorCode"] = err.code
+    headers = {"iothub-errorcode": err.name}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    status = err.http_status or err.code // 1000
+    return web.Response(status=status, text=redact(json.dumps(body)), content_type="application/json",
+                        headers=headers)
+
+
+class Api:
+    """Request handlers bound to one running :class:`Sidecar`."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+        self.redact = sidecar.redactor
+        api = sidecar.config.api
+        self.limiter = RateLimiter(api.rate_limit, api.rate_burst)
+        self.token = api.token.reveal() if api.token is not None else None
+        self.max_body = api.max_body
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def json(self, data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+        return web.Response(status=status, text=self.redact(json.dumps(data, default=str)),
+                            content_type="application/json", headers=headers)
+
+    def error(self, code: int | CodeInfo, message: str, *, retry_after: float | None = None) -> web.Response:
+        self.sidecar.metrics.message("api", "rejected", code if isinstance(code, int) else code.code)
+        return api_error(code, message, retry_after=retry_after, redact=self.redact)
+
+    async def body(self, request: web.Request) -> bytes | web.Response:
+        if request.content_length is not None and request.content_length > self.max_body:
+            return self.error(_TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {self.max_body}")
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self.error(_TOO_LARGE, f"the body is larger than the limit of {self.max_body} bytes")
+        if len(data) > self.max_body:
+            return self.error(_TOO_LARGE, f"the body is {len(data)} bytes; the limit is {self.max_body}")
+        return data
+
+    async def json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        raw = await self.body(request)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self.error(_ARGUMENT, f"the body is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            return self.error(_ARGUMENT, "the body must be a JSON object")
+        return data
+
+    # -- middlewares -----------------------------------------------------------------------------------
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Rate limit, bearer token, and catalog-shaped answers for aiohttp's own errors and for bugs."""
+        if request.path not in _OPEN_PATHS:
+            wait = self.limiter.take(request.remote or "?")
+            if wait > 0:
+                return self.error(_THROTTLED, "too many requests from this client", retry_after=wait)
+            if self.token is not None:
+                header = request.headers.get("Authorization", "")
+                scheme, _, presented = header.partition(" ")
+                if scheme.lower() != "bearer" or not token_matches(self.token, presented.strip()):
+                    response = self.error(_UNAUTHORIZED, "missing or wrong bearer token")
+                    response.headers["WWW-Authenticate"] = 'Bearer realm="iothub-gateway"'
+                    return response
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return self.error(_TOO_LARGE, f"the body is larger than the limit of {self.max_body} bytes")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return self.error(family(exc.status) if 300 <= exc.status <= 599 else _SERVER, exc.reason)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return self.error(_SERVER, "internal error in the sidecar; see its log")
+
+    # -- messages --------------------------------------------------------------------------------------
+
+    async def post_message(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device_id"]
+        if not self.sidecar.accepting:
+            return self.error(_UNAVAILABLE, "the sidecar is shutting down; not accepting messages",
+                              retry_after=5)
+        if self.sidecar.pipeline(device_id) is None:
+            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        raw = await self.body(request)
+        if isinstance(raw, web.Response):
+            return raw
+        if request.content_type == "application/json":
+            try:
+                json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return self.error(_ARGUMENT, f"Content-Type is application/json but the body is not valid JSON: {exc}")
+        message_id = request.headers.get("iothub-messageid")
+        if message_id is not None and not _MESSAGE_ID.fullmatch(message_id):
+            return self.error(_ARGUMENT, "iothub-messageid must be 1-128 printable ASCII characters without spaces")
+        properties: dict[str, str] = {}
+        for name, value in request.headers.items():
+            if name.lower().startswith(_APP_PREFIX) and len(name) > len(_APP_PREFIX):
+                properties[name[len(_APP_PREFIX):]] = value
+        if len(properties) > _MAX_PROPERTIES:
+            return self.error(_ARGUMENT, f"at most {_MAX_PROPERTIES} iothub-app-* properties")
+        ttl: float | None = None
+        if "ttl" in request.query:
+            try:
+                ttl = float(request.query["ttl"])
+            except ValueError:
+                ttl = math.nan
+            if not math.isfinite(ttl) or ttl <= 0:
+                return self.error(_ARGUMENT, "ttl must be a positive number of seconds")
+        try:
+            accepted = self.sidecar.accept(device_id, raw, properties=properties, message_id=message_id, ttl=ttl)
+        except OutboxFull as exc:
+            return self.error(_THROTTLED, f"the outbox is full: {exc}", retry_after=1)
+        except UnknownDevice:
+            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        except ValueError as exc:
+            return self.error(_ARGUMENT, str(exc))
+        return self.json(accepted, status=202, headers={"Location": f"/v1/messages/{accepted['id']}"})
+
+    async def get_message(self, request: web.Request) -> web.StreamResponse:
+        item = self.sidecar.message(request.match_info["message_id"])
+        if item is None:
+            return self.error(family(404), "no message with this id")
+        return self.json(item)
+
+    async def dead_letters(self, request: web.Request) -> web.StreamResponse:
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            limit = -1
+        if not 1 <= limit <= 1000:
+            return self.error(_ARGUMENT, "limit must be a whole number in [1, 1000]")
+        device = request.query.get("device")
+        return self.json({"dead_letters": self.sidecar.dead_letters(limit=limit, device_id=device)})
+
+    # -- devices ---------------------------------------------------------------------------------------
+
+    async def devices(self, request: web.Request) -> web.StreamResponse:
+        return self.json({"devices": [p.status() for p in self.sidecar.pipelines.values()]})
+
+    async def device(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device_id"]
+        pipeline = self.sidecar.pipeline(device_id)
+        if pipeline is None:
+            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        return self.json(pipeline.status())
+
+    # -- classify and codes ----------------------------------------------------------------------------
+
+    async def classify(self, request: web.Request) -> web.StreamResponse:
+        data = await self.json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        try:
+            err = classify(data)
+        except (ValueError, TypeError) as exc:
+            return self.error(_ARGUMENT, str(exc))
+        return self.json(err.to_dict() if err is not None else {"error": None})
+
+    async def codes(self, request: web.Request) -> web.StreamResponse:
+        return self.json({"codes": [row.to_dict() for row in all_codes()]})
+
+    async def code(self, request: web.Request) -> web.StreamResponse:
+        text = request.match_info["code"]
+        row = by_name(text)
+        if row is None:
+            try:
+                row = lookup(text)
+            except ValueError:
+                return self.error(family(404), f"{text[:60]!r} is neither a six-digit code nor a code name")
+        return self.json(row.to_dict())
+
+    # -- events, metrics, health -----------------------------------------------------------------------
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        after: int | None = None
+        raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+        if raw is not None:
+            try:
+                after = max(0, int(raw))
+            except ValueError:
+                return self.error(_ARGUMENT, "Last-Event-ID / after must be a whole number")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        stream = self.sidecar.events.subscribe(after)
+        next_event = asyncio.ensure_future(anext(stream))
+        try:
+            while True:
+                done, _ = await asyncio.wait({next_event}, timeout=_SSE_HEARTBEAT)
+                if not done:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                try:
+                    event_id, kind, data = next_event.result()
+                except StopAsyncIteration:
+                    break
+                text = self.redact(json.dumps(data, default=str))
+                await response.write(f"id: {event_id}\nevent: {kind}\ndata: {text}\n\n".encode())
+                next_event = asyncio.ensure_future(anext(stream))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            next_event.cancel()
+            with contextlib.suppress(BaseException):
+                await next_event
+            await stream.aclose()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        text = self.redact(self.sidecar.metrics.render().decode())
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return self.json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        if not self.sidecar.accepting:
+            return self.json({"status": "not ready", "accepting": False}, status=503)
+        return self.json({"status": "ready", "accepting": True})
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text=openapi_text(), content_type="application/json")
+
+
+def openapi_text() -> str:
+    return resources.files("gateway.sidecar").joinpath("openapi.json").read_text(encoding="utf-8")
+
+
+_CLASSIFY_KEYS = {
+    "http": {"transport", "status", "headers", "body"},
+    "mqtt": {"transport", "reason_code", "protocol_version", "packet", "properties"},
+    "mqtt-topic": {"transport", "topic", "payload"},
+    "amqp": {"transport", "condition", "description", "info"},
+}
+
+
+def classify(data: dict[str, Any]) -> IoTHubError | None:
+    """One raw transport failure (the four body shapes of ``POST /v1/classify``) -> its error or None."""
+    transport = data.get("transport")
+    if transport == "mqtt" and "topic" in data:
+        shape = "mqtt-topic"
+    elif transport in ("http", "mqtt", "amqp"):
+        shape = str(transport)
+    else:
+        raise ValueError(f"transport must be 'http', 'mqtt' or 'amqp', got {str(transport)[:40]!r}")
+    unknown = set(data) - _CLASSIFY_KEYS[shape]
+    if unknown:
+        raise ValueError(f"unknown field(s) for {shape}: {', '.join(sorted(unknown))[:200]}")
+    if shape == "http":
+        from adapters.http import translate as http_translate
+
+        status = data.get("status")
+        if isinstance(status, bool) or not isinstance(status, int):
+            raise ValueError("status must be an HTTP status (an integer 100-599)")
+        headers = data.get("headers")
+        if headers is not None and not isinstance(headers, dict):
+            raise ValueError("headers must be an object of header names to values")
+        body = data.get("body")
+        if body is not None and not isinstance(body, (str, dict)):
+            body = json.dumps(body)
+        return http_translate(status, headers, body)
+    if shape == "mqtt-topic":
+        from adapters.mqtt import translate_topic
+
+        payload = data.get("payload")
+        if payload is not None and not isinstance(payload, str):
+            payload = json.dumps(payload)
+        return translate_topic(data.get("topic"), payload)
+    if shape == "mqtt":
+        from adapters.mqtt import translate as mqtt_translate
+
+        code = data.get("reason_code")
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise ValueError("reason_code must be an integer 0-255")
+        version = data.get("protocol_version", 4)
+        packet = data.get("packet")
+        props = data.get("properties")
+        if props is not None and not isinstance(props, dict):
+            raise ValueError("properties must be an object")
+        return mqtt_translate(code, protocol_version=version, packet=packet, properties=props)
+    from adapters.amqp import translate as amqp_translate
+
+    condition = data.get("condition")
+    description = data.get("description")
+    info = data.get("info")
+    if condition is not None and not isinstance(condition, str):
+        raise ValueError("condition must be a string such as 'amqp:link:stolen'")
+    if description is not None and not isinstance(description, str):
+        raise ValueError("description must be a string")
+    if info is not None and not isinstance(info, dict):
+        raise ValueError("info must be an object")
+    return amqp_translate(condition, description, info)
+
+
+API_KEY: web.AppKey[Api] = web.AppKey("api", Api)
+
+
+def make_app(sidecar: Sidecar) -> web.Application:
+    """The aiohttp application for ``sidecar`` (not yet listening)."""
+    api = Api(sidecar)
+    # aiohttp checks the size itself too (it raises 413 while reading); a little above ours so our check,
+    # with its clearer message, usually answers first.
+    app = web.Application(middlewares=[api.guard], client_max_size=api.max_body + 1)
+    app[API_KEY] = api
+    r = app.router
+    r.add_post("/v1/devices/{device_id}/messages", api.post_message)
+    r.add_get("/v1/messages/{message_id}", api.get_message, allow_head=False)
+    r.add_get("/v1/devices", api.devices, allow_head=False)
+    r.add_get("/v1/devices/{device_id}", api.device, allow_head=False)
+    r.add_post("/v1/classify", api.classify)
+    r.add_get("/v1/codes", api.codes, allow_head=False)
+    r.add_get("/v1/codes/{code}", api.code, allow_head=False)
+    r.add_get("/v1/events", api.events, allow_head=False)
+    r.add_get("/v1/dead-letters", api.dead_letters, allow_head=False)
+    r.add_get("/v1/openapi.json", api.openapi, allow_head=False)
+    r.add_get("/metrics", api.metrics, allow_head=False)
+    r.add_get("/healthz", api.healthz, allow_head=False)
+    r.add_get("/readyz", api.readyz, allow_head=False)
+    return app

@@ -1,0 +1,502 @@
+"""The sidecar's configuration: TOML, validated as a whole before anything starts.
+
+Every problem is reported (one line each, naming the key), not just the first, so one edit fixes a file.
+Secrets (device connection strings, the API bearer token) come from environment variables or files named
+in the config; they may be written inline, but never have to be. The defaults are the demo: the bundled
+emulator as upstream and one device per transport, so an empty file means the same as
+``configs/gateway.toml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.policy import Policy, PolicyConfig, PolicyConfigError, load_policy
+from gateway.sas import ConnectionString
+
+__all__ = [
+    "PROTOCOLS",
+    "ApiConfig",
+    "ConfigError",
+    "DeliveryConfig",
+    "DeviceConfig",
+    "LoggingConfig",
+    "OutboxConfig",
+    "Secret",
+    "SidecarConfig",
+    "UpstreamConfig",
+    "default_config_path",
+    "default_outbox_path",
+    "load_config",
+    "parse_config",
+]
+
+PROTOCOLS: tuple[str, ...] = ("mqtt", "amqp", "http")
+#: IoT Hub's device-id alphabet (up to 128 characters).
+_DEVICE_ID = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@$']{1,128}")
+_IOTHUB_PORTS = {"mqtt": 8883, "amqp": 5671, "http": 443}
+
+
+class ConfigError(ValueError):
+    """The configuration has problems; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (logs, tracebacks, error messages)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8780
+    token: Secret | None = None  #: bearer token; required when ``host`` is not loopback
+    max_body: int = 256 * 1024  #: IoT Hub's device-to-cloud limit
+    rate_limit: float = 2000.0  #: requests per second per client address (token bucket); 0 = off
+    rate_burst: int = 4000
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: str = ""  #: empty: :func:`default_outbox_path`
+    max_messages: int = 100_000
+    ttl: float = 86_400.0  #: per-message deadline after acceptance (seconds); 0 = none
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    max_inflight: int = 8  #: sends in flight per device
+    shutdown_deadline: float = 10.0  #: on SIGTERM, how long in-flight sends may finish before being persisted
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["text", "json"] = "text"
+    level: str = "INFO"
+    error_interval: float = 10.0  #: an identical warning/error is logged at most once per this many seconds
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    kind: Literal["emulator", "iothub"] = "emulator"
+    host_name: str = "emulator.azure-devices.net"  #: the emulated hub's name (emulator only)
+    host: str | None = None  #: iothub: where sockets go (default: the connection string's HostName)
+    tls: bool = True  #: iothub: False only for a loopback host (a local emulator in tests)
+    ca_file: str | None = None  #: iothub: extra CA bundle; verification is always on
+    ports: Mapping[str, int] = field(default_factory=dict)  #: per protocol; emulator: 0 = any free port
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str
+    protocol: str
+    connection_string: Secret | None = None  #: None with the emulator (it issues the credentials)
+
+    def parsed(self) -> ConnectionString:
+        if self.connection_string is None:
+            raise ValueError(f"device {self.id!r} has no connection string")
+        return ConnectionString.parse(self.connection_string.reveal())
+
+
+_DEMO_DEVICES = (
+    DeviceConfig("demo-mqtt", "mqtt"),
+    DeviceConfig("demo-amqp", "amqp"),
+    DeviceConfig("demo-http", "http"),
+)
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    api: ApiConfig = ApiConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    logging: LoggingConfig = LoggingConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    policy: Policy = field(default_factory=Policy)
+    devices: tuple[DeviceConfig, ...] = _DEMO_DEVICES
+    source: str = "<defaults>"
+
+    def device(self, device_id: str) -> DeviceConfig | None:
+        for device in self.devices:
+            if device.id == device_id:
+                return device
+        return None
+
+    def secrets(self) -> list[str]:
+        """Every secret value, so the redactor can blank them wherever they might surface."""
+        out: list[str] = []
+        if self.api.token is not None:
+            out.append(self.api.token.reveal())
+        for device in self.devices:
+            if device.connection_string is not None:
+                text = device.connection_string.reveal()
+                out.append(text)
+                try:
+                    key = ConnectionString.parse(text).shared_access_key
+                except ValueError:
+                    key = None
+                if key:
+                    out.append(key)
+        return out
+
+    def outbox_path(self) -> Path:
+        return Path(self.outbox.path).expanduser() if self.outbox.path else default_outbox_path()
+
+
+def default_outbox_path() -> Path:
+    """``$XDG_STATE_HOME/iothub-gateway/outbox.sqlite3`` (``~/.local/state`` when unset)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "iothub-gateway" / "outbox.sqlite3"
+
+
+def default_config_path() -> Path | None:
+    """``configs/gateway.toml`` in the working directory, else the one next to the package (a checkout)."""
+    for candidate in (Path("configs/gateway.toml"), Path(__file__).resolve().parents[2] / "configs" / "gateway.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Read and validate a config file (None: :func:`default_config_path`, else the built-in defaults)."""
+    chosen = Path(path) if path is not None else default_config_path()
+    if chosen is None:
+        return parse_config({}, source="<defaults>", env=env)
+    try:
+        with chosen.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{chosen}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{chosen}: cannot read: {exc.strerror or exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{chosen}: not valid TOML: {exc}"]) from None
+    return parse_config(data, source=str(chosen), base=chosen.parent, env=env)
+
+
+class _Check:
+    """Collects problems while reading one parsed TOML document."""
+
+    def __init__(self, source: str, base: Path | None, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.base = base
+        self.env = env
+        self.problems: list[str] = []
+
+    def fail(self, where: str, text: str) -> None:
+        self.problems.append(f"{self.source}: {where}: {text}")
+
+    def table(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, Mapping):
+            self.fail(f"[{key}]", "expected a table")
+            return {}
+        return dict(value)
+
+    def keys(self, data: Mapping[str, Any], where: str, known: set[str]) -> None:
+        for key in data:
+            if key not in known:
+                self.fail(where, f"unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+    def number(self, data: Mapping[str, Any], key: str, where: str, default: float, *, minimum: float = 0.0,
+               whole: bool = False, maximum: float | None = None) -> Any:
+        if key not in data:
+            return default
+        raw = data[key]
+        ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and math.isfinite(raw)
+        if ok and whole and not isinstance(raw, int):
+            ok = False
+        if not ok or raw < minimum or (maximum is not None and raw > maximum):
+            kind = "a whole number" if whole else "a number"
+            bound = f" in [{minimum:g}, {maximum:g}]" if maximum is not None else f" >= {minimum:g}"
+            self.fail(f"{where} {key}", f"expected {kind}{bound}, got {raw!r}")
+            return default
+        return int(raw) if whole else float(raw)
+
+    def string(self, data: Mapping[str, Any], key: str, where: str, default: Any,
+               choices: tuple[str, ...] | None = None) -> Any:
+        if key not in data:
+            return default
+        raw = data[key]
+        if not isinstance(raw, str) or (choices is not None and raw not in choices):
+            want = f"one of {', '.join(repr(c) for c in choices)}" if choices else "a string"
+            self.fail(f"{where} {key}", f"expected {want}, got {_show(raw)}")
+            return default
+        return raw
+
+    def boolean(self, data: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+        if key not in data:
+            return default
+        raw = data[key]
+        if not isinstance(raw, bool):
+            self.fail(f"{where} {key}", f"expected true or false, got {_show(raw)}")
+            return default
+        return raw
+
+    def path(self, text: str) -> Path:
+        p = Path(text).expanduser()
+        return p if p.is_absolute() or self.base is None else self.base / p
+
+    def secret(self, data: Mapping[str, Any], stem: str, where: str, *, required: bool) -> Secret | None:
+        """``stem`` (inline), ``stem_env`` (a variable's name) or ``stem_file`` (a path): at most one."""
+        given = [k for k in (stem, f"{stem}_env", f"{stem}_file") if k in data]
+        if len(given) > 1:
+            self.fail(where, f"give only one of {', '.join(given)}")
+            return None
+        if not given:
+            if required:
+                self.fail(where, f"missing secret: set {stem}_env (an environment variable) or {stem}_file")
+            return None
+        key = given[0]
+        raw = data[key]
+        if not isinstance(raw, str) or not raw.strip():
+            self.fail(f"{where} {key}", "expected a non-empty string")
+            return None
+        if key == stem:
+            return Secret(raw.strip())
+        if key.endswith("_env"):
+            value = self.env.get(raw)
+            if not value or not value.strip():
+                self.fail(f"{where} {key}", f"missing secret: environment variable {raw} is not set")
+                return None
+            return Secret(value.strip())
+        path = self.path(raw)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            self.fail(f"{where} {key}", f"missing secret: cannot read {path}: {exc.strerror or exc}")
+            return None
+        if not text:
+            self.fail(f"{where} {key}", f"missing secret: {path} is empty")
+            return None
+        return Secret(text)
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_config(
+    data: Mapping[str, Any], *, source: str = "<config>", base: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> SidecarConfig:
+    """Validate parsed TOML; raises :class:`ConfigError` listing every problem found."""
+    c = _Check(source, base, os.environ if env is None else env)
+    c.keys(data, "top level", {"api", "outbox", "delivery", "logging", "upstream", "policy", "devices"})
+
+    raw = c.table(data, "api")
+    c.keys(raw, "[api]", {"host", "port", "token", "token_env", "token_file", "max_body", "rate_limit", "rate_burst"})
+    d = ApiConfig()
+    api = ApiConfig(
+        host=c.string(raw, "host", "[api]", d.host),
+        port=c.number(raw, "port", "[api]", d.port, whole=True, maximum=65535),
+        token=c.secret(raw, "token", "[api]", required=False),
+        max_body=c.number(raw, "max_body", "[api]", d.max_body, whole=True, minimum=1),
+        rate_limit=c.number(raw, "rate_limit", "[api]", d.rate_limit),
+        rate_burst=c.number(raw, "rate_burst", "[api]", d.rate_burst, whole=True, minimum=1),
+    )
+    if not _is_loopback(api.host) and api.token is None and not any(k.startswith("token") for k in raw):
+        c.fail("[api] host", f"{api.host!r} is not a loopback address: set token_env or token_file "
+                             "(a bearer token is required to bind elsewhere)")
+
+    raw = c.table(data, "outbox")
+    c.keys(raw, "[outbox]", {"path", "max_messages", "ttl", "synchronous"})
+    o = OutboxConfig()
+    opath = c.string(raw, "path", "[outbox]", "")
+    outbox = OutboxConfig(
+        path=str(c.path(opath)) if opath else "",
+        max_messages=c.number(raw, "max_messages", "[outbox]", o.max_messages, whole=True, minimum=1),
+        ttl=c.number(raw, "ttl", "[outbox]", o.ttl),
+        synchronous=c.string(raw, "synchronous", "[outbox]", o.synchronous, ("NORMAL", "FULL")),
+    )
+
+    raw = c.table(data, "delivery")
+    c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline"})
+    dl = DeliveryConfig()
+    delivery = DeliveryConfig(
+        max_inflight=c.number(raw, "max_inflight", "[delivery]", dl.max_inflight, whole=True, minimum=1,
+                              maximum=1000),
+        shutdown_deadline=c.number(raw, "shutdown_deadline", "[delivery]", dl.shutdown_deadline, maximum=3600),
+    )
+
+    raw = c.table(data, "logging")
+    c.keys(raw, "[logging]", {"format", "level", "error_interval"})
+    lg = LoggingConfig()
+    logging_cfg = LoggingConfig(
+        format=c.string(raw, "format", "[logging]", lg.format, ("text", "json")),
+        level=c.string(raw, "level", "[logging]", lg.level, ("DEBUG", "INFO", "WARNING", "ERROR", "debug",
+                                                               "info", "warning", "error")).upper(),
+        error_interval=c.number(raw, "error_interval", "[logging]", lg.error_interval),
+    )
+
+    upstream = _upstream(c, c.table(data, "upstream"))
+    policy = _policy(c, data.get("policy"))
+    devices = _devices(c, data.get("devices"), upstream)
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return SidecarConfig(api=api, outbox=outbox, delivery=delivery, logging=logging_cfg, upstream=upstream,
+                         policy=policy, devices=devices, source=source)
+
+
+def _upstream(c: _Check, raw: dict[str, Any]) -> UpstreamConfig:
+    c.keys(raw, "[upstream]", {"kind", "host_name", "host", "tls", "ca_file", "ports"})
+    d = UpstreamConfig()
+    kind = c.string(raw, "kind", "[upstream]", d.kind, ("emulator", "iothub"))
+    host = c.string(raw, "host", "[upstream]", None)
+    tls = c.boolean(raw, "tls", "[upstream]", True)
+    ca = c.string(raw, "ca_file", "[upstream]", None)
+    ports: dict[str, int] = {}
+    raw_ports = raw.get("ports", {})
+    if not isinstance(raw_ports, Mapping):
+        c.fail("[upstream] ports", "expected a table such as { mqtt = 8883 }")
+    else:
+        c.keys(raw_ports, "[upstream.ports]", set(PROTOCOLS))
+        for name in PROTOCOLS:
+            if name in raw_ports:
+                ports[name] = c.number(raw_ports, name, "[upstream.ports]", 0, whole=True, maximum=65535)
+    if kind == "emulator":
+        for key in ("host", "tls", "ca_file"):
+            if key in raw:
+                c.fail(f"[upstream] {key}", "only for kind = \"iothub\" (the emulator runs in-process on loopback)")
+    else:
+        if "host_name" in raw:
+            c.fail("[upstream] host_name", "only for kind = \"emulator\" (a real hub's name is in the connection "
+                                           "strings)")
+        if not tls and (host is None or not _is_loopback(host)):
+            c.fail("[upstream] tls", "false is allowed only with a loopback host (a local emulator); real "
+                                     "upstreams always use TLS with verification")
+        if ca is not None and not c.path(ca).is_file():
+            c.fail("[upstream] ca_file", f"no such file: {c.path(ca)}")
+        for name in PROTOCOLS:
+            ports.setdefault(name, _IOTHUB_PORTS[name])
+        for name, port in ports.items():
+            if port == 0:
+                c.fail(f"[upstream.ports] {name}", "0 (any port) only makes sense for the emulator")
+    return UpstreamConfig(kind=kind, host_name=c.string(raw, "host_name", "[upstream]", d.host_name), host=host,
+                          tls=tls, ca_file=str(c.path(ca)) if ca else None, ports=ports)
+
+
+def _policy(c: _Check, raw: object) -> Policy:
+    if raw is None:
+        return Policy()
+    if not isinstance(raw, Mapping):
+        c.fail("[policy]", "expected a table")
+        return Policy()
+    inline = {k: v for k, v in raw.items() if k != "file"}
+    if "file" in raw:
+        if inline:
+            c.fail("[policy]", "give either file = \"...\" or inline sections, not both")
+            return Policy()
+        name = raw["file"]
+        if not isinstance(name, str):
+            c.fail("[policy] file", f"expected a path, got {_show(name)}")
+            return Policy()
+        try:
+            return load_policy(c.path(name))
+        except FileNotFoundError:
+            c.fail("[policy] file", f"no such file: {c.path(name)}")
+        except PolicyConfigError as exc:
+            c.problems.append(f"{c.source}: [policy] file: {exc}")
+        return Policy()
+    try:
+        return Policy(PolicyConfig.from_mapping(inline, source="[policy]"))
+    except PolicyConfigError as exc:
+        c.problems.append(f"{c.source}: {exc}")
+    return Policy()
+
+
+def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[DeviceConfig, ...]:
+    if raw is None:
+        if upstream.kind == "iothub":
+            c.fail("[[devices]]", "no devices: a real hub needs at least one [[devices]] entry")
+        return _DEMO_DEVICES
+    if not isinstance(raw, list) or not raw:
+        c.fail("[[devices]]", "expected one or more [[devices]] tables")
+        return ()
+    seen: set[str] = set()
+    out: list[DeviceConfig] = []
+    for index, entry in enumerate(raw):
+        where = f"devices[{index}]"
+        if not isinstance(entry, Mapping):
+            c.fail(where, "expected a table")
+            continue
+        c.keys(entry, where, {"id", "protocol", "connection_string", "connection_string_env",
+                              "connection_string_file"})
+        device_id = entry.get("id")
+        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+            c.fail(f"{where} id", f"expected an IoT Hub device id (1-128 of A-Z a-z 0-9 -:.+%_#*?!(),=@$'), "
+                                  f"got {_show(device_id)}")
+            continue
+        where = f"devices[{index}] ({device_id})"
+        if device_id in seen:
+            c.fail(f"{where} id", "configured twice")
+            continue
+        seen.add(device_id)
+        protocol = entry.get("protocol")
+        if protocol not in PROTOCOLS:
+            c.fail(f"{where} protocol", f"expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}")
+            continue
+        secret: Secret | None = None
+        if upstream.kind == "emulator":
+            for key in ("connection_string", "connection_string_env", "connection_string_file"):
+                if key in entry:
+                    c.fail(f"{where} {key}", "not used with the emulator upstream (it issues the credentials)")
+        else:
+            secret = c.secret(entry, "connection_string", where, required=True)
+            if secret is not None:
+                try:
+                    cs = ConnectionString.parse(secret.reveal())
+                except ValueError as exc:
+                    text = str(exc)
+                    if secret.reveal() in text or any(part and part in text for part in secret.reveal().split(";")):
+                        text = "not a connection string (HostName=...;DeviceId=...;SharedAccessKey=...)"
+                    c.fail(f"{where} connection string", text)
+                else:
+                    if cs.shared_access_key is None:
+                        c.fail(f"{where} connection string", "has no SharedAccessKey")
+                    if cs.device_id != device_id:
+                        c.fail(f"{where} connection string", f"is for device {cs.device_id!r}, not {device_id!r}")
+        out.append(DeviceConfig(device_id, str(protocol), secret))
+    return tuple(out)

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the sidecar, in a registry of its own (several sidecars can share a process).
+
+- ``iothub_gateway_messages_total{transport,outcome,code}``: accepted, delivered, duplicate (delivered
+  again after an uncertain attempt), dead_letter (with its code), rejected (API refused it, with the code).
+- ``iothub_gateway_handler_events_total{code,transport,outcome}``: the handlers' own counters
+  (``Handler.metrics()``): retries, reconnects, throttles, holds, state changes, by code.
+- ``iothub_gateway_outbox_messages{status}`` and ``iothub_gateway_queue_depth{device,transport}``: gauges
+  read from the outbox at scrape time.
+- ``iothub_gateway_connection_state{device,transport,state}``: 1 for each device's current state.
+- ``iothub_gateway_delivery_latency_seconds{transport}``: accepted -> acknowledged by the hub.
+
+Labels carry codes, transports, outcomes, states and device ids: never a credential.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "DeviceSnapshot", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    device: str
+    transport: str
+    state: str
+    queued: int
+    handler_counts: Mapping[tuple[int | None, str, str], int]
+
+
+def _code(code: int | None) -> str:
+    return "" if code is None else str(code)
+
+
+class _Live(Collector):
+    """Reads the outbox and the handlers when scraped, so gauges are never stale."""
+
+    def __init__(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
+                 states: Iterable[str]) -> None:
+        self._devices = devices
+        self._outbox = outbox
+        self._states = tuple(states)
+
+    def collect(self) -> Iterator[Metric]:
+        snaps = list(self._devices())
+        counts = self._outbox()
+        outbox = GaugeMetricFamily("iothub_gateway_outbox_messages", "Messages in the outbox by status",
+                                   labels=["status"])
+        for status in ("pending", "inflight", "delivered", "dead"):
+            outbox.add_metric([status], counts.get(status, 0))
+        yield outbox
+        depth = GaugeMetricFamily("iothub_gateway_queue_depth", "Messages not yet delivered, per device",
+                                  labels=["device", "transport"])
+        state = GaugeMetricFamily("iothub_gateway_connection_state", "1 for the current state of each device",
+                                  labels=["device", "transport", "state"])
+        events: dict[tuple[str, str, str], int] = {}
+        for snap in snaps:
+            depth.add_metric([snap.device, snap.transport], snap.queued)
+            for name in self._states:
+                state.add_metric([snap.device, snap.transport, name], 1 if name == snap.state else 0)
+            for (code, transport, outcome), n in snap.handler_counts.items():
+                key = (_code(code), transport, outcome)
+                events[key] = events.get(key, 0) + n
+        yield depth
+        yield state
+        handler = CounterMetricFamily("iothub_gateway_handler_events", "The handlers' counters by code, "
+                                      "transport and outcome", labels=["code", "transport", "outcome"])
+        for key, n in sorted(events.items()):
+            handler.add_metric(list(key), n)
+        yield handler
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.messages = Counter("iothub_gateway_messages", "Messages by transport, outcome and code",
+                                ["transport", "outcome", "code"], registry=self.registry)
+        self.latency = Histogram("iothub_gateway_delivery_latency_seconds",
+                                 "From acceptance by the API to acknowledgement by the hub", ["transport"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+    def watch(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
+              states: Iterable[str]) -> None:
+        self.registry.register(_Live(devices, outbox, states))
+
+    def message(self, transport: str, outcome: str, code: int | None = None) -> None:
+        self.messages.labels(transport, outcome, _code(code)).inc()
+
+    def delivered(self, transport: str, latency: float, *, duplicate: bool) -> None:
+        self.message(transport, "duplicate" if duplicate else "delivered")
+        self.latency.labels(transport).observe(max(0.0, latency))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

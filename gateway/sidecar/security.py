@@ -1,0 +1,113 @@
+"""What keeps the sidecar's secrets in and abusive callers out.
+
+- :class:`Redactor` blanks SAS keys, SAS tokens, connection strings and bearer tokens in any text: the
+  configured secret values verbatim, and anything shaped like one (a key we were never told about, a
+  token minted from a key). Logs, API answers and the metrics page all go through it.
+- :func:`token_matches` compares bearer tokens in constant time.
+- :class:`RateLimiter`: a token bucket per client address; the caller answers 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from collections.abc import Callable, Iterable
+
+__all__ = ["MASK", "RateLimiter", "Redactor", "token_matches"]
+
+MASK = "***"
+
+# Shapes of secrets, whatever their value: the key field of a connection string, a SAS token's signature
+# (and the whole token), an Authorization header's credential.
+_PATTERNS = (
+    r"(SharedAccessKey\s*=\s*)[^;\s\"',}]+",
+    r"(SharedAccessSignature\s+)[^\s\"',}]+",
+    r"([?&;\s\"']sig=)[^&\s\"',;}]+",
+    r"(\bBearer\s+)[^\s\"',}]+",
+    r"(\"?(?:password|token|sas_token|api_key)\"?\s*[:=]\s*\"?)[^\s\"',;}]{6,}",
+)
+
+
+_KEY_FIELD = re.compile(r"SharedAccessKey\s*=\s*([^;\s]+)", re.IGNORECASE)
+
+
+class Redactor:
+    """Replaces known secret values and secret-shaped substrings with ``***``."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: set[str] = set()
+        self._literal: re.Pattern[str] | None = None
+        self._shapes = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE)
+        self.add(*secrets)
+
+    def add(self, *secrets: str) -> None:
+        """Learn more secret values (e.g. a SAS token minted at run time). Short strings are ignored.
+
+        A connection string's key is learnt too, so the key alone is blanked wherever it shows up.
+        """
+        keys = [m.group(1) for s in secrets for m in _KEY_FIELD.finditer(s)]
+        fresh = {s for s in (*secrets, *keys) if s and len(s) >= 6} - self._secrets
+        if not fresh:
+            return
+        self._secrets |= fresh
+        # Longest first, so a connection string is blanked whole before its key is looked for.
+        ordered = sorted(self._secrets, key=len, reverse=True)
+        self._literal = re.compile("|".join(re.escape(s) for s in ordered))
+
+    def __call__(self, text: str) -> str:
+        if self._literal is not None:
+            text = self._literal.sub(MASK, text)
+        return self._shapes.sub(_keep_prefix, text)
+
+    def contains_secret(self, text: str) -> bool:
+        return self(text) != text
+
+
+def _keep_prefix(match: re.Match[str]) -> str:
+    prefix = next((g for g in match.groups() if g is not None), "")
+    return prefix + MASK
+
+
+def token_matches(expected: str, presented: str | None) -> bool:
+    """Constant-time comparison of a bearer token (the time does not depend on where they differ)."""
+    if presented is None:
+        presented = ""
+    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+
+
+class RateLimiter:
+    """A token bucket per key (client address): ``rate`` per second, bursts up to ``burst``.
+
+    Bounded memory: at most ``max_keys`` buckets; the oldest is forgotten first (it refills to full
+    anyway after ``burst / rate`` seconds).
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 4096) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._clock = clock
+        self._max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def take(self, key: str) -> float:
+        """0 when the request may go ahead; else the seconds until a token is available."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[key] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
+        if len(self._buckets) > self._max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return wait

@@ -1,0 +1,411 @@
+"""Per-device delivery: outbox -> ``Handler(transport).send`` -> ``outbox.delivered`` / ``dead_letter``.
+
+One :class:`DevicePipeline` per configured device, each with its own transport and
+:class:`~gateway.handler.Handler` (IoT Hub authenticates per device). A pipeline claims the oldest
+pending messages of its device (up to ``max_inflight`` at a time), sends each with the stable outbox id
+as the message id, and settles it in the outbox:
+
+- delivered: ``outbox.delivered`` (flagged as a possible duplicate when an attempt was uncertain);
+- a permanent refusal (the code's action is ``fail``): dead-lettered with that code;
+- the message's own deadline passed: dead-lettered with the code that kept it from going;
+- anything else (a transient code whose retries ran out, an uncertain outcome, the handler stopped for
+  good, shutdown): released back to pending, in its place, to be tried again; the outbox's deadline
+  sweep dead-letters it if that never succeeds.
+
+Transports are built by a small factory per protocol that imports its adapter lazily, so a build
+without one of them still runs the others, and a config that needs a missing one fails at start with a
+clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.codes import Action, code_of, lookup
+from gateway.errors import IoTHubError
+from gateway.handler import Handler, State, StateChange, Undelivered
+from gateway.outbox import Outbox, OutboxItem
+from gateway.policy import Policy
+from gateway.sas import ConnectionString
+from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.transport import Message, Transport
+
+__all__ = [
+    "FACTORIES",
+    "DevicePipeline",
+    "EventHub",
+    "ProtocolUnavailable",
+    "TransportFactory",
+    "TransportSpec",
+    "build_transport",
+]
+
+log = logging.getLogger("gateway.sidecar")
+
+_TIMED_OUT = code_of("OperationTimedOut")
+_PERMANENT = frozenset({Action.FAIL})
+
+
+class ProtocolUnavailable(RuntimeError):
+    """The adapter for a configured protocol cannot be loaded in this build."""
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    """Everything a factory needs to connect one device."""
+
+    protocol: str
+    connection: ConnectionString
+    host: str  #: where the socket goes
+    port: int
+    tls: bool  #: False only for a loopback emulator
+    ca_file: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        # Verification on (hostname and chain); the system store plus an optional extra CA bundle.
+        ctx = ssl.create_default_context()
+        if self.ca_file:
+            ctx.load_verify_locations(cafile=self.ca_file)
+        return ctx
+
+
+TransportFactory = Callable[[TransportSpec], Transport]
+
+
+def _adapter(protocol: str, module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ProtocolUnavailable(f"protocol {protocol!r} is not available in this build ({exc})") from exc
+
+
+def _http(spec: TransportSpec) -> Transport:
+    mod = _adapter("http", "adapters.http.transport")
+    scheme = "https" if spec.tls else "http"
+    tls: ssl.SSLContext | bool = spec.ssl_context() or False
+    transport: Transport = mod.HttpTransport(spec.connection, endpoint=f"{scheme}://{spec.host}:{spec.port}", ssl=tls)
+    return transport
+
+
+def _mqtt(spec: TransportSpec) -> Transport:
+    mod = _adapter("mqtt", "adapters.mqtt.transport")
+    tls: ssl.SSLContext | bool = spec.ssl_context() or False
+    # Telemetry only: the sidecar does not consume cloud-to-device traffic (yet), so subscribe to nothing.
+    transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, tls=tls,
+                                             subscribe=())
+    return transport
+
+
+def _amqp(spec: TransportSpec) -> Transport:
+    mod = _adapter("amqp", "adapters.amqp.transport")
+    transport: Transport = mod.AmqpTransport.from_connection_string(
+        spec.connection, host=spec.host, port=spec.port, tls=spec.tls, ca_file=spec.ca_file, verify=True,
+        receive_c2d=False,
+    )
+    return transport
+
+
+FACTORIES: Mapping[str, TransportFactory] = {"http": _http, "mqtt": _mqtt, "amqp": _amqp}
+
+
+def build_transport(spec: TransportSpec, factories: Mapping[str, TransportFactory] | None = None) -> Transport:
+    """The transport for ``spec``; raises :class:`ProtocolUnavailable` with a one-line reason."""
+    factory = (factories or FACTORIES).get(spec.protocol)
+    if factory is None:
+        raise ProtocolUnavailable(f"protocol {spec.protocol!r} is not available in this build")
+    try:
+        return factory(spec)
+    except ProtocolUnavailable:
+        raise
+    except (ImportError, AttributeError, TypeError) as exc:  # an adapter that does not fit this build
+        raise ProtocolUnavailable(f"protocol {spec.protocol!r} is not available in this build "
+                                  f"({type(exc).__name__}: {exc})") from exc
+
+
+class EventHub:
+    """Fan-out of sidecar events (state changes, dead letters) to SSE subscribers, with a short replay."""
+
+    def __init__(self, keep: int = 200, queue_size: int = 1000) -> None:
+        self._recent: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
+        self._subscribers: set[asyncio.Queue[tuple[int, str, dict[str, Any]] | None]] = set()
+        self._next = 1
+        self._queue_size = queue_size
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        event = (self._next, kind, data)
+        self._next += 1
+        self._recent.append(event)
+        for queue in list(self._subscribers):
+            if queue.full():  # a stalled reader loses its oldest events, never blocks the sidecar
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(event)
+
+    def recent(self, after: int = 0) -> list[tuple[int, str, dict[str, Any]]]:
+        return [e for e in self._recent if e[0] > after]
+
+    async def subscribe(self, after: int | None = None) -> AsyncGenerator[tuple[int, str, dict[str, Any]], None]:
+        queue: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue(self._queue_size)
+        self._subscribers.add(queue)
+        try:
+            if after is not None:
+                for event in self.recent(after):
+                    yield event
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            self._subscribers.discard(queue)
+
+    def close(self) -> None:
+        for queue in list(self._subscribers):
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+
+async def _no_refresh() -> float | None:
+    """The adapters mint a fresh SAS token from the device key at every connect: nothing to do here."""
+    return None
+
+
+class DevicePipeline:
+    """Delivers one device's outbox through its own handler."""
+
+    def __init__(
+        self,
+        device_id: str,
+        protocol: str,
+        transport: Transport,
+        outbox: Outbox,
+        *,
+        policy: Policy,
+        metrics: Metrics,
+        events: EventHub,
+        max_inflight: int = 8,
+        clock: Callable[[], float] = time.time,
+        redact: Callable[[str], str] = str,
+    ) -> None:
+        self.device_id = device_id
+        self._redact = redact
+        self.protocol = protocol
+        self.outbox = outbox
+        self.policy = policy
+        self.metrics = metrics
+        self.events = events
+        self.max_inflight = max_inflight
+        self._clock = clock
+        self.last_error: IoTHubError | None = None
+        self.last_error_at: float | None = None
+        self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
+                               on_state_change=self._on_state, on_undelivered=self._on_undelivered)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: dict[str, str] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._failures = 0  #: consecutive released failures: the pipeline pauses before claiming again
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.handler.start()
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"pipeline-{self.device_id}")
+
+    def notify(self) -> None:
+        """A message for this device was accepted."""
+        self._wake.set()
+
+    async def stop(self, deadline: float) -> int:
+        """Stop claiming; let sends finish for ``deadline`` seconds, then persist the rest. Returns how many
+        were still in flight and went back to pending."""
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        pending = set(self._tasks)
+        if pending and deadline > 0:
+            _, pending = await asyncio.wait(pending, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.handler.close()
+        return len(pending)
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        change = self.handler.last_change
+        counts = self.outbox.counts(self.device_id)
+        return {
+            "id": self.device_id,
+            "protocol": self.protocol,
+            "state": change.state.value,
+            "connected": change.state in (State.CONNECTED, State.THROTTLED) and self.handler.state is not State.PARKED,
+            "since": change.at,
+            "reason": change.reason,
+            "next_attempt_at": change.until,
+            "last_error": self._error_view(),
+            "held": self.handler.held(self.device_id),
+            "queued": counts["pending"] + counts["inflight"],
+            "inflight": len(self._tasks),
+            "messages": counts,
+        }
+
+    def snapshot(self) -> DeviceSnapshot:
+        counts = self.outbox.counts(self.device_id)
+        return DeviceSnapshot(self.device_id, self.protocol, self.handler.state.value,
+                              counts["pending"] + counts["inflight"], self.handler.metrics())
+
+    def _error_view(self) -> dict[str, Any] | None:
+        err = self.last_error
+        if err is None:
+            return None
+        return {"code": err.code, "name": err.name, "action": self.policy.action_for(err).value,
+                "message": err.message, "transport": err.transport, "at": self.last_error_at}
+
+    # -- the loop --------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            if self.handler.state in (State.STOPPED, State.CLOSED):
+                # Given up for good (credentials refused, identity conflict ...): keep the messages
+                # pending for a restart with a fixed config; the deadline sweep ends them otherwise.
+                await self._sleep_or_wake(5.0)
+                continue
+            if self._failures:
+                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 8)))
+                if self._stopping:
+                    return
+            free = self.max_inflight - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+                continue
+            self._wake.clear()
+            items = self.outbox.claim(self.device_id, limit=free)
+            if not items:
+                if self._tasks:
+                    waker = asyncio.ensure_future(self._wake.wait())
+                    await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+                    waker.cancel()
+                else:
+                    await self._sleep_or_wake(1.0)
+                continue
+            for item in items:
+                task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        now = self._clock()
+        timeout = self.policy.config.operation.timeout
+        if item.deadline is not None:
+            timeout = min(timeout, item.deadline - now)
+        if timeout <= 0:
+            self._dead(item, _TIMED_OUT, "deadline passed before delivery", now)
+            return
+        message = Message(item.id, self.device_id, item.body, item.properties)
+        try:
+            receipt = await self.handler.send(message, timeout=timeout)
+        except asyncio.CancelledError:
+            # Shutdown: it may have gone out, so it comes back flagged; the same id is sent again later.
+            self.outbox.release(item.id, possible_duplicate=True)
+            self._outcomes.pop(item.id, None)
+            raise
+        except IoTHubError as err:
+            self._failed(item, err, self._outcomes.pop(item.id, "failed"))
+            return
+        except Exception:  # a bug in an adapter must not lose the message
+            log.exception("sending %s failed unexpectedly", item.id, extra={"device": self.device_id})
+            self.outbox.release(item.id, possible_duplicate=True)
+            self._failures += 1
+            return
+        done = self._clock()
+        duplicate = receipt.possible_duplicate or item.possible_duplicate
+        self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)
+        self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
+        self._failures = 0
+
+    def _failed(self, item: OutboxItem, err: IoTHubError, outcome: str) -> None:
+        now = self._clock()
+        self._note_error(err)
+        past_deadline = item.deadline is not None and now >= item.deadline
+        if self._stopping:
+            self.outbox.release(item.id, possible_duplicate=outcome == "unknown")
+            return
+        if past_deadline:
+            code = _TIMED_OUT if outcome == "unknown" else err.code
+            self._dead(item, code, f"deadline passed before delivery; last: {err}", now)
+            return
+        if self.handler.state not in (State.STOPPED, State.CLOSED) and self.policy.action_for(err) in _PERMANENT:
+            self._dead(item, err.code, str(err), now)
+            return
+        self.outbox.release(item.id, possible_duplicate=outcome == "unknown")
+        self.metrics.message(self.protocol, "retry_later", err.code)
+        self._failures += 1
+        self._wake.set()
+
+    def _dead(self, item: OutboxItem, code: int, reason: str, now: float) -> None:
+        reason = self._redact(reason)  # kept in the outbox file and shown by the API: no secrets
+        self.outbox.dead_letter(item.id, code=code, reason=reason, now=now)
+        self.metrics.message(self.protocol, "dead_letter", code)
+        row = lookup(code)
+        log.warning("message %s dead-lettered: %s %s", item.id, code, row.name,
+                    extra={"device": self.device_id, "code": code, "code_name": row.name, "action": "dead_letter",
+                           "message_id": item.id})
+        self.events.publish("dead_letter", {"device": self.device_id, "id": item.id, "code": code,
+                                            "name": row.name, "reason": reason[:200], "at": now})
+
+    def _note_error(self, err: IoTHubError) -> None:
+        self.last_error = err
+        self.last_error_at = self._clock()
+
+    # -- handler hooks ---------------------------------------------------------------------------------
+
+    def _on_undelivered(self, record: Undelivered) -> None:
+        if record.kind == "send":
+            self._outcomes[record.id] = record.outcome
+
+    def _on_state(self, change: StateChange) -> None:
+        if change.cause is not None:
+            self.last_error = change.cause
+            self.last_error_at = change.at
+        name = lookup(change.code).name if change.code is not None else None
+        action = None
+        if change.cause is not None:
+            action = self.policy.action_for(change.cause).value
+        elif change.code is not None:
+            action = lookup(change.code).action.value
+        level = logging.WARNING if change.state in (State.STOPPED,) else logging.INFO
+        log.log(level, "%s %s%s", self.device_id, change.state.value,
+                f": {change.code} {name} -> {action}" if change.code is not None else "",
+                extra={"device": self.device_id, "transport": self.protocol, "state": change.state.value,
+                       "code": change.code, "code_name": name, "action": action, "until": change.until,
+                       "reason": change.reason or None})
+        self.events.publish("state", {
+            "device": self.device_id, "transport": self.protocol, "state": change.state.value,
+            "code": change.code, "name": name, "action": action, "until": change.until,
+            "reason": change.reason, "at": change.at,
+        })
+        if change.state is State.CONNECTED:
+            self._failures = 0
+            self._wake.set()

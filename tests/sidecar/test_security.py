@@ -1,0 +1,143 @@
+"""Security: a planted secret never surfaces; bearer token; rate limit; repeated errors rate-limited."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.errors import make_error
+from gateway.sas import make_sas_token
+from gateway.sidecar.logs import RepeatFilter, TextFormatter, setup_logging
+from gateway.sidecar.security import MASK, RateLimiter, Redactor, token_matches
+from tests.sidecar.fakes import HUB, PLANTED_KEY, Upstream, connection_string, fake_config
+
+SAS = make_sas_token(f"{HUB}/devices/dev-mqtt", PLANTED_KEY, 2_000_000_000)
+SIG = SAS.split("sig=")[1].split("&")[0]
+
+
+def test_redactor_blanks_values_and_shapes():
+    r = Redactor([connection_string("a")])
+    text = f"cs={connection_string('a')} key={PLANTED_KEY} tok={SAS} auth=Bearer abc.def-123"
+    out = r(text)
+    assert PLANTED_KEY not in out and SIG not in out and "abc.def-123" not in out and MASK in out
+    # a key it was never told about is still caught by its shape
+    other = "HostName=h;DeviceId=d;SharedAccessKey=bm90LWNvbmZpZ3VyZWQta2V5"
+    assert "bm90LWNvbmZpZ3VyZWQta2V5" not in r(other) and "HostName=h;DeviceId=d" in r(other)
+    assert r("nothing secret: 429001 ThrottlingException") == "nothing secret: 429001 ThrottlingException"
+
+
+def test_token_compare():
+    assert token_matches("s3cret", "s3cret")
+    assert not token_matches("s3cret", "s3creT") and not token_matches("s3cret", None)
+    assert not token_matches("s3cret", "s3cret-and-more")
+
+
+def test_rate_limiter_bucket():
+    now = [0.0]
+    limiter = RateLimiter(2.0, 2, clock=lambda: now[0])
+    assert limiter.take("a") == 0 and limiter.take("a") == 0
+    assert limiter.take("a") == pytest.approx(0.5)
+    assert limiter.take("b") == 0  # per client
+    now[0] += 0.5
+    assert limiter.take("a") == 0
+
+
+def test_repeated_identical_errors_are_rate_limited():
+    now = [0.0]
+    stream = io.StringIO()
+    logger = logging.getLogger("test.repeat")
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RepeatFilter(10.0, clock=lambda: now[0]))
+    handler.setFormatter(TextFormatter(Redactor()))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        for _ in range(50):
+            logger.error("upstream refused: %s", "503001")
+        logger.error("upstream refused: %s", "429001")  # a different error still shows
+        logger.info("state change")  # info is never suppressed
+        logger.info("state change")
+        now[0] = 11.0
+        logger.error("upstream refused: %s", "503001")
+    finally:
+        logger.removeHandler(handler)
+    lines = [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()]
+    assert lines == ["upstream refused: 503001", "upstream refused: 429001", "state change", "state change",
+                     "upstream refused: 503001 (49 identical suppressed)"]
+
+
+async def test_planted_secret_never_surfaces(tmp_path: Path, start_sidecar: Any):
+    leak = f"boom with {connection_string('dev-mqtt')} and {SAS} and key {PLANTED_KEY}"
+    up = Upstream(send_script={"dev-mqtt": [make_error(400004, transport="mqtt", message=leak)]})
+    stream = io.StringIO()
+    cfg = fake_config(tmp_path, policy={"reconnect": {"initial": 0.05, "cap": 0.05}})
+    run = await start_sidecar(cfg, up)
+    handler = setup_logging("json", "DEBUG", run.sidecar.redactor, stream=stream)
+    try:
+        mid = (await (await run.client.post("/v1/devices/dev-mqtt/messages", data=b"x")).json())["id"]
+        await run.wait_for(lambda: run.sidecar.outbox.get(mid).status == "dead")  # type: ignore[union-attr]
+        # a connection drop whose cause carries the secrets: state, last error, events, logs
+        run.upstream.transports["dev-http"].drop(make_error(503001, transport="http", message=leak))
+        await run.wait_for(lambda: run.sidecar.pipelines["dev-http"].last_error is not None)
+        logging.getLogger("gateway.sidecar").error("direct leak attempt: %s", leak)
+        try:
+            raise RuntimeError(leak)
+        except RuntimeError:
+            logging.getLogger("gateway.sidecar").exception("with a traceback")
+        outputs = [stream.getvalue()]
+        for path in ("/v1/devices", "/v1/devices/dev-mqtt", "/v1/devices/dev-http", f"/v1/messages/{mid}",
+                     "/v1/dead-letters", "/metrics"):
+            resp = await run.client.get(path)
+            outputs.append(await resp.text())
+        events = await run.client.get("/v1/events?after=0")
+        chunk = b""
+        async with asyncio.timeout(5):
+            while b"dead_letter" not in chunk or b"503001" not in chunk:
+                chunk += await events.content.readany()
+        events.close()
+        outputs.append(chunk.decode())
+        api_error = await run.client.post("/v1/devices/dev-mqtt/messages", data=b"x",
+                                          headers={"iothub-messageid": f"{PLANTED_KEY} x"})
+        outputs.append(await api_error.text())
+    finally:
+        logging.getLogger().removeHandler(handler)
+    with sqlite3.connect(cfg.outbox_path()) as db:
+        outputs.append(json.dumps(db.execute("SELECT reason FROM messages").fetchall()))
+    everything = "\n".join(outputs)
+    assert "boom with" in everything and MASK in everything  # the leaking errors did get out, redacted
+    assert PLANTED_KEY not in everything
+    assert SIG not in everything and SAS not in everything
+    assert connection_string("dev-mqtt") not in everything
+
+
+async def test_bearer_token_required_when_configured(tmp_path: Path, start_sidecar: Any):
+    cfg = fake_config(tmp_path, api={"host": "0.0.0.0", "token": "a-long-bearer-token"})
+    run = await start_sidecar(cfg)
+    missing = await run.client.get("/v1/devices")
+    assert missing.status == 401 and (await missing.json())["errorCode"] == 401002
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    wrong = await run.client.get("/v1/devices", headers={"Authorization": "Bearer a-long-bearer-tokeN"})
+    assert wrong.status == 401
+    assert "a-long-bearer-token" not in await wrong.text()
+    ok = await run.client.get("/v1/devices", headers={"Authorization": "Bearer a-long-bearer-token"})
+    assert ok.status == 200
+    posted = await run.client.post("/v1/devices/dev-mqtt/messages", data=b"x")
+    assert posted.status == 401 and len(run.sidecar.outbox) == 0
+    assert (await run.client.get("/healthz")).status == 200 and (await run.client.get("/readyz")).status == 200
+
+
+async def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, start_sidecar: Any):
+    run = await start_sidecar(fake_config(tmp_path, api={"rate_limit": 0.5, "rate_burst": 3}))
+    statuses = [(await run.client.get("/v1/codes/429001")).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    limited = await run.client.get("/v1/devices")
+    assert limited.status == 429 and (await limited.json())["errorCode"] == 429001
+    assert int(limited.headers["Retry-After"]) >= 1
