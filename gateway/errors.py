@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.codes import _TABLE as _ROWS
 from gateway.codes import Action, CodeInfo, all_codes, lookup
@@ -33,6 +33,7 @@ __all__ = [
     "ConnectionLostError",
     "CredentialsExpiredError",
     "DeviceOfflineError",
+    "ErrorTemplate",
     "FatalError",
     "IdentityConflictError",
     "IoTHubError",
@@ -43,6 +44,7 @@ __all__ = [
     "ServerError",
     "ThrottledError",
     "UnauthorizedError",
+    "build_error",
     "error_class",
     "make_error",
 ]
@@ -121,6 +123,18 @@ class IoTHubError(Exception):
     def info(self) -> CodeInfo:
         """The catalog row (or family) of this error's code."""
         return self._info
+
+    if not TYPE_CHECKING:  # hidden from mypy, which would otherwise accept any attribute name
+
+        def __getattr__(self, name: str) -> Any:
+            # Called only for a missing attribute. ``native`` is missing on purpose in errors stamped
+            # from an ErrorTemplate: its shared template is copied on first use, off the hot path.
+            if name == "native":
+                fields = self.__dict__
+                template = fields.get("_native_template")
+                native = fields["native"] = dict(template) if template is not None else {}
+                return native
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self)
 
     def __str__(self) -> str:
         text = f"{self.code} {self.name}: {self.message}"
@@ -239,37 +253,103 @@ def make_error(
     tracking_id: str | None = None,
     device_id: str | None = None,
 ) -> IoTHubError:
-    """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family).
-
-    This is the translators' hot path, so it fills the slots directly instead of going through
-    ``__init__`` (which costs as much again as the rest of a translation).
-    """
-    if type(code) is int:
+    """Build the right ``IoTHubError`` subclass for a code (a number, an alias or a family)."""
+    if type(code) is CodeInfo:
+        info = code
+    elif type(code) is int:
         info = _ROWS.get(code) or lookup(code)  # type: ignore[arg-type]
     elif isinstance(code, CodeInfo):
         info = code
     else:
         info = lookup(code)
-    if transport not in TRANSPORT_NAMES:
-        raise ValueError(f"unknown transport {transport!r}")
-    cls = _CLASS_BY_CODE.get(info.code) if info.known else None
-    if cls is None:
-        cls = error_class(info)
-    err = cls.__new__(cls)
-    err._info = info
-    err.transport = transport
-    err.exact = exact and info.known
-    err._message = message
-    err.native = native if native is not None else {}
-    if retry_after is not None:
-        err.retry_after = _clean_delay(retry_after)
-    if retry_at is not None:
-        err.retry_at = retry_at
-    if tracking_id is not None:
-        err.tracking_id = tracking_id
+    err = build_error(info, transport, message, exact, native, retry_after, retry_at, tracking_id)
     if device_id is not None:
         err.device_id = device_id
     return err
+
+
+def build_error(
+    info: CodeInfo,
+    transport: str,
+    message: str = "",
+    exact: bool = True,
+    native: dict[str, Any] | None = None,
+    retry_after: float | None = None,
+    retry_at: float | None = None,
+    tracking_id: str | None = None,
+    /,
+) -> IoTHubError:
+    """``make_error`` for a catalog row already in hand, with positional arguments: the translators' hot path.
+
+    It fills the instance dict in one assignment instead of going through ``__init__`` (whose keyword
+    plumbing costs as much again as the rest of a translation).
+    """
+    if transport not in TRANSPORT_NAMES:
+        raise ValueError(f"unknown transport {transport!r}")
+    known = info.known
+    cls = _CLASS_BY_CODE.get(info.code) if known else None
+    if cls is None:
+        cls = error_class(info)
+    fields: dict[str, Any] = {
+        "_info": info,
+        "transport": transport,
+        "exact": exact and known,
+        "_message": message,
+        "native": native if native is not None else {},
+    }
+    if retry_after is not None:
+        # The usual delay is a sane float already; anything else is cleaned.
+        ok = type(retry_after) is float and 0.0 <= retry_after <= _MAX_DELAY
+        fields["retry_after"] = retry_after if ok else _clean_delay(retry_after)
+    if retry_at is not None:
+        fields["retry_at"] = retry_at
+    if tracking_id is not None:
+        fields["tracking_id"] = tracking_id
+    err = cls.__new__(cls)
+    err.__dict__ = fields
+    return err
+
+
+class ErrorTemplate:
+    """The fixed part of an error (class, code, transport, message, exactness, native facts), checked once.
+
+    Translators memoize one per decision they have made before and :meth:`stamp` a fresh error from it
+    per call: one allocation and one dict copy, with no argument parsing or catalog lookups. The error
+    equals what ``make_error`` builds from the same arguments; its ``native`` dict is copied from the
+    template on first access, so callers may still mutate it freely.
+    """
+
+    __slots__ = ("_cls", "_fields", "_new")
+
+    def __init__(
+        self,
+        code: int | CodeInfo,
+        *,
+        transport: str,
+        message: str = "",
+        exact: bool = True,
+        native: Mapping[str, Any] | None = None,
+    ) -> None:
+        proto = make_error(code, transport=transport, message=message, exact=exact)
+        fields = dict(proto.__dict__)
+        del fields["native"]
+        if native:
+            fields["_native_template"] = dict(native)
+        self._cls = type(proto)
+        self._new = self._cls.__new__  # BaseException's, or OSError's for OperationTimeoutError
+        self._fields = fields
+
+    def stamp(self, tracking_id: str | None = None, native: dict[str, Any] | None = None) -> IoTHubError:
+        """A new error from this template, with ``tracking_id`` and ``native`` (instead of the
+        template's native facts) when given."""
+        err = self._new(self._cls)
+        fields = self._fields.copy()
+        if tracking_id is not None:
+            fields["tracking_id"] = tracking_id
+        if native is not None:
+            fields["native"] = native
+        err.__dict__ = fields
+        return err
 
 
 _CLASS_BY_CODE: dict[int, type[IoTHubError]] = {row.code: error_class(row) for row in all_codes()}
@@ -298,7 +378,10 @@ def _clean_delay(value: float | None) -> float | None:
         return None
     if math.isnan(delay) or delay < 0:
         return None
-    return min(delay, 366 * 86400.0)
+    return min(delay, _MAX_DELAY)
+
+
+_MAX_DELAY: Final = 366 * 86400.0  # a peer asking for more than a year is capped to a year
 
 
 def _seconds(value: float) -> str:

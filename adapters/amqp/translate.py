@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple, Protocol
 
 from gateway.codes import CodeInfo, by_name, code_of, family, lookup, parse_code
-from gateway.errors import IoTHubError, make_error
+from gateway.errors import ErrorTemplate, IoTHubError, make_error
 
 __all__ = [
     "CONDITIONS",
@@ -172,6 +172,30 @@ _REPR.maxlong = 40
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 16
 
 
+class _InfoEntry(NamedTuple):
+    """A memoized decision for a condition with an info map: the error, and the constant native parts."""
+
+    template: ErrorTemplate
+    condition: str | None  # as kept in native
+    description: str | None  # as kept in native
+    status_text: str | None  # the status-code as the native info view shows it
+
+
+# The fast path's memos, filled by the general path only, so they cannot disagree with it:
+# (condition, description) -> template, for no info; (condition, description, status-code or None)
+# -> _InfoEntry, for an info map of IoT Hub's usual two keys. Emptied when full (descriptions are free
+# text, so the key space is open), which bounds them.
+_BARE: dict[tuple[str, str | None], ErrorTemplate] = {}
+_WITH_INFO: dict[tuple[str, str | None, int | None], _InfoEntry] = {}
+_MEMO_MAX: Final = 1024
+_MEMO_TEXT: Final = 500  # longer conditions or descriptions are not memoized
+_STATUS_KEY: Final = "status-code"
+_TRACKING_KEY: Final = "com.microsoft:tracking-id"
+# Key types the fast path accepts: exact str only, so that no user code runs on lookups and no key
+# merely compares equal to a name the general path would not read.
+_STR: Final = frozenset({str})
+
+
 def translate(
     condition: str | bytes | ConditionLike | None,
     description: str | bytes | None = None,
@@ -184,6 +208,50 @@ def translate(
     peer closed with no condition: ``DeviceConnectionClosedRemotely``, inexact. Anything else raises
     ``ValueError``. Never returns None (the contract allows it): unlike a status, every AMQP condition
     reports a failure.
+    """
+    # Fast path: a plain str condition and description, and no info or a plain dict holding only
+    # IoT Hub's usual ``status-code`` (an int) and ``com.microsoft:tracking-id`` (a trimmed str that
+    # native keeps whole). Exact types only: a subclass could hash like a key without meaning the same.
+    if type(condition) is str and (description is None or type(description) is str):
+        if info is None:
+            bare_key = (condition, description)
+            template = _BARE.get(bare_key)
+            if template is not None:
+                return template.stamp()
+            return _translate(condition, description, info, bare_key=bare_key)
+        if type(info) is dict and len(info) <= 2 and set(map(type, info)) <= _STR:
+            status = info.get(_STATUS_KEY)
+            tracking = info.get(_TRACKING_KEY)
+            if (
+                (status is None or (type(status) is int and 0 <= status <= 999_999))
+                and (tracking is None or (type(tracking) is str and len(tracking) <= _MAX_TEXT_VALUE))
+                and len(info) == (status is not None) + (tracking is not None)
+                and (tracking is None or tracking.strip() == tracking)
+            ):
+                info_key = (condition, description, status)
+                entry = _WITH_INFO.get(info_key)
+                if entry is None:
+                    return _translate(condition, description, info, info_key=info_key)
+                view = dict(info)  # the native view: the same keys in the same order, values as text
+                if status is not None:
+                    view[_STATUS_KEY] = entry.status_text
+                native = {"condition": entry.condition, "description": entry.description, "info": view}
+                return entry.template.stamp(tracking or None, native)
+    return _translate(condition, description, info)
+
+
+def _translate(
+    condition: object,
+    description: object,
+    info: object,
+    *,
+    bare_key: tuple[str, str | None] | None = None,
+    info_key: tuple[str, str | None, int | None] | None = None,
+) -> IoTHubError:
+    """The general path: every input form, checked and bounded.
+
+    ``bare_key`` / ``info_key``: the fast path vouches for the shape of these inputs and found no entry
+    under that key; the decision is stored there, minus what varies per call (the tracking id).
     """
     raw_name, raw_description, raw_info = _unpack(condition, description, info)
     # An over-long name is no condition anyone defines: it goes the unknown way, never the empty one.
@@ -205,27 +273,40 @@ def translate(
         else:
             row, exact, unknown = _UNCLASSIFIED, False, True
 
-    tracking_id, retry_after, explicit, status, native_info = _read_info(raw_info)
-    if explicit is None and status is not None and status >= 100_000:
-        explicit = _as_code(status)
+    tracking_id, retry_after, explicit, status_code, native_info = _read_info(raw_info)
+    if explicit is None and status_code is not None and status_code >= 100_000:
+        explicit = _as_code(status_code)
     if explicit is None and desc is not None:
         explicit = _scan_description(desc)
     if explicit is not None:
         row, exact = explicit, True
-    elif status is not None and 300 <= status <= 599 and (unknown or row.code // 1000 != status):
-        row, exact = family(status), False
+    elif status_code is not None and 300 <= status_code <= 599 and (unknown or row.code // 1000 != status_code):
+        row, exact = family(status_code), False
 
     shown = raw_name[:_MAX_CONDITION] if key else "closed with no condition"
     short = desc[:_MAX_DESCRIPTION] if desc is not None else None
+    message = f"{shown}: {short or row.description}"
+    native_condition = raw_name[:_MAX_CONDITION] if key else None
+    native = {"condition": native_condition, "description": short, "info": native_info}
+    if (bare_key or info_key) and len(raw_name) <= _MEMO_TEXT and (desc is None or len(desc) <= _MEMO_TEXT):
+        if bare_key is not None:
+            if len(_BARE) >= _MEMO_MAX:
+                _BARE.clear()
+            _BARE[bare_key] = ErrorTemplate(row, transport=TRANSPORT, message=message, exact=exact, native=native)
+        elif info_key is not None and isinstance(native_info, dict):
+            if len(_WITH_INFO) >= _MEMO_MAX:
+                _WITH_INFO.clear()
+            template = ErrorTemplate(row, transport=TRANSPORT, message=message, exact=exact)
+            status_text = native_info.get(_STATUS_KEY) if info_key[2] is not None else None
+            _WITH_INFO[info_key] = _InfoEntry(template, native_condition, short, status_text)
     return make_error(
         row,
         transport=TRANSPORT,
-        message=f"{shown}: {short or row.description}",
+        message=message,
         exact=exact,
         retry_after=retry_after,
         tracking_id=tracking_id,
-        native={"condition": raw_name[:_MAX_CONDITION] if key else None, "description": short,
-                "info": native_info},
+        native=native,
     )
 
 

@@ -39,7 +39,7 @@ from itertools import islice
 from typing import Any, Final, Protocol, TypeAlias
 
 from gateway.codes import CATALOG, CodeInfo, by_name, family, lookup
-from gateway.errors import IoTHubError, make_error
+from gateway.errors import IoTHubError, build_error
 
 __all__ = ["BODY_LIMIT", "HEADER_LIMIT", "Body", "Headers", "SupportsItems", "translate"]
 
@@ -194,16 +194,7 @@ def translate(
             else:
                 retry_after, retry_at = _retry(found, now)
 
-    return make_error(
-        info,
-        transport="http",
-        message=message or "",
-        exact=exact,
-        retry_after=retry_after,
-        retry_at=retry_at,
-        tracking_id=tracking,
-        native=native,
-    )
+    return build_error(info, "http", message or "", exact, native, retry_after, retry_at, tracking)
 
 
 # --- headers -------------------------------------------------------------------------------------------
@@ -214,17 +205,20 @@ def _headers(headers: object) -> dict[str, str]:
     found: dict[str, str] = {}
     try:
         if type(headers) is dict and len(headers) <= HEADER_LIMIT:
-            # The common case: lower-case every name in C, and skip the loop when nothing is wanted.
-            try:
-                names = list(map(str.lower, headers))
-            except TypeError:  # a name that is not a str
-                pass
-            else:
-                hits = _WANTED.intersection(names)
-                if hits:
-                    values = list(headers.values())
-                    for key in hits:
-                        text = _header_text(values[names.index(key)])  # index: the first of a repeat wins
+            # The common case: which positions hold wanted names depends only on the names, and a
+            # client sees the same few name lists over and over, so that plan is memoized.
+            names = tuple(headers)
+            plan = _PLANS.get(names)
+            if plan is None:
+                plan = _plan(names)
+            if plan is not None:
+                if plan:
+                    values = tuple(headers.values())
+                    for index, key in plan:
+                        if type(names[index]) is not str:  # equal to a plan's name, but not a str
+                            return _headers(list(headers.items()))
+                        value = values[index]
+                        text = value if type(value) is str and len(value) <= _VALUE_LIMIT else _header_text(value)
                         if text is not None:
                             found[key] = text
                 return found
@@ -250,6 +244,27 @@ def _headers(headers: object) -> dict[str, str]:
     except Exception:  # a hostile headers object keeps what was read before it failed
         pass
     return found
+
+
+def _plan(names: tuple[object, ...]) -> tuple[tuple[int, str], ...] | None:
+    """(position, lower-cased name) of each wanted header, first of a repeat; None unless all are str."""
+    if not all(type(name) is str for name in names):
+        return None
+    plan: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        key = str(name).lower()
+        if key in _WANTED and key not in seen:
+            seen.add(key)
+            plan.append((index, key))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    result = _PLANS[names] = tuple(plan)
+    return result
+
+
+_PLANS: dict[tuple[object, ...], tuple[tuple[int, str], ...]] = {}
+_MAX_PLANS: Final = 256  # emptied when full: header name lists are the peer's to vary
 
 
 def _header_text(value: object) -> str | None:

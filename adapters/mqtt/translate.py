@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 from gateway.codes import CodeInfo, by_name, code_of, family, lookup, parse_code
-from gateway.errors import IoTHubError, make_error
+from gateway.errors import ErrorTemplate, IoTHubError, make_error
 
 __all__ = [
     "IOTHUB_STATUSES",
@@ -242,6 +242,26 @@ _UNCLASSIFIED = code_of("UnclassifiedTransportError")
 # translate
 
 
+class _Success:
+    """The memo entry of a success: stamps out no error."""
+
+    def stamp(self, tracking_id: str | None = None) -> None:
+        return None
+
+
+# The fast path's memo: (int code, int version, packet or None, ``status`` or None) -> what to stamp.
+# Filled by the general path only, so it cannot disagree with it.
+_Key = tuple[int, int, str | None, str | None]
+_SUCCESS: Final = _Success()
+_MEMO: dict[_Key, ErrorTemplate | _Success] = {}
+_MEMO_MAX: Final = 4096
+_MEMO_PACKETS: Final = frozenset({None, *PACKETS})
+_MEMO_STATUSES: Final = frozenset({None, *IOTHUB_STATUSES})
+# Key types the fast path accepts: exact str only, so that no user code runs on lookups and no key
+# merely compares equal to a name the general path would not read.
+_STR: Final = frozenset({str})
+
+
 def translate(
     reason_code: object,
     *,
@@ -258,6 +278,39 @@ def translate(
     Raises ``ValueError`` naming the input for a non-code, an int outside 0-255, an unknown
     ``protocol_version`` (3, 4, 5) or ``packet``.
     """
+    # Fast path: a plain int code, version and packet, and no properties or a plain dict holding only
+    # IoT Hub's ``status`` and ``trace-id`` as str. Exact types only: 5.0, True or a str subclass would
+    # hash like a memo key without meaning the same. A miss, or any other input, takes the general path.
+    key: _Key | None = None
+    if type(reason_code) is int is type(protocol_version) and (packet is None or type(packet) is str):
+        if properties is None:
+            key = (reason_code, protocol_version, packet, None)
+            entry = _MEMO.get(key)
+            if entry is not None:
+                return entry.stamp()
+        elif type(properties) is dict and len(properties) <= 2 and set(map(type, properties)) <= _STR:
+            status = properties.get("status")
+            trace = properties.get("trace-id")
+            if (
+                (status is None or type(status) is str)
+                and (trace is None or type(trace) is str)
+                and len(properties) == (status is not None) + (trace is not None)
+            ):
+                key = (reason_code, protocol_version, packet, status)
+                entry = _MEMO.get(key)
+                if entry is not None:
+                    return entry.stamp((trace[:_MAX_ID] or None) if trace is not None else None)
+    return _translate(reason_code, protocol_version, packet, properties, key)
+
+
+def _translate(
+    reason_code: object, protocol_version: object, packet: object, properties: object, key: _Key | None = None
+) -> IoTHubError | None:
+    """The general path: every input form, checked and bounded.
+
+    ``key``: the fast path's memo key for these inputs, which it found no entry for. Once the inputs
+    are known valid, the decision is stored under it, minus what varies per packet (the trace id).
+    """
     version = _check_version(protocol_version)
     chosen = _check_packet(packet)
     kind, value, paho_name, rc_packet = _unwrap(reason_code)
@@ -267,6 +320,26 @@ def translate(
     if kind == "connack3":
         version, chosen = 4, _CONNACK
     pkt = chosen or rc_packet or _CONNACK
+    code, exact, message, native = _decide(value, paho_name, version, pkt, props.status, props.status_text)
+    if key is not None and key[2] in _MEMO_PACKETS and key[3] in _MEMO_STATUSES and len(_MEMO) < _MEMO_MAX:
+        # A bounded domain: 256 codes x 3 versions x 5 packets x 17 statuses at most, capped lower.
+        _MEMO[key] = (
+            ErrorTemplate(code, transport="mqtt", message=message, exact=exact, native=native)
+            if code is not None
+            else _SUCCESS
+        )
+    if code is None:
+        return None
+    reason = props.reason or props.reason_string
+    if reason:
+        message += f": {reason}"
+    return make_error(code, transport="mqtt", message=message, exact=exact, tracking_id=props.trace_id, native=native)
+
+
+def _decide(
+    value: int, paho_name: str | None, version: int, pkt: str, status: object, status_text: str | None
+) -> tuple[int | None, bool, str, dict[str, Any]]:
+    """(code or None for success, exact, message, native facts) of a reason code and ``status``."""
     code, exact, name = _classify(value, version, pkt)
     native: dict[str, Any] = {
         "reason_code": value,
@@ -275,23 +348,18 @@ def translate(
         "protocol_version": version,
     }
     status_note = ""
-    if props.status is not None:
-        native["status"] = props.status_text
-        known, status_code, status_name = _read_status(props.status)
+    if status is not None:
+        native["status"] = status_text
+        known, status_code, status_name = _read_status(status)
         if known:
-            status_note = f", status {props.status_text} {status_name}"
+            status_note = f", status {status_text} {status_name}"
             if status_code is not None:  # a success status never clears a failure reason code
                 code, exact = status_code, True
         else:
-            status_note = f", unknown status {props.status_text}"
-    if code is None:
-        return None
+            status_note = f", unknown status {status_text}"
     label = "return code" if version < 5 and pkt == _CONNACK and value < 0x80 else "reason code"
     message = f"MQTT {_VERSION_NAMES[version]} {pkt.upper()} {label} {value} ({paho_name or name}){status_note}"
-    reason = props.reason or props.reason_string
-    if reason:
-        message += f": {reason}"
-    return make_error(code, transport="mqtt", message=message, exact=exact, tracking_id=props.trace_id, native=native)
+    return code, exact, message, native
 
 
 def reason_name(value: int, packet: str = "connack", protocol_version: int = 5) -> str:
