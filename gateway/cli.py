@@ -153,6 +153,30 @@ def _call(fn: Callable[[], IoTHubError | None]) -> IoTHubError | None:
         raise UsageError(str(exc)) from None
 
 
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.emulator.serve import load_faults, serve
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key, args.faults):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"no such file: {path}")
+    try:
+        faults = load_faults(args.faults) if args.faults else []
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    ports = {"http": args.http_port, "mqtt": args.mqtt_port, "amqp": args.amqp_port}
+    try:
+        asyncio.run(serve(host=args.host, ports=ports, devices=args.device or ["device-1"], hub_name=args.hub_name,
+                          cert_file=args.tls_cert, key_file=args.tls_key, faults=faults))
+    except OSError as exc:
+        print(f"iothub-gateway emulator: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iothub-gateway",
@@ -203,6 +227,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, metavar="N", help="the API port (overrides [api] port; 0 picks a free one)")
     p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "emulator",
+        help="run the local IoT Hub emulator on its own",
+        description="Serve IoT Hub's HTTP, MQTT and AMQP device surfaces locally, so any client (our adapters, "
+        "Azure's SDKs, your firmware) can be pointed at it. Prints each front's URL and each device's "
+        "connection string; faults come from --faults.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=0, help="HTTP(S) port (0: a free one; IoT Hub uses 443)")
+    p.add_argument("--mqtt-port", type=int, default=0, help="MQTT port (0: a free one; IoT Hub uses 8883)")
+    p.add_argument("--amqp-port", type=int, default=0, help="AMQP port (0: a free one; IoT Hub uses 5671)")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS on every front")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--device", action="append", metavar="ID", help="register a device (repeatable)")
+    p.add_argument("--hub-name", default="emulator.azure-devices.net", help="the hub's host name in tokens")
+    p.add_argument("--faults", metavar="FILE", help="faults to answer: a TOML file of [[faults]] or a JSON list")
+    p.set_defaults(func=_cmd_emulator)
 
     return parser
 

@@ -1,0 +1,254 @@
+"""The MQTT adapter against a real, private mosquitto 2.0.11 (the broker's answers as observed on Debian 12).
+
+IoT-Hub-specific answers (status user properties, twin errors, 0x8E takeovers) come from the emulator's
+front in test_mqtt_emulator.py; this module is about what a real broker and real sockets do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from adapters.mqtt.codec import Publish
+from adapters.mqtt.transport import MqttAnswer, MqttTransport
+from gateway.errors import ConnectionLostError, IoTHubError, UnauthorizedError
+from gateway.handler import Handler, State
+from gateway.policy import Policy, PolicyConfig, StopReason
+from gateway.transport import Disconnected, Message, Transport
+from tests.peers.mosquitto import HUB, Mosquitto, RawClient, StartMosquitto, iothub_username
+
+PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
+
+
+def make(broker: Mosquitto, device: str = "dev1", protocol: int = 4, password: str | None = None,
+         **kw: object) -> MqttTransport:
+    return MqttTransport(f"HostName={HUB};DeviceId={device}", host=broker.host, port=broker.port, tls=False,
+                         protocol=protocol, sas_token=password if password is not None else f"pw-{device}",
+                         connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def connected(transport: MqttTransport) -> AsyncIterator[MqttTransport]:
+    await asyncio.wait_for(transport.connect(), 10)
+    try:
+        yield transport
+    finally:
+        await asyncio.wait_for(transport.close(), 10)
+
+
+async def next_event(transport: MqttTransport, timeout: float = 5.0) -> object:
+    async with asyncio.timeout(timeout):
+        async for event in transport.events():
+            return event
+    return None
+
+
+async def watcher(broker: Mosquitto, device: str = "dev2") -> RawClient:
+    """A second client (our codec) subscribed to dev1's telemetry topic."""
+    raw = RawClient(4)
+    ack = await raw.connect(broker.host, broker.port, device, iothub_username(device), f"pw-{device}")
+    assert ack.reason_code == 0
+    assert (await raw.subscribe("devices/dev1/messages/events/#")).reason_codes == [1]
+    return raw
+
+
+def test_is_a_transport(mosquitto: Mosquitto) -> None:
+    assert isinstance(make(mosquitto), Transport)
+    assert make(mosquitto).username == f"{HUB}/dev1/?api-version=2021-04-12"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_telemetry_reaches_the_broker_with_message_id_and_properties(mosquitto: Mosquitto,
+                                                                           protocol: int) -> None:
+    raw = await watcher(mosquitto)
+    try:
+        async with connected(make(mosquitto, protocol=protocol)) as t:
+            await asyncio.wait_for(t.send(Message("id 1/é", "dev1", b"\x00body", {"temp": "21 C", "a&b": "x=y"})), 5)
+            got = await raw.expect(Publish)
+    finally:
+        raw.close()
+    prefix = "devices/dev1/messages/events/"
+    assert got.topic.startswith(prefix)
+    from urllib.parse import parse_qsl
+
+    bag = dict(parse_qsl(got.topic[len(prefix) :], keep_blank_values=True))
+    assert bag == {"temp": "21 C", "a&b": "x=y", "$.mid": "id 1/é"}
+    assert got.payload == b"\x00body"
+    assert got.qos == 1
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_bad_credentials_are_unauthorized(mosquitto: Mosquitto, protocol: int) -> None:
+    t = make(mosquitto, protocol=protocol, password="wrong")
+    with pytest.raises(UnauthorizedError) as info:
+        await asyncio.wait_for(t.connect(), 10)
+    err = info.value
+    # mosquitto answers 3.1.1 CONNACK 5 and MQTT 5 135 (not 134); IoT Hub's reading: 401003, inexact.
+    assert err.code == 401003 and not err.exact and err.transport == "mqtt"
+    assert isinstance(err.__cause__, MqttAnswer) and err.__cause__.packet == "connack"
+    assert err.native["reason_code"] == 135
+    assert not t.connected
+    await t.close()
+
+
+async def test_connection_refused_keeps_the_os_error() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = MqttTransport(f"HostName={HUB};DeviceId=dev1", host="127.0.0.1", port=port, tls=False, sas_token="x")
+    with pytest.raises(IoTHubError) as info:
+        await asyncio.wait_for(t.connect(), 10)
+    assert info.value.code == 503901  # ConnectionRefused
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_same_client_id_takes_over_by_closing_the_old_socket(mosquitto: Mosquitto, protocol: int) -> None:
+    first, second = make(mosquitto, protocol=protocol), make(mosquitto, protocol=protocol)
+    async with connected(first), connected(second):
+        event = await next_event(first)
+        # mosquitto 2.0.11 sends no DISCONNECT 0x8E, even on MQTT 5: the 3.1.1 takeover pattern,
+        # a plain drop, which the handler's policy recognises by its timing.
+        assert isinstance(event, Disconnected)
+        assert event.error.code == 404104 and event.error.native["from_server"] is False
+        assert not first.connected and second.connected
+        await asyncio.wait_for(second.send(Message("m", "dev1", b"x")), 5)
+        with pytest.raises(IoTHubError) as info:
+            await first.send(Message("m2", "dev1", b"x"))
+        assert info.value.code == 503904  # NotConnected: nothing went out
+
+
+async def test_max_packet_size_is_message_too_large_on_mqtt5(start_mosquitto: StartMosquitto) -> None:
+    broker = start_mosquitto(users={iothub_username("dev1"): "pw-dev1"}, extra=["max_packet_size 200"])
+    async with connected(make(broker, protocol=5)) as t:
+        events = t.events()
+        with pytest.raises(IoTHubError) as info:
+            await asyncio.wait_for(t.send(Message("big", "dev1", b"x" * 1000)), 5)
+        # the broker's DISCONNECT 149 (Packet too large) fails the pending PUBACK wait with its code
+        assert info.value.code == 413001 and info.value.exact
+        event = await asyncio.wait_for(anext(events), 5)
+        assert isinstance(event, Disconnected) and event.error.code == 413001
+
+
+async def test_max_packet_size_on_mqtt311_is_a_drop(start_mosquitto: StartMosquitto) -> None:
+    broker = start_mosquitto(users={iothub_username("dev1"): "pw-dev1"}, extra=["max_packet_size 200"])
+    async with connected(make(broker, protocol=4)) as t:
+        with pytest.raises(ConnectionLostError) as info:
+            await asyncio.wait_for(t.send(Message("big", "dev1", b"x" * 1000)), 5)
+        assert info.value.code == 404104  # 3.1.1 cannot say why; never NotConnected: it was written
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_broker_killed_and_restarted(mosquitto: Mosquitto, protocol: int) -> None:
+    t = make(mosquitto, protocol=protocol)
+    async with connected(t):
+        events = t.events()
+        await asyncio.wait_for(t.send(Message("before", "dev1", b"x")), 5)
+        mosquitto.kill()
+        event = await asyncio.wait_for(anext(events), 5)
+        assert isinstance(event, Disconnected) and event.error.code == 404104
+        # publish while disconnected: refused at once, nothing went out
+        with pytest.raises(IoTHubError) as info:
+            await t.send(Message("while-down", "dev1", b"x"))
+        assert info.value.code == 503904
+        with pytest.raises(IoTHubError) as info:
+            await asyncio.wait_for(t.connect(), 10)
+        assert info.value.code == 503901
+        mosquitto.start()
+        await asyncio.wait_for(t.connect(), 10)
+        await asyncio.wait_for(t.send(Message("after", "dev1", b"x")), 5)
+
+
+async def test_send_in_flight_when_the_broker_dies_is_outcome_unknown(mosquitto: Mosquitto) -> None:
+    # Enough in flight that some are certainly pending when the socket goes.
+    t = make(mosquitto)
+    async with connected(t):
+        sends = [asyncio.ensure_future(t.send(Message(f"m{i}", "dev1", b"x" * 2000))) for i in range(300)]
+        await asyncio.sleep(0)
+        mosquitto.kill()
+        results = await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 10)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures, "the kill came too late to catch a send in flight"
+    for failure in failures:
+        assert isinstance(failure, IoTHubError)
+        assert failure.code == 404104, failure  # never NotConnected: the handler must resend it
+
+
+async def test_publish_before_connect_and_after_close(mosquitto: Mosquitto) -> None:
+    t = make(mosquitto)
+    with pytest.raises(IoTHubError) as info:
+        await t.send(Message("m", "dev1", b"x"))
+    assert info.value.code == 503904
+    async with connected(t):
+        pass
+    with pytest.raises(IoTHubError) as info:
+        await t.request("twin_get", None, timeout=1)
+    assert info.value.code == 503904
+    await t.close()  # idempotent
+
+
+# -- with the handler ----------------------------------------------------------------------------------
+
+FAST = PolicyConfig.from_mapping({
+    "reconnect": {"initial": 0.05, "cap": 0.2},
+    "retry": {"initial": 0.05, "cap": 0.2},
+    "identity": {"initial": 0.1, "cap": 0.3, "max_takeovers": 3, "window": 60.0, "quick_drop": 5.0,
+                 "quick_drop_repeat": 2},
+    "operation": {"connect_timeout": 5.0},
+})
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_handler_rides_out_a_broker_restart(mosquitto: Mosquitto, protocol: int) -> None:
+    raw = await watcher(mosquitto)
+    raw.close()
+    states: list[State] = []
+    async with Handler(make(mosquitto, protocol=protocol), policy=Policy(FAST), identity="dev1",
+                       on_state_change=lambda c: states.append(c.state)) as handler:
+        await handler.wait_connected(10)
+        first = await handler.send(Message("a", "dev1", b"x"), timeout=10)
+        mosquitto.kill()
+        sending = asyncio.ensure_future(handler.send(Message("b", "dev1", b"x"), timeout=20))
+        async with asyncio.timeout(10):
+            while handler.state is not State.RETRYING:
+                await asyncio.sleep(0.02)
+        mosquitto.start()
+        receipt = await asyncio.wait_for(sending, 20)
+        assert handler.state.value == "connected"  # (mypy narrowed the state to RETRYING above)
+    assert first.attempts == 1 and receipt.id == "b"
+    assert State.RETRYING in states and states.count(State.CONNECTED) >= 2
+    assert handler.last_change.state is State.CLOSED
+
+
+async def test_handler_identity_conflict_on_mqtt311_drops(mosquitto: Mosquitto) -> None:
+    """Two gateways configured with the same device: mosquitto drops whichever connected first, over and
+    over. The policy reads the quick drops as a takeover and one of them stops, naming the conflict;
+    the other keeps the connection."""
+    a = Handler(make(mosquitto), policy=Policy(FAST), identity="dev1")
+    b = Handler(make(mosquitto), policy=Policy(FAST), identity="dev1")
+    try:
+        await a.start()
+        await a.wait_connected(10)
+        await b.start()
+        async with asyncio.timeout(30):
+            while State.STOPPED not in (a.state, b.state):
+                await asyncio.sleep(0.05)
+        stopped, survivor = (a, b) if a.state is State.STOPPED else (b, a)
+        await survivor.wait_connected(10)
+        await asyncio.sleep(0.5)  # the stopped one no longer steals the connection
+        assert survivor.state is State.CONNECTED
+        assert stopped.state is State.STOPPED
+        stop = stopped.last_change
+        assert stop.cause is not None and stop.cause.code in (404104, 400027)
+        with pytest.raises(IoTHubError) as info:
+            await stopped.send(Message("x", "dev1", b"x"), timeout=1)
+        assert info.value.native.get("reason") == StopReason.IDENTITY_CONFLICT.value
+        await survivor.send(Message("y", "dev1", b"x"), timeout=5)
+    finally:
+        await a.close()
+        await b.close()
