@@ -191,9 +191,6 @@ _MEMO_MAX: Final = 1024
 _MEMO_TEXT: Final = 500  # longer conditions or descriptions are not memoized
 _STATUS_KEY: Final = "status-code"
 _TRACKING_KEY: Final = "com.microsoft:tracking-id"
-# Key types the fast path accepts: exact str only, so that no user code runs on lookups and no key
-# merely compares equal to a name the general path would not read.
-_STR: Final = frozenset({str})
 
 
 def translate(
@@ -219,7 +216,10 @@ def translate(
             if template is not None:
                 return template.stamp()
             return _translate(condition, description, info, bare_key=bare_key)
-        if type(info) is dict and len(info) <= 2 and set(map(type, info)) <= _STR:
+        if type(info) is dict and len(info) <= 2:
+            for name in info:  # exact str keys only: no user code on lookups, no key merely equal to ours
+                if type(name) is not str:
+                    return _translate(condition, description, info)
             status = info.get(_STATUS_KEY)
             tracking = info.get(_TRACKING_KEY)
             if (

@@ -257,9 +257,6 @@ _MEMO: dict[_Key, ErrorTemplate | _Success] = {}
 _MEMO_MAX: Final = 4096
 _MEMO_PACKETS: Final = frozenset({None, *PACKETS})
 _MEMO_STATUSES: Final = frozenset({None, *IOTHUB_STATUSES})
-# Key types the fast path accepts: exact str only, so that no user code runs on lookups and no key
-# merely compares equal to a name the general path would not read.
-_STR: Final = frozenset({str})
 
 
 def translate(
@@ -288,7 +285,10 @@ def translate(
             entry = _MEMO.get(key)
             if entry is not None:
                 return entry.stamp()
-        elif type(properties) is dict and len(properties) <= 2 and set(map(type, properties)) <= _STR:
+        elif type(properties) is dict and len(properties) <= 2:
+            for name in properties:  # exact str keys only: no user code on lookups, no key merely equal to ours
+                if type(name) is not str:
+                    return _translate(reason_code, protocol_version, packet, properties)
             status = properties.get("status")
             trace = properties.get("trace-id")
             if (
