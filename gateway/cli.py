@@ -146,6 +146,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run(args.config, port=args.port, log_format=args.log_format)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.sidecar.demo import main as demo
+
+    return demo()
+
+
 def _call(fn: Callable[[], IoTHubError | None]) -> IoTHubError | None:
     try:
         return fn()
@@ -227,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, metavar="N", help="the API port (overrides [api] port; 0 picks a free one)")
     p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="play a scripted story of IoT Hub failures through the sidecar on the bundled emulator",
+        description="Start the sidecar on the bundled emulator and play throttling, an outage, an identity "
+        "fight, a held direct method and quota exhaustion across HTTP, MQTT and AMQP, printing each code and "
+        "the handler's action, then a summary (lost = 0). Uses a short demo policy; takes about 20 seconds.",
+    )
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
         "emulator",

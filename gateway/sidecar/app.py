@@ -26,7 +26,7 @@ from gateway.sidecar.metrics import CONTENT_TYPE
 from gateway.sidecar.security import RateLimiter, token_matches
 from gateway.sidecar.service import Sidecar, UnknownDevice
 
-__all__ = ["API_KEY", "Api", "api_error", "classify", "make_app", "openapi_text"]
+__all__ = ["API_KEY", "Api", "api_error", "classify", "make_app", "openapi_text", "status_page"]
 
 log = logging.getLogger("gateway.sidecar.api")
 
@@ -363,6 +363,21 @@ def classify(data: dict[str, Any]) -> IoTHubError | None:
 
 API_KEY: web.AppKey[Api] = web.AppKey("api", Api)
 
+#: The status page's files (gateway/sidecar/static/), served as they are: no build step.
+_STATIC = {"index.html": "text/html", "status.js": "text/javascript", "status.css": "text/css"}
+_PAGE_CSP = "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
+
+
+async def status_page(request: web.Request) -> web.StreamResponse:
+    """``GET /`` and ``GET /static/{name}``: the live status page (it reads the API like any client)."""
+    name = request.match_info.get("name", "index.html")
+    if name not in _STATIC:
+        raise web.HTTPNotFound()
+    data = resources.files("gateway.sidecar").joinpath("static").joinpath(name).read_bytes()
+    return web.Response(body=data, content_type=_STATIC[name], charset="utf-8",
+                        headers={"Cache-Control": "no-cache", "Content-Security-Policy": _PAGE_CSP,
+                                 "X-Content-Type-Options": "nosniff"})
+
 
 def make_app(sidecar: Sidecar) -> web.Application:
     """The aiohttp application for ``sidecar`` (not yet listening)."""
@@ -385,4 +400,6 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_get("/metrics", api.metrics, allow_head=False)
     r.add_get("/healthz", api.healthz, allow_head=False)
     r.add_get("/readyz", api.readyz, allow_head=False)
+    r.add_get("/", status_page, allow_head=False)
+    r.add_get("/static/{name}", status_page, allow_head=False)
     return app
