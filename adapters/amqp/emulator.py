@@ -1,0 +1,593 @@
+"""The emulator's AMQP front: IoT Hub's AMQP device surface on a proton listener, for tests and demos.
+
+It runs its own proton ``Container`` in one thread and plays the parts of IoT Hub a device sees:
+SASL ANONYMOUS or PLAIN, claims-based security (put-token on ``$cbs``, answered with a
+``status-code`` in the application properties), telemetry on ``/devices/{id}/messages/events`` and
+cloud-to-device messages on ``/devices/{id}/messages/devicebound`` with a lock that expires. A second
+attach for the same device and link kind detaches the first with ``amqp:link:stolen``.
+
+Failures come from the hub's shared :class:`~gateway.emulator.FaultPlan` and are put on the wire by
+:func:`adapters.amqp.translate.render`, so what the adapter reads back is the catalog's own form.
+``Fault.form`` picks where an ERROR lands: ``"delivery"`` (reject it; telemetry's default),
+``"link"``, ``"session"``, ``"connection"`` (CONNECT's default) or ``"cbs"`` (the put-token answer);
+``"<where>:<n>"`` picks the n-th wire form ``render`` offers (``-1``: the generic one).
+
+Proton is imported when the front starts, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any, Final, cast
+from urllib.parse import unquote
+
+from adapters.amqp.translate import RenderedCondition, render
+from gateway.codes import code_of
+from gateway.emulator.faults import Fault, FaultKind, Operation
+from gateway.emulator.front import FrontConfig
+from gateway.emulator.hub import Hub, Received
+
+__all__ = ["AmqpFront"]
+
+log = logging.getLogger(__name__)
+
+_LINK_RE: Final = re.compile(r"/devices/([^/]+)/messages/(events|devicebound)/?$")
+_AUDIENCE_RE: Final = re.compile(r"devices/([^/?]+)")
+_CBS: Final = "$cbs"
+
+_UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
+_REFUSED: Final = code_of("IotHubUnauthorizedAccess")
+_DISABLED: Final = code_of("DeviceDisabled")
+_NOT_FOUND: Final = code_of("DeviceNotFound")
+_ADDRESS: Final = code_of("AmqpAddressNotFound")
+_STOLEN: Final = code_of("LinkCreationConflict")
+_LOCK_LOST: Final = code_of("DeviceMessageLockLost")
+# Hub.authenticate's reason -> (put-token status, the code in its description).
+_CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
+    "unknown": (404, _NOT_FOUND),
+    "disabled": (401, _DISABLED),
+    "malformed": (401, _REFUSED),
+    "mismatch": (401, _REFUSED),
+    "expired": (401, _UNAUTHORIZED),
+}
+
+
+_DEFAULT_CONFIG: Final = FrontConfig()
+
+
+class AmqpFront:
+    """IoT Hub's AMQP face of ``hub``. TLS needs ``cert_file``/``key_file`` (proton reads files).
+
+    ``lock_timeout`` is how long a device may hold a cloud-to-device message before its settlement
+    is refused with ``com.microsoft:message-lock-lost``; ``clock`` tells the time (inject one in tests).
+    """
+
+    transport = "amqp"
+
+    def __init__(
+        self,
+        hub: Hub,
+        config: FrontConfig = _DEFAULT_CONFIG,
+        *,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        lock_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        c2d_poll: float = 0.02,
+        prefetch: int = 100,
+    ) -> None:
+        if config.ssl_context is not None and (cert_file is None or key_file is None):
+            raise ValueError("proton cannot use an ssl.SSLContext: pass cert_file= and key_file= for TLS")
+        self.hub = hub
+        self.config = config
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.lock_timeout = lock_timeout
+        self.clock = clock
+        self.c2d_poll = c2d_poll
+        self.prefetch = prefetch
+        self._port = 0
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        import proton.reactor
+
+        self._server = _server_class()(self)
+        self._server.injector = proton.reactor.EventInjector()
+        self._server.container = proton.reactor.Container(self._server)
+        self._thread = threading.Thread(target=self._run, name="amqp-front", daemon=True)
+        self._thread.start()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._started.wait, 10.0)
+        if self._start_error is not None:
+            raise self._start_error
+        if not self._started.is_set():
+            raise TimeoutError("the AMQP front did not start")
+
+    def _run(self) -> None:
+        try:
+            self._server.container.run()
+        except BaseException as exc:
+            log.exception("AMQP front failed")
+            self._start_error = exc
+        finally:
+            self._started.set()
+            for fd in self._server.injector.pipe:
+                with contextlib.suppress(OSError):
+                    import os
+
+                    os.close(fd)
+
+    async def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive():
+            self._server.post(self._server.shutdown)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
+        self._thread = None
+
+    async def drop_all(self) -> None:
+        """Cut every client socket (no AMQP close): an outage as clients see it."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+
+        def drop() -> None:
+            self._server.drop_all()
+            done.set()
+
+        self._server.post(drop)
+        await asyncio.get_running_loop().run_in_executor(None, done.wait, 5.0)
+
+    async def close_all(self, condition: str, description: str = "", info: Mapping[str, object] | None = None) -> None:
+        """Close every client connection with this condition (e.g. ``amqp:connection:forced``)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+
+        def close() -> None:
+            self._server.close_all(RenderedCondition(condition, description, dict(info or {})))
+            done.set()
+
+        self._server.post(close)
+        await asyncio.get_running_loop().run_in_executor(None, done.wait, 5.0)
+
+    def connections(self) -> int:
+        """How many client connections are open (for tests)."""
+        return len(self._server.conns) if self._server is not None else 0
+
+
+def _condition(proton: Any, form: RenderedCondition) -> Any:
+    info = {proton.symbol(k): v for k, v in form.info.items()}
+    return proton.Condition(form.condition, form.description, info)
+
+
+def _pick(code: int, fault: Fault | None, default_where: str) -> tuple[str, RenderedCondition]:
+    """Where the fault lands and which of the code's wire forms it uses."""
+    forms = render(code, tracking_id=f"emu-{uuid.uuid4()}", retry_after=fault.retry_after if fault else None)
+    where, index = default_where, None
+    if fault is not None and fault.form:
+        head, _, tail = fault.form.partition(":")
+        where = head or default_where
+        if tail:
+            with contextlib.suppress(ValueError):
+                index = int(tail)
+    if index is None:  # a CBS answer has only a status and a description: the generic form says it all
+        index = -1 if where == "cbs" else 0
+    try:
+        return where, forms[index]
+    except IndexError:
+        return where, forms[-1]
+
+
+_SERVER_CLASS: type[Any] | None = None
+
+
+def _server_class() -> type[Any]:
+    global _SERVER_CLASS
+    if _SERVER_CLASS is not None:
+        return _SERVER_CLASS
+    import proton
+    from proton import Delivery, Endpoint, Link, Message
+    from proton.handlers import MessagingHandler
+    from proton.reactor import ApplicationEvent
+
+    class _Server(MessagingHandler):  # type: ignore[misc]
+        def __init__(self, front: AmqpFront) -> None:
+            super().__init__(prefetch=front.prefetch, auto_accept=False, auto_settle=True)
+            self.front = front
+            self.hub = front.hub
+            self.injector: Any = None
+            self.container: Any = None
+            self.acceptor: Any = None
+            self.conns: dict[Any, Any] = {}  # connection -> handle object given to Hub.attach
+            self.links: dict[tuple[str, str], Any] = {}  # (device, "events"|"devicebound") -> link
+            self.stopping = False
+            self._cmds: deque[Callable[[], None]] = deque()
+            self._lock = threading.Lock()
+            self._ids = itertools.count()
+
+        # -- plumbing ---------------------------------------------------------------------------
+        def post(self, fn: Callable[[], None]) -> None:
+            with self._lock:
+                self._cmds.append(fn)
+            with contextlib.suppress(OSError):
+                self.injector.trigger(ApplicationEvent("front_cmd"))
+
+        def on_front_cmd(self, event: Any) -> None:
+            while True:
+                with self._lock:
+                    if not self._cmds:
+                        return
+                    fn = self._cmds.popleft()
+                fn()
+
+        def on_start(self, event: Any) -> None:
+            front = self.front
+            container = event.container
+            container.selectable(self.injector)
+            self.acceptor = container.acceptor(front.config.host, front.config.port)
+            if front.cert_file is not None:
+                domain = proton.SSLDomain(proton.SSLDomain.MODE_SERVER)
+                domain.set_credentials(front.cert_file, front.key_file or "", None)
+                domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)
+                self.acceptor.set_ssl_domain(domain)
+            front._port = self.acceptor._selectable._delegate.getsockname()[1]
+            container.schedule(front.c2d_poll, self)
+            front._started.set()
+
+        def shutdown(self) -> None:
+            self.stopping = True
+            if self.acceptor is not None:
+                self.acceptor.close()
+            for conn in list(self.conns):
+                with contextlib.suppress(Exception):
+                    conn.close()
+                self._cut(conn)
+            self.injector.close()
+
+        def close_all(self, form: RenderedCondition) -> None:
+            for conn in list(self.conns):
+                self._close(conn, "connection", form)
+
+        def drop_all(self) -> None:
+            for conn in list(self.conns):
+                self._cut(conn)
+
+        def _cut(self, conn: Any) -> None:
+            transport = conn.transport
+            selectable = getattr(transport, "_selectable", None) if transport is not None else None
+            sock = getattr(selectable, "_delegate", None)
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            elif transport is not None:
+                transport.close_tail()
+                transport.close_head()
+            self._forget(conn)
+
+        def _forget(self, conn: Any) -> None:
+            handle = self.conns.pop(conn, None)
+            for key, link in list(self.links.items()):
+                if link.connection == conn:
+                    del self.links[key]
+                    if handle is not None:
+                        self.hub.detach(key[0], handle)
+
+        # -- connections --------------------------------------------------------------------------
+        def on_connection_bound(self, event: Any) -> None:
+            sasl = event.transport.sasl()
+            sasl.allow_insecure_mechs = True
+            sasl.allowed_mechs("ANONYMOUS PLAIN")
+
+        def on_connection_opening(self, event: Any) -> None:
+            conn = event.connection
+            self.conns[conn] = object()
+            conn.gw_auth = {}
+
+        def on_connection_closed(self, event: Any) -> None:
+            self._forget(event.connection)
+
+        def on_transport_closed(self, event: Any) -> None:
+            if event.connection is not None:
+                self._forget(event.connection)
+
+        def on_connection_remote_close(self, event: Any) -> None:
+            self._forget(event.connection)
+
+        def on_transport_error(self, event: Any) -> None:
+            pass
+
+        def on_connection_error(self, event: Any) -> None:
+            pass
+
+        def on_session_error(self, event: Any) -> None:
+            pass
+
+        def on_link_error(self, event: Any) -> None:
+            pass
+
+        # -- links ------------------------------------------------------------------------------
+        def on_link_opening(self, event: Any) -> None:
+            link = event.link
+            refusal = self._classify(link)
+            if refusal is not None:
+                # AMQP's refusal: answer the attach with a null terminus, then detach with the reason
+                link.gw_refuse = refusal
+                return
+            link.source.copy(link.remote_source)
+            link.target.copy(link.remote_target)
+            if link.is_sender:
+                link.rcv_settle_mode = link.remote_rcv_settle_mode
+                link.snd_settle_mode = Link.SND_UNSETTLED
+
+        def _classify(self, link: Any) -> tuple[str, RenderedCondition] | None:
+            """Tag the link with its kind and device; the refusal to send instead, if any."""
+            address = (link.remote_target.address if link.is_receiver else link.remote_source.address) or ""
+            if address == _CBS:
+                link.gw_kind = "cbs"
+                return None
+            match = _LINK_RE.search(address)
+            if match is None or (match.group(2) == "events") != link.is_receiver:
+                link.gw_kind = "refused"
+                return _pick(_ADDRESS, None, "link")
+            link.gw_kind = match.group(2)
+            link.gw_device = unquote(match.group(1))
+            expiry = link.connection.gw_auth.get(link.gw_device)
+            if expiry is None or expiry <= self.front.clock():
+                return _pick(_UNAUTHORIZED, None, "link")
+            return None
+
+        def on_link_opened(self, event: Any) -> None:
+            link = event.link
+            if getattr(link, "gw_handled", False):
+                return
+            link.gw_handled = True
+            refusal = getattr(link, "gw_refuse", None)
+            if refusal is not None:
+                self._close(link, *refusal)
+                return
+            kind = getattr(link, "gw_kind", None)
+            if kind == "cbs":
+                if link.is_sender:
+                    link.connection.gw_cbs_reply = link
+                return
+            device: str = link.gw_device
+            conn = link.connection
+            key = (device, str(kind))
+            old = self.links.get(key)
+            if old is not None and old != link and old.state & Endpoint.LOCAL_ACTIVE:
+                self._close(old, *_pick(_STOLEN, None, "link"))
+            self.links[key] = link
+            self.hub.attach(device, "amqp", self.conns.setdefault(conn, object()))
+
+        def on_link_closed(self, event: Any) -> None:
+            self._unregister(event.link)
+
+        def on_link_remote_close(self, event: Any) -> None:
+            self._unregister(event.link)
+
+        def _unregister(self, link: Any) -> None:
+            key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
+            if self.links.get(key) == link:
+                del self.links[key]
+
+        def _close(self, endpoint: Any, where: str, form: RenderedCondition, delivery: Any = None) -> None:
+            """Put ``form`` on the endpoint ``where`` names (relative to ``endpoint``)."""
+            cond = _condition(proton, form)
+            if where == "delivery" and delivery is not None:
+                delivery.local.condition = cond
+                delivery.update(Delivery.REJECTED)
+                delivery.settle()
+                return
+            link = endpoint if isinstance(endpoint, Link) else None
+            if where == "connection" or (link is None and where != "session"):
+                conn = endpoint.connection if link is not None else endpoint
+                conn.condition = cond
+                conn.close()
+                return
+            if where == "session" and link is not None:
+                link.session.condition = cond
+                link.session.close()
+                return
+            if link is not None:
+                link.condition = cond
+                link.close()
+
+        # -- messages ---------------------------------------------------------------------------
+        def on_message(self, event: Any) -> None:
+            link, dlv, msg = event.link, event.delivery, event.message
+            kind = getattr(link, "gw_kind", None)
+            if kind == "cbs":
+                self._put_token(link, dlv, msg)
+            elif kind == "events":
+                self._telemetry(link, dlv, msg)
+            else:
+                dlv.update(Delivery.RELEASED)
+                dlv.settle()
+
+        def _put_token(self, link: Any, dlv: Any, msg: Any) -> None:
+            props = msg.properties or {}
+            conn = link.connection
+            dlv.update(Delivery.ACCEPTED)
+            dlv.settle()
+            if props.get("operation") != "put-token":
+                self._answer(conn, msg, 400, "ErrorCode:ArgumentInvalid;unknown CBS operation")
+                return
+            match = _AUDIENCE_RE.search(str(props.get("name") or ""))
+            device = unquote(match.group(1)) if match else ""
+            token = msg.body if isinstance(msg.body, str) else None
+            fault = self.hub.plan.take(device, Operation.CONNECT, "amqp")
+            if fault is not None:
+                if fault.kind is FaultKind.DROP:
+                    self._cut(conn)
+                    return
+                if fault.kind is FaultKind.NO_ACK:
+                    return
+                if fault.kind is FaultKind.DELAY:
+                    self._later(fault.delay, lambda: self._verify(conn, msg, device, token))
+                    return
+                assert fault.code is not None
+                where, form = _pick(fault.code, fault, "connection")
+                if where == "cbs":
+                    status = int(form.info.get("status-code", fault.code // 1000))  # type: ignore[call-overload]
+                    self._answer(conn, msg, status, form.description, form.info)
+                else:
+                    self._close(link, where, form)
+                return
+            self._verify(conn, msg, device, token)
+
+        def _verify(self, conn: Any, msg: Any, device: str, token: str | None) -> None:
+            now = self.front.clock()
+            reason = self.hub.authenticate(device, token, now)
+            if reason is None:
+                try:
+                    from gateway.sas import parse_sas_token
+
+                    expiry = float(parse_sas_token(token or "").expiry)
+                except ValueError:
+                    expiry = now + 3600.0
+                conn.gw_auth[device] = expiry
+                self._answer(conn, msg, 200, "OK")
+                return
+            status, code = _CBS_REFUSALS.get(reason, (401, _REFUSED))
+            form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
+            self._answer(conn, msg, status, f"{form.description} ({reason})")
+
+        def _answer(self, conn: Any, request: Any, status: int, description: str,
+                    info: dict[str, object] | None = None) -> None:
+            reply = getattr(conn, "gw_cbs_reply", None)
+            if reply is None or not reply.state & Endpoint.LOCAL_ACTIVE:
+                return
+            answer = Message(correlation_id=request.id, address=request.reply_to)
+            props: dict[str, object] = {"status-code": status, "status-description": description}
+            tracking = (info or {}).get("com.microsoft:tracking-id")
+            if tracking is not None:
+                props["com.microsoft:tracking-id"] = tracking
+            answer.properties = cast(Any, props)
+            reply.send(answer)
+
+        def _telemetry(self, link: Any, dlv: Any, msg: Any) -> None:
+            device = link.gw_device
+            fault = self.hub.plan.take(device, Operation.TELEMETRY, "amqp")
+            if fault is None:
+                self._record(device, msg)
+                dlv.update(Delivery.ACCEPTED)
+                dlv.settle()
+                return
+            if fault.kind is FaultKind.DROP:
+                self._cut(link.connection)
+            elif fault.kind is FaultKind.NO_ACK:
+                self._record(device, msg)  # the hub took it; the acknowledgement is what gets lost
+            elif fault.kind is FaultKind.DELAY:
+                def later() -> None:
+                    if link.state & Endpoint.LOCAL_ACTIVE and not link.state & Endpoint.REMOTE_CLOSED:
+                        self._record(device, msg)
+                        dlv.update(Delivery.ACCEPTED)
+                        dlv.settle()
+
+                self._later(fault.delay, later)
+            else:
+                assert fault.code is not None
+                where, form = _pick(fault.code, fault, "delivery")
+                self._close(link, where, form, dlv)
+
+        def _record(self, device: str, msg: Any) -> None:
+            body = msg.body
+            if isinstance(body, memoryview):
+                body = bytes(body)
+            elif isinstance(body, str):
+                body = body.encode()
+            elif not isinstance(body, bytes):
+                body = repr(body).encode()
+            props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
+            mid = msg.id
+            self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props))
+
+        # -- cloud-to-device ----------------------------------------------------------------------
+        def on_timer_task(self, event: Any) -> None:
+            if self.stopping:
+                return
+            for (device, kind), link in list(self.links.items()):
+                if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
+                    continue
+                record = self.hub.device(device)
+                while record is not None and link.credit > 0 and record.c2d:
+                    mid, body = record.c2d.popleft()
+                    dlv = link.send(Message(id=mid, body=body, inferred=True))
+                    dlv.gw_sent = (self.front.clock(), mid, body, device)
+            event.container.schedule(self.front.c2d_poll, self)
+
+        def on_accepted(self, event: Any) -> None:
+            self._settled_by_device(event.delivery)
+
+        def on_rejected(self, event: Any) -> None:
+            self._settled_by_device(event.delivery)
+
+        def on_released(self, event: Any) -> None:
+            self._settled_by_device(event.delivery)
+
+        def _settled_by_device(self, dlv: Any) -> None:
+            sent = getattr(dlv, "gw_sent", None)
+            if sent is None or getattr(dlv, "gw_done", False):
+                return
+            dlv.gw_done = True
+            sent_at, mid, body, device = sent
+            record = self.hub.device(device)
+            if self.front.clock() - sent_at > self.front.lock_timeout:
+                if record is not None:
+                    record.c2d.appendleft((mid, body))  # the lock expired: the hub delivers it again
+                if not dlv.settled:
+                    self._close(dlv.link, "delivery", _pick(_LOCK_LOST, None, "delivery")[1], dlv)
+                return
+            fault = self.hub.plan.take(device, Operation.C2D_SETTLE, "amqp")
+            if fault is not None and fault.kind is FaultKind.ERROR and fault.code is not None and not dlv.settled:
+                where, form = _pick(fault.code, fault, "delivery")
+                self._close(dlv.link, where, form, dlv)
+                return
+            if fault is not None and fault.kind is FaultKind.NO_ACK:
+                return
+            if dlv.remote_state in (Delivery.RELEASED, Delivery.MODIFIED) and record is not None:
+                record.c2d.appendleft((mid, body))
+            if not dlv.settled:
+                dlv.update(dlv.remote_state)
+                dlv.settle()
+
+        # -- helpers ----------------------------------------------------------------------------
+        def _later(self, delay: float, fn: Callable[[], None]) -> None:
+            self.container.schedule(delay, _Once(fn))
+
+    _SERVER_CLASS = _Server
+    return _Server
+
+
+class _Once:
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def on_timer_task(self, event: Any) -> None:
+        self.fn()

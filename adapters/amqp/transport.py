@@ -1,0 +1,924 @@
+"""An asyncio transport over python-qpid-proton, speaking IoT Hub's AMQP device surface.
+
+Proton has no asyncio integration, so each connection gets one proton ``Container`` running in one
+dedicated thread (at most one per adapter; it ends when the connection ends). Commands go in through
+an ``EventInjector``; results come back with ``loop.call_soon_threadsafe``. Both directions are
+batched: one wake-up carries every command or result queued meanwhile, which is what keeps the
+thread hop cheap under load. Proton objects are only ever touched on the proton thread.
+
+The adapter never retries and never reconnects (``reconnect=False``): every failure is raised or
+reported as an ``IoTHubError`` built by :mod:`adapters.amqp.translate`, with the proton condition
+chained as ``__cause__`` (:class:`AmqpRemoteError`). Nothing waits forever: connects, sends and
+settlements all have deadlines, and a closed link fails its pending sends at once (proton itself
+would leave them unsettled for ever).
+
+``import adapters.amqp.transport`` does not import proton; ``connect()`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast
+
+from adapters.amqp.translate import translate, translate_cbs
+from gateway.codes import Action, code_of
+from gateway.errors import IoTHubError, make_error
+from gateway.normalize import normalize
+from gateway.sas import ConnectionString, parse_sas_token
+from gateway.transport import Disconnected, Inbound, Message, TransportEvent
+
+__all__ = ["AmqpRemoteError", "AmqpTransport", "C2DMessage", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+TRANSPORT: Final = "amqp"
+_NOT_CONNECTED: Final = code_of("NotConnected")
+_TIMED_OUT: Final = code_of("OperationTimedOut")
+_CLOSED: Final = code_of("DeviceConnectionClosedRemotely")
+_PROTOCOL: Final = code_of("ProtocolViolation")
+_LOCK_LOST: Final = "com.microsoft:message-lock-lost"
+_CBS: Final = "$cbs"
+
+Outcome = Literal["accept", "reject", "abandon"]
+_SETTLE_KINDS: Final[dict[str, Outcome]] = {"c2d_accept": "accept", "c2d_reject": "reject", "c2d_abandon": "abandon"}
+
+
+class AmqpRemoteError(Exception):
+    """What the peer (or proton) said, kept as the ``__cause__`` of the ``IoTHubError``.
+
+    ``where`` is the endpoint that carried it: connection, session, link, delivery, transport or cbs.
+    """
+
+    def __init__(self, where: str, condition: str | None, description: str | None = None,
+                 info: Mapping[Any, Any] | None = None) -> None:
+        super().__init__(f"{where}: {condition or 'no condition'}: {description or ''}".rstrip(": "))
+        self.where = where
+        self.condition = condition
+        self.description = description
+        self.info = dict(info) if info else {}
+
+
+@dataclass(frozen=True, slots=True)
+class C2DMessage:
+    """A cloud-to-device message. Settle it with :meth:`AmqpTransport.settle` and ``lock_token``."""
+
+    lock_token: str
+    id: str | None
+    body: bytes
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    correlation_id: str | None = None
+
+
+def _error_from_condition(where: str, cond: Any, device_id: str | None = None) -> IoTHubError:
+    """Translate a proton ``Condition`` (or None) and chain the raw facts as ``__cause__``."""
+    name = getattr(cond, "name", None) if cond is not None else None
+    desc = getattr(cond, "description", None) if cond is not None else None
+    info = getattr(cond, "info", None) if cond is not None else None
+    err = translate(name, desc, info if isinstance(info, Mapping) else None)
+    if device_id is not None and err.device_id is None:
+        err.device_id = device_id
+    err.__cause__ = AmqpRemoteError(where, name, desc, info if isinstance(info, Mapping) else None)
+    return err
+
+
+def _in_flight_error(cause: IoTHubError) -> IoTHubError:
+    """What a send still waiting for settlement gets when the connection goes: outcome unknown.
+
+    A cause whose action is already "reconnect" says that by itself; any other (a throttle, a refused
+    credential) is for the supervisor to act on, so the send gets a plain "closed remotely" with it chained.
+    """
+    if cause.action is Action.RECONNECT and cause.code != _NOT_CONNECTED:
+        return cause
+    err = make_error(_CLOSED, transport=TRANSPORT, exact=False, tracking_id=cause.tracking_id,
+                     device_id=cause.device_id,
+                     message=f"connection lost while the message was in flight (outcome unknown): {cause.message}")
+    err.__cause__ = cause
+    return err
+
+
+class AmqpTransport:
+    """One device's AMQP connection to IoT Hub (or any AMQP 1.0 peer), for the shared ``Handler``.
+
+    With ``cbs=True`` (IoT Hub) the SAS token is put on ``$cbs`` after SASL ANONYMOUS and renewed
+    before it expires when ``token`` is a callable. Set ``cbs=False`` with ``user``/``password``
+    (SASL PLAIN) and explicit addresses to talk to a plain broker.
+    """
+
+    name = TRANSPORT
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        device_id: str,
+        port: int = 5671,
+        hub_host: str | None = None,
+        token: str | Callable[[], str] | None = None,
+        tls: bool = True,
+        ca_file: str | None = None,
+        verify: bool = True,
+        user: str | None = None,
+        password: str | None = None,
+        cbs: bool = True,
+        events_address: str | None = None,
+        c2d_address: str | None = None,
+        receive_c2d: bool = True,
+        send_timeout: float = 30.0,
+        connect_timeout: float = 30.0,
+        settle_timeout: float = 30.0,
+        heartbeat: float | None = None,
+        renew_margin: float = 0.2,
+        prefetch: int = 10,
+        close_timeout: float = 5.0,
+        settle_mode: Literal["first", "second"] = "second",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.device_id = device_id
+        self.hub_host = hub_host or host
+        self._token = token
+        self.tls = tls
+        self.ca_file = ca_file
+        self.verify = verify
+        self.user = user
+        self.password = password
+        self.cbs = cbs
+        if cbs and token is None:
+            raise ValueError("cbs=True needs a token (a SAS token string or a callable returning one)")
+        self.events_address = events_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/events"
+        self.c2d_address = c2d_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/devicebound"
+        self.receive_c2d = receive_c2d
+        self.send_timeout = send_timeout
+        self.connect_timeout = connect_timeout
+        self.settle_timeout = settle_timeout
+        self.heartbeat = heartbeat
+        self.renew_margin = renew_margin  #: renew the token when this fraction of its lifetime is left
+        self.prefetch = prefetch
+        self.close_timeout = close_timeout
+        #: "second": the hub confirms each C2D settlement (IoT Hub); "first" for peers without it (RabbitMQ)
+        self.settle_mode = settle_mode
+        self._bridge: _Bridge | None = None
+        self._closing = False
+
+    @classmethod
+    def from_connection_string(
+        cls, connection_string: str | ConnectionString, *, host: str | None = None, token_ttl: float = 3600.0,
+        **kwargs: Any,
+    ) -> AmqpTransport:
+        """An IoT Hub device from its connection string; ``host`` overrides where the socket goes."""
+        cs = connection_string if isinstance(connection_string, ConnectionString) else \
+            ConnectionString.parse(connection_string)
+
+        def token() -> str:
+            return cs.token(int(time.time() + token_ttl))
+
+        return cls(host=host or cs.host_name, device_id=cs.device_id, hub_host=cs.host_name, token=token, **kwargs)
+
+    # -- Transport protocol -------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        bridge = self._bridge
+        return bridge is not None and bridge.ready_done and not bridge.dead
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The proton thread of the current connection (None when none has been started)."""
+        return self._bridge.thread if self._bridge is not None else None
+
+    async def connect(self) -> None:
+        """Open the connection, put the token, attach the links. Raises ``IoTHubError``."""
+        await self._retire()
+        self._closing = False
+        loop = asyncio.get_running_loop()
+        bridge = _Bridge(self, loop)
+        self._bridge = bridge
+        try:
+            bridge.start()
+        except Exception as exc:
+            self._bridge = None
+            raise normalize(exc, transport=TRANSPORT, device_id=self.device_id) from exc
+        try:
+            await bridge.wait(bridge.ready, self.connect_timeout, "connect")
+        except BaseException:
+            await self._retire()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and end the proton thread. Idempotent."""
+        self._closing = True
+        await self._retire()
+
+    async def send(self, message: Message) -> None:
+        """Send one telemetry message and wait until the peer settles it (accepted)."""
+        bridge = self._live()
+        fut = bridge.loop.create_future()
+        bridge.post(lambda: bridge.do_send(message, fut))
+        bridge.send_deadline(fut, self.send_timeout)
+        await fut
+
+    async def settle(self, lock_token: str, outcome: Outcome = "accept", *, timeout: float | None = None) -> None:
+        """Complete (accept), reject or abandon a cloud-to-device message.
+
+        Waits for the hub's own settlement: a late one comes back as ``DeviceMessageLockLost``.
+        """
+        if outcome not in ("accept", "reject", "abandon"):
+            raise ValueError(f"unknown outcome {outcome!r}")
+        bridge = self._live()
+        fut = bridge.loop.create_future()
+        bridge.post(lambda: bridge.do_settle(lock_token, outcome, fut))
+        await bridge.wait(fut, timeout if timeout is not None else self.settle_timeout, "settle")
+
+    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
+        """``c2d_accept`` / ``c2d_reject`` / ``c2d_abandon`` with a lock token (or ``C2DMessage``).
+
+        Twin and method links are not implemented over AMQP here: use MQTT or HTTP for those.
+        """
+        outcome = _SETTLE_KINDS.get(kind)
+        if outcome is None:
+            raise ValueError(f"the AMQP adapter does not implement request kind {kind!r}")
+        token = payload.lock_token if isinstance(payload, C2DMessage) else str(payload)
+        await self.settle(token, outcome, timeout=timeout)
+        return None
+
+    async def events(self) -> AsyncIterator[TransportEvent]:
+        """Cloud-to-device messages as ``Inbound("c2d", C2DMessage)``, then ``Disconnected``."""
+        bridge = self._bridge
+        if bridge is None:
+            return
+        while True:
+            event = await bridge.events.get()
+            if event is None:
+                return
+            yield event
+            if isinstance(event, Disconnected):
+                return
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def next_token(self) -> str:
+        token = self._token
+        if callable(token):
+            return token()
+        if token is None:
+            raise ValueError("no token")
+        return token
+
+    def _live(self) -> _Bridge:
+        bridge = self._bridge
+        if bridge is None or bridge.dead or not bridge.ready_done:
+            cause = bridge.error if bridge is not None else None
+            err = make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                             message="not connected" + (f" ({cause.name}: {cause.message})" if cause else ""))
+            err.__cause__ = cause
+            raise err
+        return bridge
+
+    async def _retire(self) -> None:
+        """Close the current connection (if any) and join its thread."""
+        bridge = self._bridge
+        if bridge is None:
+            return
+        bridge.shutdown()
+        await bridge.joined()
+        if self._bridge is bridge:
+            self._bridge = None
+
+
+class _Bridge:
+    """One connection: the proton handler (proton thread) and its asyncio face (loop thread)."""
+
+    def __init__(self, owner: AmqpTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self.owner = owner
+        self.loop = loop
+        self.device_id = owner.device_id
+        # loop side
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.events: asyncio.Queue[TransportEvent | None] = asyncio.Queue()
+        self.waiters: set[asyncio.Future[Any]] = set()
+        # sends share one timeout, so their deadlines come in order: one timer for all of them
+        self._deadlines: deque[tuple[float, asyncio.Future[None], float]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.ready_done = False
+        self.dead = False  # set on the loop thread once the connection is gone
+        self.error: IoTHubError | None = None
+        self.thread: threading.Thread | None = None
+        self.finished = threading.Event()
+        # cross-thread queues
+        self._cmd_lock = threading.Lock()
+        self._cmds: deque[Callable[[], None]] = deque()
+        self._cmd_signalled = False
+        self._out_lock = threading.Lock()
+        self._out: list[Callable[[], None]] = []
+        self._out_scheduled = False
+        self._stopped = False  # set on the proton thread once teardown began
+        # proton side
+        self.injector: Any = None
+        self.container: Any = None
+        self.conn: Any = None
+        self.sender: Any = None
+        self.receiver: Any = None
+        self.cbs_sender: Any = None
+        self.cbs_receiver: Any = None
+        self.cbs_pending: str | None = None
+        self.cbs_done = False
+        self.pending: dict[Any, asyncio.Future[None]] = {}
+        self.c2d: dict[str, Any] = {}
+        self.settling: dict[Any, tuple[asyncio.Future[None], str]] = {}
+        self.links_open: set[str] = set()
+        self.renew_task: Any = None
+        self.proton: Any = None
+        self._outgoing: Any = None
+
+    # -- thread lifecycle (loop thread) -------------------------------------------------------------
+
+    def start(self) -> None:
+        import proton
+        import proton.reactor
+
+        self.proton = proton
+        self.injector = proton.reactor.EventInjector()
+        self.thread = threading.Thread(target=self._run, name=f"amqp-{self.device_id}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            # Built here, not on the loop: a Container sets up OpenSSL contexts (tens of milliseconds).
+            self.container = self.proton.reactor.Container(_handler_class()(self))
+            self.container.container_id = f"iothub-gateway-{self.device_id}-{uuid.uuid4().hex[:8]}"
+            self.container.run()
+        except BaseException as exc:  # a bug in a callback must not leave callers waiting
+            log.exception("proton container failed")
+            with contextlib.suppress(Exception):
+                self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+        finally:
+            if not self._stopped:
+                self.fail(make_error(_CLOSED, transport=TRANSPORT, device_id=self.device_id, exact=False,
+                                     message="the AMQP connection ended"))
+            self._call(self._on_thread_end)
+            for fd in self.injector.pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.finished.set()
+
+    def _on_thread_end(self) -> None:
+        self.dead = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        futures = list(self.waiters) + [fut for _, fut, _ in self._deadlines]
+        self._deadlines.clear()
+        for fut in futures:
+            if not fut.done():
+                fut.set_exception(self._gone_error())
+        self.events.put_nowait(None)
+
+    def shutdown(self) -> None:
+        """Ask the proton thread to close the connection and end (any thread; idempotent)."""
+        if self.finished.is_set() or self.thread is None:
+            return
+        self.post(self.do_close)
+
+    async def joined(self) -> None:
+        thread = self.thread
+        if thread is None:
+            return
+        # the thread ends once the close handshake is done or the socket is gone; cap the wait
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, self.owner.close_timeout)
+        if thread.is_alive():  # the peer never answered our close: cut the socket
+            self.post(self.do_abort)
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
+        await asyncio.sleep(0)  # let the last batched results land
+        self._flush()
+
+    # -- waiting (loop thread) ----------------------------------------------------------------------
+
+    async def wait(self, fut: asyncio.Future[Any], timeout: float, what: str, *, in_flight: bool = False) -> Any:
+        if self.dead and not fut.done():
+            fut.set_exception(self._gone_error())
+        self.waiters.add(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut  # on timeout fut is cancelled; a late result is then dropped
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                raise  # the answer itself was a timeout (OperationTimedOut is a TimeoutError too)
+            err = make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
+                             message=f"AMQP {what} got no answer within {timeout:g}s"
+                                     + (" (outcome unknown)" if in_flight else ""))
+            raise err from None
+        finally:
+            self.waiters.discard(fut)
+
+    def send_deadline(self, fut: asyncio.Future[None], timeout: float) -> None:
+        """Fail ``fut`` with OperationTimedOut (outcome unknown) if unsettled after ``timeout`` seconds.
+
+        Cheaper than an ``asyncio.timeout`` per send (a timer handle and heap entry each).
+        """
+        queue = self._deadlines
+        while queue and queue[0][1].done():
+            queue.popleft()
+        queue.append((self.loop.time() + timeout, fut, timeout))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_at(queue[0][0], self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        queue = self._deadlines
+        while queue and (queue[0][1].done() or queue[0][0] <= now):
+            _, fut, timeout = queue.popleft()
+            if not fut.done():
+                fut.set_exception(make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
+                                             message=f"AMQP send got no settlement within {timeout:g}s "
+                                                     f"(outcome unknown)"))
+        if queue:
+            self._sweeper = self.loop.call_at(queue[0][0], self._sweep)
+
+    def _gone_error(self) -> IoTHubError:
+        cause = self.error
+        if cause is None:
+            return make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                              message="the AMQP connection is closed")
+        return _in_flight_error(cause)
+
+    # -- cross-thread plumbing ----------------------------------------------------------------------
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the proton thread (any thread). One injector wake-up per batch."""
+        with self._cmd_lock:
+            self._cmds.append(fn)
+            if self._cmd_signalled:
+                return
+            self._cmd_signalled = True
+        with contextlib.suppress(OSError):  # the pipe is gone: the thread has ended
+            self.injector.trigger(self.proton.reactor.ApplicationEvent("amqp_cmd"))
+
+    def run_commands(self) -> None:
+        while True:
+            with self._cmd_lock:
+                if not self._cmds:
+                    self._cmd_signalled = False
+                    return
+                batch = list(self._cmds)
+                self._cmds.clear()
+            for fn in batch:
+                try:
+                    fn()
+                except Exception as exc:
+                    log.exception("AMQP command failed")
+                    self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread (from the proton thread). One loop wake-up per batch."""
+        with self._out_lock:
+            self._out.append(fn)
+            if self._out_scheduled:
+                return
+            self._out_scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._out_lock:
+            batch, self._out = self._out, []
+            self._out_scheduled = False
+        for fn in batch:
+            try:
+                fn()
+            except Exception:
+                log.exception("AMQP result delivery failed")
+
+    def resolve(self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
+        def apply() -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        self._call(apply)
+
+    def emit(self, event: TransportEvent) -> None:
+        self._call(lambda: self.events.put_nowait(event))
+
+    # -- commands (proton thread) -------------------------------------------------------------------
+
+    def do_send(self, message: Message, fut: asyncio.Future[None]) -> None:
+        sender = self.sender
+        if self._stopped or sender is None or not _is_active(sender, self.proton):
+            self.resolve(fut, exc=make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                                             message="the telemetry link is not open; nothing was sent"))
+            return
+        # One proton Message, reused: send() encodes it at once, and every cffi call made here rather
+        # than on the loop thread is a GIL hand-over the two threads do not fight over.
+        pmsg = self._outgoing
+        if pmsg is None:
+            pmsg = self._outgoing = self.proton.Message(inferred=True)
+        pmsg.id = message.id
+        pmsg.body = bytes(message.body)
+        pmsg.properties = cast(Any, dict(message.properties) if message.properties else None)
+        self.pending[sender.send(pmsg)] = fut
+
+    def do_settle(self, token: str, outcome: Outcome, fut: asyncio.Future[None]) -> None:
+        dlv = self.c2d.pop(token, None)
+        if dlv is None or self._stopped:
+            err = translate(_LOCK_LOST, f"lock token {token!r} is not held on this connection")
+            err.device_id = self.device_id
+            self.resolve(fut, exc=err)
+            return
+        delivery = self.proton.Delivery
+        state = {"accept": delivery.ACCEPTED, "reject": delivery.REJECTED, "abandon": delivery.RELEASED}[outcome]
+        dlv.update(state)
+        if dlv.link.remote_rcv_settle_mode == self.proton.Link.RCV_SECOND:
+            self.settling[dlv] = (fut, outcome)  # the hub settles; a late settlement is rejected
+        else:
+            dlv.settle()
+            self.resolve(fut)
+
+    def do_close(self) -> None:
+        if self._stopped:
+            return
+        self.fail(None)
+
+    def do_abort(self) -> None:
+        transport = getattr(self.conn, "transport", None)
+        if transport is None:
+            self.injector.close()
+            return
+        transport.close_tail()
+        transport.close_head()
+
+    # -- connection setup (proton thread) -----------------------------------------------------------
+
+    def on_start(self, container: Any) -> None:
+        proton = self.proton
+        owner = self.owner
+        container.selectable(self.injector)
+        scheme = "amqps" if owner.tls else "amqp"
+        kwargs: dict[str, Any] = {
+            "reconnect": False,
+            "virtual_host": owner.hub_host,
+            # TLS names are checked against where the socket goes (the hub itself, or a local stand-in)
+            "sni": owner.host if owner.tls else None,
+            "allow_insecure_mechs": True,
+        }
+        if owner.user is not None:
+            kwargs.update(user=owner.user, password=owner.password or "", allowed_mechs="PLAIN")
+        else:
+            kwargs["allowed_mechs"] = "ANONYMOUS"
+        if owner.tls:
+            domain = proton.SSLDomain(proton.SSLDomain.MODE_CLIENT)
+            if owner.ca_file:
+                domain.set_trusted_ca_db(owner.ca_file)
+            if owner.verify:
+                domain.set_peer_authentication(proton.SSLDomain.VERIFY_PEER_NAME, owner.ca_file)
+            else:
+                domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)
+            kwargs["ssl_domain"] = domain
+        if owner.heartbeat:
+            kwargs["heartbeat"] = owner.heartbeat
+        self.conn = container.connect(f"{scheme}://{owner.host}:{owner.port}", **kwargs)
+
+    def on_connection_opened(self) -> None:
+        if self.owner.cbs:
+            self.cbs_sender = self.container.create_sender(self.conn, target=_CBS, name=f"cbs-s-{uuid.uuid4()}")
+            self.cbs_receiver = self.container.create_receiver(
+                self.conn, source=_CBS, name=f"cbs-r-{uuid.uuid4()}", options=_Target("cbs"))
+            self.put_token()
+        else:
+            self.attach_device_links()
+
+    def put_token(self) -> None:
+        proton = self.proton
+        try:
+            token = self.owner.next_token()
+        except Exception as exc:
+            self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+            return
+        msg_id = str(uuid.uuid4())
+        audience = f"{self.owner.hub_host}/devices/{self.device_id}"
+        msg = proton.Message(body=token, id=msg_id, reply_to="cbs")
+        msg.properties = cast(Any, {"operation": "put-token", "type": "azure-devices.net:sastoken", "name": audience})
+        try:
+            expiry = float(parse_sas_token(token).expiry)
+        except ValueError:
+            expiry = None
+        self.cbs_pending = msg_id
+        self._token_expiry = expiry
+        self.cbs_sender.send(msg)
+
+    def on_cbs_answer(self, message: Any) -> None:
+        if message.correlation_id != self.cbs_pending:
+            return
+        self.cbs_pending = None
+        props = message.properties or {}
+        status = props.get("status-code")
+        desc = props.get("status-description")
+        try:
+            err = translate_cbs(status if status is not None else "", desc, props)
+        except ValueError as exc:
+            err = make_error(_PROTOCOL, transport=TRANSPORT, device_id=self.device_id, exact=False,
+                             message=f"CBS answer without a usable status-code: {status!r}")
+            err.__cause__ = exc
+        if err is not None:
+            err.device_id = err.device_id or self.device_id
+            err.__cause__ = AmqpRemoteError("cbs", str(status), desc if isinstance(desc, str) else None, props)
+            self.fail(err)
+            return
+        if not self.cbs_done:
+            self.cbs_done = True
+            self.attach_device_links()
+        self.schedule_renewal()
+
+    def schedule_renewal(self) -> None:
+        expiry = getattr(self, "_token_expiry", None)
+        if expiry is None or not callable(self.owner._token):
+            return
+        lifetime = expiry - time.time()
+        delay = max(1.0, lifetime * (1.0 - self.owner.renew_margin)) if lifetime > 0 else 1.0
+        self.renew_task = self.container.schedule(delay, _Timer(self._renew))
+
+    def _renew(self) -> None:
+        if not self._stopped and self.cbs_pending is None:
+            self.put_token()
+
+    def attach_device_links(self) -> None:
+        owner = self.owner
+        self.sender = self.container.create_sender(self.conn, target=owner.events_address,
+                                                   name=f"events-{uuid.uuid4()}")
+        if owner.receive_c2d:
+            self.receiver = self.container.create_receiver(
+                self.conn, source=owner.c2d_address, name=f"c2d-{uuid.uuid4()}",
+                options=_SettleSecond(self.proton) if owner.settle_mode == "second" else None)
+
+    def on_link_opened(self, link: Any) -> None:
+        remote = link.remote_target if link.is_sender else link.remote_source
+        if remote.address is None and not remote.dynamic:
+            return  # a refused attach (null terminus): the detach with the reason follows
+        if link == self.sender:
+            self.links_open.add("events")
+        elif link == self.receiver:
+            self.links_open.add("c2d")
+        else:
+            return
+        wanted = {"events", "c2d"} if self.owner.receive_c2d else {"events"}
+        if wanted <= self.links_open and not self.ready_done:
+            self.ready_done = True
+            self.resolve(self.ready)
+
+    # -- inbound (proton thread) --------------------------------------------------------------------
+
+    def on_message(self, delivery: Any, message: Any) -> None:
+        link = delivery.link
+        if link == self.cbs_receiver:
+            delivery.update(self.proton.Delivery.ACCEPTED)
+            delivery.settle()
+            self.on_cbs_answer(message)
+            return
+        if link != self.receiver:
+            delivery.update(self.proton.Delivery.RELEASED)
+            delivery.settle()
+            return
+        token = str(uuid.uuid4())
+        self.c2d[token] = delivery
+        body = message.body
+        if isinstance(body, memoryview):
+            body = bytes(body)
+        elif isinstance(body, str):
+            body = body.encode()
+        elif not isinstance(body, bytes):
+            body = repr(body).encode()
+        msg_id = message.id
+        corr = message.correlation_id
+        c2d = C2DMessage(token, str(msg_id) if msg_id is not None else None, body, dict(message.properties or {}),
+                         str(corr) if corr is not None else None)
+        self.emit(Inbound("c2d", c2d, self.device_id))
+
+    def on_outcome(self, delivery: Any) -> None:
+        """A sent delivery got its outcome (sender side)."""
+        fut = self.pending.pop(delivery, None)
+        if fut is None:
+            return
+        dstate = self.proton.Delivery
+        remote = delivery.remote_state
+        if remote == dstate.ACCEPTED:
+            self.resolve(fut)
+            return
+        cond = delivery.remote.condition
+        if remote == dstate.REJECTED:
+            if cond is None:
+                err = translate("amqp:rejected", "delivery rejected with no condition")
+                err.__cause__ = AmqpRemoteError("delivery", None, "rejected with no condition")
+            else:
+                err = _error_from_condition("delivery", cond, self.device_id)
+        elif cond is not None:
+            err = _error_from_condition("delivery", cond, self.device_id)
+        else:  # released / modified with no reason: not delivered, safe to send again
+            err = make_error(code_of("ServerBusy"), transport=TRANSPORT, device_id=self.device_id, exact=False,
+                             message=f"delivery released by the peer (state {remote})")
+        err.device_id = err.device_id or self.device_id
+        self.resolve(fut, exc=err)
+
+    def on_receiver_settled(self, delivery: Any) -> None:
+        entry = self.settling.pop(delivery, None)
+        if entry is None:
+            return
+        fut, _ = entry
+        if delivery.remote_state == self.proton.Delivery.REJECTED and delivery.remote.condition is not None:
+            err = _error_from_condition("delivery", delivery.remote.condition, self.device_id)
+            self.resolve(fut, exc=err)
+        else:
+            self.resolve(fut)
+        delivery.settle()
+
+    # -- failures (proton thread) -------------------------------------------------------------------
+
+    def endpoint_error(self, where: str, cond: Any) -> None:
+        self.fail(_error_from_condition(where, cond, self.device_id))
+
+    def fail(self, err: IoTHubError | None) -> None:
+        """Tear the connection down: ``err`` None is our own clean close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if err is not None:
+            err.device_id = err.device_id or self.device_id
+        self.error = err
+        if self.renew_task is not None:
+            with contextlib.suppress(Exception):
+                self.renew_task.cancel()
+        ready_done = self.ready_done
+
+        def mark_dead() -> None:
+            self.dead = True
+            self.error = err
+
+        self._call(mark_dead)
+        if err is not None and ready_done and not self.owner._closing:
+            self.emit(Disconnected(err))  # first, so the supervisor learns the cause before the senders
+        if not ready_done:
+            self.resolve(self.ready, exc=err or make_error(_NOT_CONNECTED, transport=TRANSPORT,
+                                                           device_id=self.device_id,
+                                                           message="closed before the connection was up"))
+        if err is None:
+            gone = make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
+                              message="connection closed locally while the message was in flight (outcome unknown)")
+        else:
+            gone = _in_flight_error(err)
+        for fut in self.pending.values():
+            self.resolve(fut, exc=gone)
+        self.pending.clear()
+        lost = translate(_LOCK_LOST, "the connection closed before the hub confirmed the settlement")
+        for fut, _ in self.settling.values():
+            self.resolve(fut, exc=lost)
+        self.settling.clear()
+        self.c2d.clear()
+        conn = self.conn
+        if conn is not None and not conn.state & self.proton.Endpoint.LOCAL_CLOSED:
+            conn.close()
+        if conn is None or conn.transport is None:
+            self.injector.close()
+        # else: the injector stays open until the transport is gone (on_transport_closed), so that
+        # joined() can still post do_abort when the peer never answers our close.
+
+    def on_transport_closed(self, transport: Any) -> None:
+        if not self._stopped:
+            self.endpoint_error("transport", transport.condition if transport is not None else None)
+        self.injector.close()
+        # This container serves one connection and it is over: end run() now rather than after the
+        # reactor's next idle select (up to ~3 s when the peer keeps its socket open).
+        self.container.stop()
+
+
+def _is_active(link: Any, proton: Any) -> bool:
+    state = link.state
+    return bool(state & proton.Endpoint.LOCAL_ACTIVE) and not state & proton.Endpoint.REMOTE_CLOSED
+
+
+class _Timer:
+    """A proton timer-task handler calling ``fn``."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+
+    def on_timer_task(self, event: Any) -> None:
+        self.fn()
+
+
+class _Target:
+    """Link option: the local target address of a receiver (CBS answers are addressed to it)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def apply(self, link: Any) -> None:
+        link.target.address = self.address
+
+    def test(self, link: Any) -> bool:
+        return bool(link.is_receiver)
+
+
+class _SettleSecond:
+    """Link option: ask for receiver-settle-mode second, so the hub confirms each settlement."""
+
+    def __init__(self, proton: Any) -> None:
+        self.proton = proton
+
+    def apply(self, link: Any) -> None:
+        link.rcv_settle_mode = self.proton.Link.RCV_SECOND
+
+    def test(self, link: Any) -> bool:
+        return bool(link.is_receiver)
+
+
+_HANDLER_CLASS: type[Any] | None = None
+
+
+def _handler_class() -> type[Any]:
+    """The proton handler class, built on first use so that importing this module does not import proton."""
+    global _HANDLER_CLASS
+    if _HANDLER_CLASS is not None:
+        return _HANDLER_CLASS
+    from proton.handlers import MessagingHandler
+
+    class _Handler(MessagingHandler):  # type: ignore[misc]
+        """Proton callbacks -> the bridge. Never lets MessagingHandler's defaults close or swallow."""
+
+        def __init__(self, bridge: _Bridge) -> None:
+            super().__init__(prefetch=bridge.owner.prefetch, auto_accept=False, auto_settle=True)
+            self.bridge = bridge
+
+        def on_start(self, event: Any) -> None:
+            self.bridge.on_start(event.container)
+
+        def on_amqp_cmd(self, event: Any) -> None:
+            self.bridge.run_commands()
+
+        def on_connection_opened(self, event: Any) -> None:
+            self.bridge.on_connection_opened()
+
+        def on_link_opened(self, event: Any) -> None:
+            self.bridge.on_link_opened(event.link)
+
+        def on_message(self, event: Any) -> None:
+            self.bridge.on_message(event.delivery, event.message)
+
+        def on_accepted(self, event: Any) -> None:
+            self.bridge.on_outcome(event.delivery)
+
+        def on_rejected(self, event: Any) -> None:
+            self.bridge.on_outcome(event.delivery)
+
+        def on_released(self, event: Any) -> None:
+            self.bridge.on_outcome(event.delivery)
+
+        def on_settled(self, event: Any) -> None:
+            if event.delivery.link.is_receiver:
+                self.bridge.on_receiver_settled(event.delivery)
+            else:
+                self.bridge.on_outcome(event.delivery)  # settled with no outcome we saw
+
+        # Errors: every one tears the connection down with its translated cause.
+        def on_connection_remote_close(self, event: Any) -> None:
+            # MessagingHandler swallows amqp:connection:forced (for its own reconnect): not here.
+            self.bridge.endpoint_error("connection", event.connection.remote_condition)
+
+        def on_session_remote_close(self, event: Any) -> None:
+            self.bridge.endpoint_error("session", event.session.remote_condition)
+
+        def on_link_remote_close(self, event: Any) -> None:
+            self.bridge.endpoint_error("link", event.link.remote_condition)
+
+        def on_transport_error(self, event: Any) -> None:
+            self.bridge.endpoint_error("transport", event.transport.condition)
+
+        def on_transport_closed(self, event: Any) -> None:
+            self.bridge.on_transport_closed(event.transport)
+
+        # MessagingHandler's defaults log and close the connection; the bridge has handled it already.
+        def on_connection_error(self, event: Any) -> None:
+            pass
+
+        def on_session_error(self, event: Any) -> None:
+            pass
+
+        def on_link_error(self, event: Any) -> None:
+            pass
+
+        def on_disconnected(self, event: Any) -> None:
+            pass
+
+    _HANDLER_CLASS = _Handler
+    return _Handler
+
