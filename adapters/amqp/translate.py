@@ -435,6 +435,8 @@ def _local_fault(key: str, desc: str | None, row: CodeInfo, exact: bool) -> tupl
     lowered = desc[:_MAX_DESCRIPTION].lower()
     if key == _FRAMING and "ssl failure" in lowered:
         return (_TLS_VERIFY if "verify failed" in lowered else _TLS), False
+    if key == _FRAMING and "connection aborted" in lowered:
+        return _CLOSED, False  # proton's word for a peer that vanished without an AMQP close
     if key == _RESOURCE_LIMIT and "idle-timeout" in lowered:
         return _CLOSED, False  # the peer went silent past the keep-alive: a dead connection, not quota
     return row, exact

@@ -167,6 +167,7 @@ def test_unknown_condition_takes_the_family_of_its_status() -> None:
         ),
         ("amqp:connection:framing-error", "SSL Failure: error:0A000410:SSL routines::handshake failure", 503905),
         ("amqp:connection:framing-error", "Expected AMQP protocol header got: HTTP/1.1", 400901),
+        ("amqp:connection:framing-error", "connection aborted", 404104),
         ("amqp:resource-limit-exceeded", "local-idle-timeout expired", 404104),
         ("amqp:resource-limit-exceeded", "daily quota", 403002),
     ],

@@ -297,6 +297,7 @@ async def test_connection_killed_mid_send_is_outcome_unknown(hub: Hub, front: Am
         assert isinstance(err, ConnectionLostError) and err.name != "NotConnected"
         event = await next_event(t)
         assert isinstance(event, Disconnected) and isinstance(event.error, ConnectionLostError)
+        assert event.error.name == "DeviceConnectionClosedRemotely"  # not a protocol violation
     finally:
         await t.close()
 
