@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from adapters.mqtt.codec import ConnAck, Connect, Decoder, SubAck, Subscribe, encode
+from tests.peers import missing_peer
 
 #: The hub name the IoT Hub user names carry when talking to mosquitto.
 HUB = "mosquitto-hub.azure-devices.net"
@@ -43,10 +44,7 @@ def require(binary: str) -> str:
     """The binary's path; skip the test if missing, fail it when running in CI."""
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}") else None)
     if path is None:
-        message = f"{binary} is not installed (apt-get install mosquitto)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{binary} is not installed (apt-get install mosquitto)")
     return path
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.peers import missing_peer
+
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 
 _CONFIG = """\
@@ -134,9 +136,7 @@ def nginx_proxy(tmp_path: pathlib.Path) -> Iterator[Callable[..., NginxProxy]]:
     Skips when nginx is missing, except under CI (``CI=true``), where a missing peer is a failure.
     """
     if nginx_binary() is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("nginx is not installed but CI is set: .ci/run installs nginx-light")
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+        missing_peer("nginx is not installed (apt-get install nginx-light)")
     started: list[NginxProxy] = []
 
     def factory(upstream: int, **kwargs: str) -> NginxProxy:
