@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import ssl
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Front", "FrontConfig"]
+__all__ = ["FRONT_CLASSES", "Front", "FrontConfig", "load_front"]
+
+#: Where each transport's front lives: ``adapters.<protocol>.emulator.<class>``.
+FRONT_CLASSES = {"http": "HttpFront", "mqtt": "MqttFront", "amqp": "AmqpFront"}
 
 
 @dataclass(frozen=True)
@@ -40,3 +44,13 @@ class Front(Protocol):
     async def drop_all(self) -> None:
         """Close every client connection abruptly (no protocol goodbye): an outage as clients see it."""
         ...
+
+
+def load_front(protocol: str) -> type[Any] | None:
+    """The front class for ``protocol``, or None when this build has none (imported on first use)."""
+    try:
+        module = importlib.import_module(f"adapters.{protocol}.emulator")
+    except ImportError:
+        return None
+    cls = getattr(module, FRONT_CLASSES[protocol], None)
+    return cls if isinstance(cls, type) else None

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.emulator.faults import Fault, FaultPlan
-from gateway.emulator.front import Front, FrontConfig
+from gateway.emulator.front import Front, FrontConfig, load_front
 from gateway.emulator.hub import Hub
 
 __all__ = ["load_faults", "serve", "start_fronts"]
 
-_FRONTS = {"http": ("adapters.http.emulator", "HttpFront"), "mqtt": ("adapters.mqtt.emulator", "MqttFront"),
-           "amqp": ("adapters.amqp.emulator", "AmqpFront")}
 _SCHEMES = {"http": ("http", "https"), "mqtt": ("mqtt", "mqtts"), "amqp": ("amqp", "amqps")}
 
 
@@ -57,8 +55,6 @@ async def start_fronts(
     protocols: Sequence[str] = ("http", "mqtt", "amqp"),
 ) -> dict[str, Front]:
     """Start the fronts for ``hub`` (TLS on all of them when a certificate is given)."""
-    import importlib
-
     context: ssl.SSLContext | None = None
     if cert_file is not None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -66,8 +62,9 @@ async def start_fronts(
     fronts: dict[str, Front] = {}
     try:
         for protocol in protocols:
-            module, name = _FRONTS[protocol]
-            cls = getattr(importlib.import_module(module), name)
+            cls = load_front(protocol)
+            if cls is None:
+                raise RuntimeError(f"this build has no {protocol} front")
             config = FrontConfig(host, (ports or {}).get(protocol, 0), context)
             extra = {"cert_file": cert_file, "key_file": key_file} if protocol == "amqp" and context else {}
             front: Front = cls(hub, config, **extra)

@@ -8,32 +8,16 @@ skipped, and only a device that needs it makes the start fail (with a clear mess
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from gateway.emulator import FaultPlan, Hub
-from gateway.emulator.front import Front, FrontConfig
+from gateway.emulator.front import Front, FrontConfig, load_front
 from gateway.sas import ConnectionString
 
 __all__ = ["EmulatorHarness", "load_front"]
 
 log = logging.getLogger("gateway.sidecar")
-
-_FRONT_CLASSES = {"http": "HttpFront", "mqtt": "MqttFront", "amqp": "AmqpFront"}
-
-
-def load_front(protocol: str) -> type[Any] | None:
-    """The front class for ``protocol``, or None when this build has none."""
-    try:
-        module = importlib.import_module(f"adapters.{protocol}.emulator")
-    except ImportError as exc:
-        log.debug("no %s emulator front: %s", protocol, exc)
-        return None
-    cls = getattr(module, _FRONT_CLASSES[protocol], None)
-    return cls if isinstance(cls, type) else None
-
 
 class EmulatorHarness:
     """Starts and stops the emulated hub's fronts; registers the sidecar's devices with the hub."""
