@@ -14,7 +14,7 @@ import hmac
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, quote_plus
 
-__all__ = ["ConnectionString", "SasToken", "make_sas_token", "parse_sas_token", "verify_sas_token"]
+__all__ = ["ConnectionString", "SasToken", "ServiceCredential", "make_sas_token", "parse_sas_token", "verify_sas_token"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +29,7 @@ class ConnectionString:
 
     @classmethod
     def parse(cls, text: str) -> ConnectionString:
-        fields: dict[str, str] = {}
-        for part in text.strip().split(";"):
-            if not part:
-                continue
-            key, sep, value = part.partition("=")
-            if not sep or not value:
-                raise ValueError(f"bad connection string field {key!r}: expected Name=value")
-            fields[key.strip()] = value.strip()
+        fields = _fields(text)
         missing = [k for k in ("HostName", "DeviceId") if k not in fields]
         if missing:
             raise ValueError(f"connection string lacks {', '.join(missing)}")
@@ -60,6 +53,42 @@ class ConnectionString:
 
     def __repr__(self) -> str:  # never show the key
         return f"ConnectionString(host_name={self.host_name!r}, device_id={self.device_id!r}, key=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceCredential:
+    """A shared access policy (``HostName=...;SharedAccessKeyName=...;SharedAccessKey=...``): service calls."""
+
+    host_name: str
+    key_name: str
+    key: str
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceCredential:
+        fields = _fields(text)
+        try:
+            return cls(fields["HostName"], fields["SharedAccessKeyName"], fields["SharedAccessKey"])
+        except KeyError as missing:
+            raise ValueError(f"service connection string lacks {missing.args[0]}") from None
+
+    def token(self, expiry: int) -> str:
+        return make_sas_token(self.host_name, self.key, expiry, self.key_name)
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ServiceCredential(host_name={self.host_name!r}, key_name={self.key_name!r}, key=<hidden>)"
+
+
+def _fields(text: str) -> dict[str, str]:
+    """``Name=value;Name=value`` (values may contain ``=``, as base64 keys do)."""
+    fields: dict[str, str] = {}
+    for part in text.strip().split(";"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not value:
+            raise ValueError(f"bad connection string field {key!r}: expected Name=value")
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from adapters.http.translate import BODY_LIMIT, translate
 from gateway.codes import Action, code_of
 from gateway.errors import IoTHubError, make_error
 from gateway.normalize import normalize
-from gateway.sas import ConnectionString, make_sas_token
+from gateway.sas import ConnectionString, ServiceCredential
 from gateway.transport import DeviceOnline, Disconnected, Inbound, Message, TransportEvent
 
 __all__ = ["C2DMessage", "HttpTransport", "MethodResult", "ServiceCredential"]
@@ -55,35 +55,6 @@ _CHUNK: Final = 64 * 1024
 _APP_PREFIX: Final = "iothub-app-"
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP header name
 _GOOD_NAMES: set[str] = {"iothub-messageid", "Content-Type"}  # header names already checked
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceCredential:
-    """A shared access policy (``HostName=...;SharedAccessKeyName=...;SharedAccessKey=...``)."""
-
-    host_name: str
-    key_name: str
-    key: str
-
-    @classmethod
-    def parse(cls, text: str) -> ServiceCredential:
-        fields: dict[str, str] = {}
-        for part in text.strip().split(";"):
-            name, sep, value = part.partition("=")
-            if part and (not sep or not value):
-                raise ValueError(f"bad connection string field {name!r}: expected Name=value")
-            if part:
-                fields[name.strip()] = value.strip()
-        try:
-            return cls(fields["HostName"], fields["SharedAccessKeyName"], fields["SharedAccessKey"])
-        except KeyError as missing:
-            raise ValueError(f"service connection string lacks {missing.args[0]}") from None
-
-    def token(self, expiry: int) -> str:
-        return make_sas_token(self.host_name, self.key, expiry, self.key_name)
-
-    def __repr__(self) -> str:  # never show the key
-        return f"ServiceCredential(host_name={self.host_name!r}, key_name={self.key_name!r}, key=<hidden>)"
 
 
 @dataclass(frozen=True, slots=True)
