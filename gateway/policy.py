@@ -18,7 +18,8 @@ WAIT_FOR_DEVICE         hold the operation for its device until the device is on
 WAIT_FOR_QUOTA_RESET    park until the next 00:00 UTC plus jitter, or one probe interval, whichever is first
 STOP_IDENTITY_CONFLICT  long jittered reconnect; after K takeovers within W seconds, stop naming the identity
 STOP                    stop the connection (an operation aimed at another device is dead-lettered instead)
-FAIL                    dead-letter the operation; at connection level, stop (retrying cannot help)
+FAIL                    dead-letter the operation; a connect refused with it: stop (retrying cannot
+                        help); a live connection closed over it: reconnect (the request was the fault)
 ======================  ==================================================================================
 
 On MQTT 3.1.1 the hub cannot say "another client took this identity": it just drops the connection. A
@@ -568,6 +569,10 @@ class Policy:
                 return DeadLetter(code, f"{err.name} for device {op.device_id!r}: {err.message}"), hist
             return Stop(StopReason.REFUSED, code, f"{err.name}: {err.message}"), _down(hist, op)
         if action is Action.FAIL:
+            if op is None and hist.connected_at is not None:
+                # A live connection closed over one bad request (MQTT 5 DISCONNECT 0x95 for an oversized
+                # message, say): that operation fails on its own; the connection is fine to reopen.
+                return self._reconnect(err, hist, now, u, Action.RECONNECT)
             if op is None:
                 return Stop(StopReason.REFUSED, code, f"connection refused permanently: {err.name}: {err.message}"), \
                     _down(hist, op)

@@ -192,6 +192,17 @@ def test_reconnect_limits_stop_with_retry_expired() -> None:
     assert "3 attempts" in d.detail
 
 
+@pytest.mark.parametrize("info", [c for c in CODES if c.action is Action.FAIL], ids=lambda c: str(c.code))
+def test_a_live_connection_closed_over_a_bad_request_reconnects(info: CodeInfo) -> None:
+    """E.g. MQTT 5 DISCONNECT 0x95 (413001) after an oversized publish: the message fails, not the link."""
+    live = HIST.on_connected(NOW - 60)
+    d, hist = POLICY.step(err_for(info), live, now=NOW, rand=0.5)
+    assert isinstance(d, ReconnectAfter) and not d.identity_conflict and d.code == info.code
+    assert hist.attempt == 1 and hist.connected_at is None
+    refused, _ = POLICY.step(err_for(info), HIST, now=NOW, rand=0.5)  # the same code refusing a connect
+    assert isinstance(refused, Stop) and refused.reason is StopReason.REFUSED
+
+
 def test_connected_resets_the_outage() -> None:
     e = make_error(code_of("ConnectionRefused"), transport="mqtt")
     _, h = POLICY.step(e, HIST, now=NOW, rand=0.5)

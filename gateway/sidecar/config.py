@@ -122,6 +122,7 @@ class DeviceConfig:
     id: str
     protocol: str
     connection_string: Secret | None = None  #: None with the emulator (it issues the credentials)
+    mqtt_version: int = 4  #: 4 (3.1.1, IoT Hub's classic surface) or 5 (exact codes in PUBACK and DISCONNECT)
 
     def parsed(self) -> ConnectionString:
         if self.connection_string is None:
@@ -463,7 +464,7 @@ def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[DeviceCo
             c.fail(where, "expected a table")
             continue
         c.keys(entry, where, {"id", "protocol", "connection_string", "connection_string_env",
-                              "connection_string_file"})
+                              "connection_string_file", "mqtt_version"})
         device_id = entry.get("id")
         if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
             c.fail(f"{where} id", f"expected an IoT Hub device id (1-128 of A-Z a-z 0-9 -:.+%_#*?!(),=@$'), "
@@ -478,6 +479,12 @@ def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[DeviceCo
         if protocol not in PROTOCOLS:
             c.fail(f"{where} protocol", f"expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}")
             continue
+        mqtt_version = entry.get("mqtt_version", 4)
+        if "mqtt_version" in entry and protocol != "mqtt":
+            c.fail(f"{where} mqtt_version", "only for protocol = \"mqtt\"")
+        elif type(mqtt_version) is not int or mqtt_version not in (4, 5):
+            c.fail(f"{where} mqtt_version", f"expected 4 (MQTT 3.1.1) or 5, got {_show(mqtt_version)}")
+            mqtt_version = 4
         secret: Secret | None = None
         if upstream.kind == "emulator":
             for key in ("connection_string", "connection_string_env", "connection_string_file"):
@@ -498,5 +505,5 @@ def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[DeviceCo
                         c.fail(f"{where} connection string", "has no SharedAccessKey")
                     if cs.device_id != device_id:
                         c.fail(f"{where} connection string", f"is for device {cs.device_id!r}, not {device_id!r}")
-        out.append(DeviceConfig(device_id, str(protocol), secret))
+        out.append(DeviceConfig(device_id, str(protocol), secret, mqtt_version))
     return tuple(out)

@@ -106,13 +106,15 @@ class Sidecar:
                 port = self.emulator.port(device.protocol) if self.emulator.available(device.protocol) else 0
                 cs = self.emulator.register(device.id)
                 self.redactor.add(cs.shared_access_key or "", self.emulator.hub.connection_string(device.id))
-                specs[device.id] = TransportSpec(device.protocol, cs, "127.0.0.1", port, tls=False)
+                specs[device.id] = TransportSpec(device.protocol, cs, "127.0.0.1", port, tls=False,
+                                                 mqtt_version=device.mqtt_version)
         else:
             for device in cfg.devices:
                 cs = device.parsed()
                 host = cfg.upstream.host or cs.gateway_host_name or cs.host_name
                 specs[device.id] = TransportSpec(device.protocol, cs, host, cfg.upstream.ports[device.protocol],
-                                                 tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file)
+                                                 tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file,
+                                                 mqtt_version=device.mqtt_version)
         transports = {device_id: build_transport(spec, self.factories) for device_id, spec in specs.items()}
         self._outbox = self._open_outbox()
         if self._outbox.recovered:

@@ -69,6 +69,7 @@ class TransportSpec:
     port: int
     tls: bool  #: False only for a loopback emulator
     ca_file: str | None = None
+    mqtt_version: int = 4
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.tls:
@@ -103,7 +104,7 @@ def _mqtt(spec: TransportSpec) -> Transport:
     tls: ssl.SSLContext | bool = spec.ssl_context() or False
     # Telemetry only: the sidecar does not consume cloud-to-device traffic (yet), so subscribe to nothing.
     transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, tls=tls,
-                                             subscribe=())
+                                             protocol=spec.mqtt_version, subscribe=())
     return transport
 
 

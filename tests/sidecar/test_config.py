@@ -57,6 +57,8 @@ def test_the_shipped_config_is_the_builtin_default():
     ({"devices": [{"id": "a", "protocol": "mqtt"}, {"id": "a", "protocol": "http"}]},
      "devices[1] (a) id: configured twice"),
     ({"devices": [{"id": "a", "protocol": "mqtt", "colour": 1}]}, "devices[0]: unknown key 'colour'"),
+    ({"devices": [{"id": "a", "protocol": "mqtt", "mqtt_version": 3}]}, "mqtt_version: expected 4 (MQTT 3.1.1) or 5"),
+    ({"devices": [{"id": "a", "protocol": "http", "mqtt_version": 5}]}, "mqtt_version: only for protocol"),
     ({"devices": [{"id": "a", "protocol": "mqtt", "connection_string_env": "X"}]}, "not used with the emulator"),
     ({"api": {"host": "0.0.0.0"}}, "[api] host: '0.0.0.0' is not a loopback address: set token_env or token_file"),
     (iothub({"id": "a", "protocol": "mqtt"}), "devices[0] (a): missing secret: set connection_string_env"),
