@@ -51,6 +51,7 @@ _DISABLED: Final = code_of("DeviceDisabled")
 _NOT_FOUND: Final = code_of("DeviceNotFound")
 _ADDRESS: Final = code_of("AmqpAddressNotFound")
 _STOLEN: Final = code_of("LinkCreationConflict")
+_NEW_CONNECTION: Final = code_of("ConnectionForcefullyClosedOnNewConnection")
 _LOCK_LOST: Final = code_of("DeviceMessageLockLost")
 # Hub.authenticate's reason -> (put-token status, the code in its description).
 _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
@@ -270,6 +271,11 @@ def _server_class() -> type[Any]:
                 self._cut(conn)
             self.injector.close()
 
+        def _taken_over(self, conn: Any) -> None:
+            """Another transport connected as this device: close this connection as IoT Hub does."""
+            if conn in self.conns and conn.state & Endpoint.LOCAL_ACTIVE:
+                self._close(conn, "connection", _pick(_NEW_CONNECTION, None, "connection")[1])
+
         def close_all(self, form: RenderedCondition) -> None:
             for conn in list(self.conns):
                 self._close(conn, "connection", form)
@@ -383,7 +389,8 @@ def _server_class() -> type[Any]:
             if old is not None and old != link and old.state & Endpoint.LOCAL_ACTIVE:
                 self._close(old, *_pick(_STOLEN, None, "link"))
             self.links[key] = link
-            self.hub.attach(device, "amqp", self.conns.setdefault(conn, object()))
+            handle = self.conns.setdefault(conn, object())
+            self.hub.attach(device, "amqp", handle, kick=lambda: self.post(lambda: self._taken_over(conn)))
 
         def on_link_closed(self, event: Any) -> None:
             self._unregister(event.link)

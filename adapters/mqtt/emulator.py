@@ -253,7 +253,13 @@ class _Session:
                     self._refuse(fault.code, fault.form)
                     return False
         self.device_id = device_id
-        previous = hub.attach(device_id, "mqtt", self)
+        loop = asyncio.get_running_loop()
+
+        def kick() -> None:  # another transport took the identity; called from that front's thread
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: nothing left to kick
+                loop.call_soon_threadsafe(self.kick, _TAKEOVER)
+
+        previous = hub.attach(device_id, "mqtt", self, kick=kick)
         if previous is not None and isinstance(previous[1], _Session):
             previous[1].kick(_TAKEOVER)
         props = Properties()

@@ -57,6 +57,7 @@ class Hub:
         self._devices: dict[str, Device] = {}
         self._connections: dict[str, tuple[str, object]] = {}  # device -> (transport, session handle)
         self._invokers: dict[str, tuple[object, MethodInvoker]] = {}
+        self._kickers: dict[str, tuple[object, Callable[[], None]]] = {}
         self.received: list[Received] = []
 
     # -- registry ---------------------------------------------------------------------------
@@ -92,12 +93,27 @@ class Hub:
         return verify_sas_token(token or "", f"{self.host_name}/devices/{device_id}", device.key, now)
 
     # -- connections ------------------------------------------------------------------------
-    def attach(self, device_id: str, transport: str, handle: object) -> tuple[str, object] | None:
-        """Record a new connection for the device; returns the one it takes over, if any."""
+    def attach(
+        self, device_id: str, transport: str, handle: object, kick: Callable[[], None] | None = None
+    ) -> tuple[str, object] | None:
+        """Record a new connection for the device; returns the one it takes over, if any.
+
+        IoT Hub allows one connection per identity and closes the older one (400027 / 409002). Each
+        front enforces that among its own connections; across transports (a device on MQTT connects
+        over AMQP) the hub calls the older connection's ``kick``, which must be thread-safe: it is
+        called from whichever thread the new connection's front runs on.
+        """
         with self._lock:
             previous = self._connections.get(device_id)
             self._connections[device_id] = (transport, handle)
-        return previous if previous is not None and previous[1] is not handle else None
+            old_kick = self._kickers.pop(device_id, None)
+            if kick is not None:
+                self._kickers[device_id] = (handle, kick)
+        if previous is None or previous[1] is handle:
+            return None
+        if previous[0] != transport and old_kick is not None and old_kick[0] is previous[1]:
+            old_kick[1]()
+        return previous
 
     def detach(self, device_id: str, handle: object) -> None:
         with self._lock:
@@ -107,6 +123,9 @@ class Hub:
             invoker = self._invokers.get(device_id)
             if invoker is not None and invoker[0] is handle:
                 del self._invokers[device_id]
+            kicker = self._kickers.get(device_id)
+            if kicker is not None and kicker[0] is handle:
+                del self._kickers[device_id]
 
     def serve_methods(self, device_id: str, handle: object, invoker: MethodInvoker) -> None:
         """The device on connection ``handle`` subscribed to direct methods."""
