@@ -30,12 +30,12 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from adapters.http.transport import HttpTransport  # noqa: E402
-from gateway.emulator import Hub  # noqa: E402
-from gateway.sas import ConnectionString  # noqa: E402
-from gateway.transport import Message  # noqa: E402
+from adapters.http.transport import HttpTransport
+from gateway.emulator import Hub
+from gateway.sas import ConnectionString
+from gateway.transport import Message
 
 DEVICE = "bench-device"
 

@@ -50,11 +50,11 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from adapters.mqtt.transport import MqttTransport  # noqa: E402
-from gateway.transport import Message  # noqa: E402
+from adapters.mqtt.transport import MqttTransport
+from gateway.transport import Message
 
 HUB = "bench-hub.azure-devices.net"
 USER = f"{HUB}/dev1/?api-version=2021-04-12"

@@ -45,7 +45,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
 ROOT = _HERE.parent
 URL_LINE = re.compile(r"http://127\.0\.0\.1:(\d+)")

@@ -28,7 +28,6 @@ import heapq
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from gateway.codes import code_of
 from gateway.errors import make_error
 from gateway.handler import Handler, State
 from gateway.policy import Backoff, History, Policy, PolicyConfig, ReconnectAfter
-from gateway.transport import Disconnected, Message, TransportEvent
+from gateway.testing import MemoryTransport
 
 DROP = code_of("DeviceConnectionClosedRemotely")
 REFUSED = code_of("ConnectionRefused")
@@ -148,12 +147,10 @@ class _StormHub:
         self.attempts: list[float] = []
 
 
-class _StormTransport:
-    name = "mqtt"
-
+class _StormTransport(MemoryTransport):
     def __init__(self, hub: _StormHub) -> None:
+        super().__init__("mqtt")
         self.hub = hub
-        self.queue: asyncio.Queue[TransportEvent | None] = asyncio.Queue()
 
     async def connect(self) -> None:
         now = self.hub.clock.now()
@@ -161,26 +158,7 @@ class _StormTransport:
             self.hub.attempts.append(now - START)
         if START < now < self.hub.outage_end:
             raise make_error(REFUSED, transport="mqtt")
-        self.queue = asyncio.Queue()
-
-    async def close(self) -> None:
-        self.queue.put_nowait(None)
-
-    async def send(self, message: Message) -> None:
-        return None
-
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        return None
-
-    async def events(self) -> AsyncIterator[TransportEvent]:
-        queue = self.queue
-        while True:
-            event = await queue.get()
-            if event is None:
-                return
-            yield event
-            if isinstance(event, Disconnected):
-                return
+        await super().connect()
 
 
 async def runtime_storm(n: int, outage: float, seed: int) -> tuple[list[float], float]:
@@ -194,7 +172,7 @@ async def runtime_storm(n: int, outage: float, seed: int) -> tuple[list[float], 
     await clock.advance(10.0)  # everyone connected; now t = START: the hub goes away
     assert all(h.state is State.CONNECTED for h in handlers)
     for t in transports:
-        t.queue.put_nowait(Disconnected(make_error(DROP, transport="mqtt")))
+        t.drop(make_error(DROP, transport="mqtt"))
     await clock.run_until(lambda: all(h.state is State.CONNECTED for h in handlers)
                           and clock.now() > START + outage, limit=outage + 200)
     done_at = clock.now() - START - outage

@@ -38,7 +38,11 @@ HTTP_BODY = json.dumps(
         "ExceptionMessage": "",
     }
 ).encode()
-HTTP_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Retry-After": "7", "iothub-errorcode": "ThrottlingException"}
+HTTP_HEADERS = {
+    "Content-Type": "application/json; charset=utf-8",
+    "Retry-After": "7",
+    "iothub-errorcode": "ThrottlingException",
+}
 MQTT_PROPS = {"status": "0501", "trace-id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0"}
 AMQP_INFO = {"status-code": 429, "com.microsoft:tracking-id": "0f1e2d3c4b5a69788796a5b4c3d2e1f0-G:5"}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +14,8 @@ from gateway.clock import FakeClock
 from gateway.errors import IoTHubError, OperationTimeoutError, QuotaExceededError, UnauthorizedError, make_error
 from gateway.handler import DeviceHolds, Handler, State, StateChange, Undelivered
 from gateway.policy import Backoff, Policy, PolicyConfig, StopReason
-from gateway.transport import DeviceOnline, Disconnected, Message, Transport, TransportEvent
+from gateway.testing import MemoryTransport
+from gateway.transport import DeviceOnline, Message, Transport
 
 REFUSED = 503901
 CLOSED_REMOTELY = 404104
@@ -52,14 +52,12 @@ class Hub:
             t.drop(make_error(code, transport=t.name))
 
 
-class FakeTransport:
+class FakeTransport(MemoryTransport):
     def __init__(self, hub: Hub, identity: str = "dev1", name: str = "mqtt") -> None:
+        super().__init__(name)
         self.hub = hub
         self.identity = identity
-        self.name = name
         self.token = 1
-        self.connected = False
-        self.queue: asyncio.Queue[TransportEvent | None] = asyncio.Queue()
 
     def err(self, code: int, **kw: Any) -> IoTHubError:
         return make_error(code, transport=self.name, **kw)
@@ -82,28 +80,24 @@ class FakeTransport:
             if other is not None and other is not self:
                 other.drop(self.err(hub.kick_code))
             hub.owners[self.identity] = self
-            self.connected = True
-            self.queue = asyncio.Queue()
+            await super().connect()
             hub.connects.append((hub.clock.now(), id(self)))
         finally:
             hub.connecting -= 1
 
-    def drop(self, err: IoTHubError) -> None:
+    def drop(self, error: IoTHubError) -> None:
         if self.connected:
-            self.connected = False
-            if self.hub.owners.get(self.identity) is self:
-                del self.hub.owners[self.identity]
-            self.queue.put_nowait(Disconnected(err))
-
-    def emit(self, event: TransportEvent) -> None:
-        self.queue.put_nowait(event)
+            self._release()
+            super().drop(error)
 
     async def close(self) -> None:
         if self.connected:
-            self.connected = False
-            if self.hub.owners.get(self.identity) is self:
-                del self.hub.owners[self.identity]
-            self.queue.put_nowait(None)
+            self._release()
+            await super().close()
+
+    def _release(self) -> None:
+        if self.hub.owners.get(self.identity) is self:
+            del self.hub.owners[self.identity]
 
     async def send(self, message: Message) -> None:
         hub = self.hub
@@ -137,15 +131,6 @@ class FakeTransport:
             raise make_error(404103, transport="http", device_id=device)
         return {"status": 200, "n": n}
 
-    async def events(self) -> AsyncIterator[TransportEvent]:
-        queue = self.queue
-        while True:
-            event = await queue.get()
-            if event is None:
-                return
-            yield event
-            if isinstance(event, Disconnected):
-                return
 
 
 @dataclasses.dataclass

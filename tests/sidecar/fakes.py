@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ from gateway.errors import IoTHubError
 from gateway.sidecar.config import SidecarConfig, parse_config
 from gateway.sidecar.service import Sidecar
 from gateway.sidecar.upstream import TransportSpec
-from gateway.transport import Disconnected, Message, TransportEvent
+from gateway.testing import MemoryTransport
+from gateway.transport import Message
 
 HUB = "fake.azure-devices.net"
 #: A planted secret: the device key of every fake device. It must never appear in any output.
@@ -37,24 +38,15 @@ class Upstream:
     transports: dict[str, FakeTransport] = field(default_factory=dict)
 
 
-class FakeTransport:
-    """Implements gateway.transport.Transport in memory."""
+class FakeTransport(MemoryTransport):
+    """One device's connection to the shared :class:`Upstream`."""
 
     def __init__(self, spec: TransportSpec, upstream: Upstream) -> None:
-        self.name = spec.protocol
+        super().__init__(spec.protocol)
         self.device_id = spec.connection.device_id
         self.spec = spec
         self.upstream = upstream
-        self.connects = 0
-        self._events: asyncio.Queue[TransportEvent | None] = asyncio.Queue()
         upstream.transports[self.device_id] = self
-
-    async def connect(self) -> None:
-        self.connects += 1
-        self._events = asyncio.Queue()
-
-    async def close(self) -> None:
-        self._events.put_nowait(None)
 
     async def send(self, message: Message) -> None:
         script = self.upstream.send_script.get(self.device_id)
@@ -65,22 +57,6 @@ class FakeTransport:
         if self.upstream.block is not None:
             await self.upstream.block.wait()
         self.upstream.received.append(message)
-
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        raise NotImplementedError
-
-    async def events(self) -> AsyncIterator[TransportEvent]:
-        queue = self._events
-        while True:
-            event = await queue.get()
-            if event is None:
-                return
-            yield event
-            if isinstance(event, Disconnected):
-                return
-
-    def drop(self, error: IoTHubError) -> None:
-        self._events.put_nowait(Disconnected(error))
 
 
 def fake_config(tmp_path: Path, *devices: tuple[str, str], extra: dict[str, Any] | None = None,
