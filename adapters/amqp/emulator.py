@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import re
 import socket
@@ -32,16 +33,25 @@ from typing import Any, Final, cast
 from urllib.parse import unquote
 
 from adapters.amqp.translate import RenderedCondition, render
-from gateway.codes import code_of
+from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, Received
+from gateway.emulator.hub import Hub, MethodInvoker, Received
 
 __all__ = ["AmqpFront"]
 
 log = logging.getLogger(__name__)
 
-_LINK_RE: Final = re.compile(r"/devices/([^/]+)/messages/(events|devicebound)/?$")
+_LINK_RE: Final = re.compile(r"/devices/([^/]+)/(messages/events|messages/devicebound|twin|methods/devicebound)/?$",
+                             re.IGNORECASE)
+# the link's path -> its kind; twin and method links come in pairs, "-out" being the front's sending end
+_KINDS: Final = {"messages/events": "events", "messages/devicebound": "devicebound", "twin": "twin",
+                 "methods/devicebound": "methods"}
+_CHANNEL_ID: Final = "com.microsoft:channel-correlation-id"
+_TWIN_REPORTED: Final = "/properties/reported"
+_TWIN_DESIRED: Final = "/notifications/twin/properties/desired"
+_METHOD_NAME: Final = "IoThub-methodname"
+_METHOD_STATUS: Final = "IoThub-status"
 _AUDIENCE_RE: Final = re.compile(r"devices/([^/?]+)")
 _CBS: Final = "$cbs"
 
@@ -53,6 +63,7 @@ _ADDRESS: Final = code_of("AmqpAddressNotFound")
 _STOLEN: Final = code_of("LinkCreationConflict")
 _NEW_CONNECTION: Final = code_of("ConnectionForcefullyClosedOnNewConnection")
 _LOCK_LOST: Final = code_of("DeviceMessageLockLost")
+_ARGUMENT: Final = code_of("ArgumentInvalid")
 # Hub.authenticate's reason -> (put-token status, the code in its description).
 _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "unknown": (404, _NOT_FOUND),
@@ -64,6 +75,23 @@ _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
 
 
 _DEFAULT_CONFIG: Final = FrontConfig()
+
+
+def _twin_status(code: int) -> int:
+    """The status a twin answer carries for a code: its HTTP status, else its family's."""
+    info = lookup(code)
+    return info.http_status or info.family_status
+
+
+def _method_body(body: Any) -> Any:
+    raw = bytes(body) if isinstance(body, (bytes, bytearray, memoryview)) else \
+        body.encode() if isinstance(body, str) else None
+    if not raw or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")
 
 
 class AmqpFront:
@@ -226,7 +254,10 @@ def _server_class() -> type[Any]:
             self.container: Any = None
             self.acceptor: Any = None
             self.conns: dict[Any, Any] = {}  # connection -> handle object given to Hub.attach
-            self.links: dict[tuple[str, str], Any] = {}  # (device, "events"|"devicebound") -> link
+            # (device, "events"|"devicebound"|"twin-in"|"twin-out"|"methods-in"|"methods-out") -> link
+            self.links: dict[tuple[str, str], Any] = {}
+            # correlation id -> (future, its loop, connection) of a method call waiting for the device
+            self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
             self.stopping = False
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
@@ -297,6 +328,9 @@ def _server_class() -> type[Any]:
             self._forget(conn)
 
         def _forget(self, conn: Any) -> None:
+            for corr, (_, _, owner) in list(self.pending_methods.items()):
+                if owner == conn:
+                    self._method_done(corr, exc=ConnectionError("the device disconnected before answering"))
             handle = self.conns.pop(conn, None)
             for key, link in list(self.links.items()):
                 if link.connection == conn:
@@ -358,11 +392,18 @@ def _server_class() -> type[Any]:
                 link.gw_kind = "cbs"
                 return None
             match = _LINK_RE.search(address)
-            if match is None or (match.group(2) == "events") != link.is_receiver:
+            kind = _KINDS[match.group(2).lower()] if match is not None else "refused"
+            if match is None or (kind == "events" and not link.is_receiver) or (kind == "devicebound"
+                                                                                and link.is_receiver):
                 link.gw_kind = "refused"
                 return _pick(_ADDRESS, None, "link")
-            link.gw_kind = match.group(2)
             link.gw_device = unquote(match.group(1))
+            if kind in ("twin", "methods"):
+                kind = f"{kind}-{'out' if link.is_sender else 'in'}"
+                link.gw_kind = kind
+                if not (link.remote_properties or {}).get(_CHANNEL_ID):  # the hub pairs the two links by it
+                    return _pick(_ARGUMENT, None, "link")
+            link.gw_kind = kind
             expiry = link.connection.gw_auth.get(link.gw_device)
             if expiry is None or expiry <= self.front.clock():
                 return _pick(_UNAUTHORIZED, None, "link")
@@ -391,6 +432,11 @@ def _server_class() -> type[Any]:
             self.links[key] = link
             handle = self.conns.setdefault(conn, object())
             self.hub.attach(device, "amqp", handle, kick=lambda: self.post(lambda: self._taken_over(conn)))
+            if str(kind).startswith("methods-") and all(
+                (out := self.links.get((device, side))) is not None and out.connection == conn
+                for side in ("methods-in", "methods-out")
+            ):  # IoT Hub takes a device as able to receive methods once both links are up
+                self.hub.serve_methods(device, handle, self._invoker(conn, device))
 
         def on_link_closed(self, event: Any) -> None:
             self._unregister(event.link)
@@ -433,6 +479,12 @@ def _server_class() -> type[Any]:
                 self._put_token(link, dlv, msg)
             elif kind == "events":
                 self._telemetry(link, dlv, msg)
+            elif kind == "twin-in":
+                self._twin(link, dlv, msg)
+            elif kind == "methods-in":
+                dlv.update(Delivery.ACCEPTED)
+                dlv.settle()
+                self._method_answer(msg)
             else:
                 dlv.update(Delivery.RELEASED)
                 dlv.settle()
@@ -534,6 +586,153 @@ def _server_class() -> type[Any]:
             props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
             mid = msg.id
             self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props))
+
+        # -- twin -----------------------------------------------------------------------------------
+        def _twin(self, link: Any, dlv: Any, msg: Any) -> None:
+            device_id: str = link.gw_device
+            annotations = msg.annotations or {}
+            operation = str(annotations.get("operation") or "").upper()
+            resource = annotations.get("resource")
+            corr = msg.correlation_id
+            dlv.update(Delivery.ACCEPTED)
+            dlv.settle()
+            device = self.hub.device(device_id)
+            if device is None:
+                return
+            if operation in ("PUT", "DELETE") and resource == _TWIN_DESIRED:
+                self._twin_answer(link, corr, 200 if operation == "PUT" else 204)
+                return
+            if operation == "GET":
+                op = Operation.TWIN_GET
+            elif operation == "PATCH" and resource == _TWIN_REPORTED:
+                op = Operation.TWIN_PATCH
+            else:
+                self._twin_error(link, corr, _ARGUMENT, f"unknown twin operation {operation!r} on {resource!r}")
+                return
+            fault = self.hub.plan.take(device_id, op, "amqp")
+            if fault is not None:
+                if fault.kind is FaultKind.DROP:
+                    self._cut(link.connection)
+                    return
+                if fault.kind is FaultKind.NO_ACK:
+                    return
+                if fault.kind is FaultKind.ERROR and fault.code is not None:
+                    where, form = _pick(fault.code, fault, "answer")
+                    if where in ("link", "session", "connection"):
+                        self._close(link, where, form)
+                    else:
+                        self._twin_error(link, corr, fault.code, f"{lookup(fault.code).name} (emulated)")
+                    return
+            if op is Operation.TWIN_GET:
+                twin = {
+                    "desired": {**device.twin_desired, "$version": device.twin_version},
+                    "reported": {**device.twin_reported, "$version": device.twin_version},
+                }
+                answer: tuple[int, int | None, bytes | None] = (200, None, json.dumps(twin).encode())
+            else:
+                patch = _method_body(msg.body)
+                if not isinstance(patch, dict):
+                    self._twin_error(link, corr, _ARGUMENT, "the reported-properties patch is not a JSON object")
+                    return
+                for key, value in patch.items():
+                    if value is None:
+                        device.twin_reported.pop(key, None)
+                    else:
+                        device.twin_reported[key] = value
+                device.twin_version += 1
+                answer = (204, device.twin_version, None)
+            if fault is not None and fault.kind is FaultKind.DELAY:
+                self._later(fault.delay, lambda: self._twin_answer(link, corr, *answer))
+            else:
+                self._twin_answer(link, corr, *answer)
+
+        def _twin_error(self, link: Any, corr: Any, code: int, message: str) -> None:
+            body = {"errorCode": code, "trackingId": f"emu-{uuid.uuid4()}", "message": message,
+                    "timestampUtc": ""}
+            self._twin_answer(link, corr, _twin_status(code), None, json.dumps(body).encode())
+
+        def _twin_answer(self, link: Any, corr: Any, status: int, version: int | None = None,
+                         body: bytes | None = None) -> None:
+            """Answer on the device's receiving twin link of the same connection (none: nobody hears it)."""
+            out = self.links.get((link.gw_device, "twin-out"))
+            if out is None or out.connection != link.connection or not out.state & Endpoint.LOCAL_ACTIVE:
+                return
+            answer = Message(correlation_id=corr, body=body, inferred=True)
+            annotations: dict[Any, Any] = {proton.symbol("status"): proton.int32(status)}
+            if version is not None:
+                annotations[proton.symbol("version")] = int(version)  # a Python int goes out as an AMQP long
+            answer.annotations = cast(Any, annotations)
+            out.send(answer)
+
+        # -- direct methods -------------------------------------------------------------------------
+        def _invoker(self, conn: Any, device: str) -> MethodInvoker:
+            """Hub.MethodInvoker for this connection: called on the hub's loop, hops to proton and back."""
+
+            async def invoke(name: str, payload: Any, timeout: float) -> tuple[int, Any]:
+                loop = asyncio.get_running_loop()
+                future: asyncio.Future[tuple[int, Any]] = loop.create_future()
+                corr = uuid.uuid4()
+                self.post(lambda: self._call_method(conn, device, name, payload, corr, future, loop))
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await future
+                finally:
+                    self.post(lambda: self._method_done(corr))
+
+            return invoke
+
+        def _call_method(self, conn: Any, device: str, name: str, payload: Any, corr: Any,
+                         future: asyncio.Future[tuple[int, Any]], loop: asyncio.AbstractEventLoop) -> None:
+            self.pending_methods[corr] = (future, loop, conn)
+            link = self.links.get((device, "methods-out"))
+            if link is None or link.connection != conn or not link.state & Endpoint.LOCAL_ACTIVE:
+                self._method_done(corr, exc=ConnectionError("the device's method link is closed"))
+                return
+            fault = self.hub.plan.take(device, Operation.METHOD, "amqp")
+            request = Message(correlation_id=corr, body=json.dumps(payload).encode(), inferred=True)
+            request.properties = cast(Any, {_METHOD_NAME: name})
+            if fault is None:
+                link.send(request)
+            elif fault.kind is FaultKind.DROP:
+                self._cut(conn)
+            elif fault.kind is FaultKind.NO_ACK:
+                pass  # the request never reaches the device: the caller times out
+            elif fault.kind is FaultKind.DELAY:
+                def later() -> None:
+                    if corr in self.pending_methods and link.state & Endpoint.LOCAL_ACTIVE:
+                        link.send(request)
+
+                self._later(fault.delay, later)
+            elif fault.code is not None:
+                self._close(link, *_pick(fault.code, fault, "link"))
+                self._method_done(corr, exc=ConnectionError(f"method link closed with {fault.code}"))
+
+        def _method_answer(self, msg: Any) -> None:
+            status = (msg.properties or {}).get(_METHOD_STATUS)
+            if not isinstance(status, int) or isinstance(status, bool):
+                return  # no usable status: not an answer the hub can pass on
+            self._method_done(msg.correlation_id, result=(int(status), _method_body(msg.body)))
+
+        def _method_done(self, corr: Any, result: tuple[int, Any] | None = None,
+                         exc: BaseException | None = None) -> None:
+            try:
+                entry = self.pending_methods.pop(corr, None)
+            except TypeError:  # an unhashable correlation id: nobody waits for it
+                return
+            if entry is None:
+                return
+            future, loop, _ = entry
+
+            def settle() -> None:
+                if future.done() or (exc is None and result is None):
+                    return
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(cast(tuple[int, Any], result))
+
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(settle)
 
         # -- cloud-to-device ----------------------------------------------------------------------
         def on_timer_task(self, event: Any) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
@@ -36,7 +37,7 @@ from gateway.normalize import normalize
 from gateway.sas import ConnectionString, parse_sas_token
 from gateway.transport import Disconnected, Inbound, Message, TransportEvent
 
-__all__ = ["AmqpRemoteError", "AmqpTransport", "C2DMessage", "Outcome"]
+__all__ = ["API_VERSION", "REQUEST_KINDS", "AmqpRemoteError", "AmqpTransport", "C2DMessage", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,26 @@ _NOT_CONNECTED: Final = code_of("NotConnected")
 _TIMED_OUT: Final = code_of("OperationTimedOut")
 _CLOSED: Final = code_of("DeviceConnectionClosedRemotely")
 _PROTOCOL: Final = code_of("ProtocolViolation")
+_ARGUMENT: Final = code_of("ArgumentInvalid")
 _LOCK_LOST: Final = "com.microsoft:message-lock-lost"
 _CBS: Final = "$cbs"
 
 Outcome = Literal["accept", "reject", "abandon"]
 _SETTLE_KINDS: Final[dict[str, Outcome]] = {"c2d_accept": "accept", "c2d_reject": "reject", "c2d_abandon": "abandon"}
+REQUEST_KINDS: Final = ("twin_get", "twin_patch", "method_response", *_SETTLE_KINDS)
+
+API_VERSION: Final = "2021-04-12"
+# Twin and method links: IoT Hub pairs a link's two directions by the channel correlation id given at attach.
+_CHANNEL_ID: Final = "com.microsoft:channel-correlation-id"
+_API_VERSION_KEY: Final = "com.microsoft:api-version"
+_LINK_PAIRS: Final[dict[str, tuple[str, str]]] = {"twin": ("twin-s", "twin-r"), "methods": ("methods-s", "methods-r")}
+_TWIN_REPORTED: Final = "/properties/reported"
+_TWIN_DESIRED: Final = "/notifications/twin/properties/desired"
+_METHOD_NAME: Final = "IoThub-methodname"
+_METHOD_STATUS: Final = "IoThub-status"
+# The condition a twin answer's error is read under: no condition exists on the wire (the status and the
+# body say it all), and an unknown one lets translate() fall back on the status family.
+_TWIN_ANSWER: Final = "iothub:twin-response"
 
 
 class AmqpRemoteError(Exception):
@@ -105,12 +121,70 @@ def _in_flight_error(cause: IoTHubError) -> IoTHubError:
     return err
 
 
+def _body_bytes(body: Any) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    return repr(body).encode()
+
+
+def _json(payload: bytes) -> Any:
+    """A JSON body as its value; anything else as the raw bytes (a device may answer with no JSON)."""
+    if not payload.strip():
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload
+
+
+def _twin_error(status: object, body: bytes) -> IoTHubError | None:
+    """A twin answer's ``status`` annotation and body -> None (2xx, or no status) or the error it carries.
+
+    The body's ``errorCode`` is exact; without one, the status family (``translate`` falls back on it).
+    """
+    if status is None:
+        return None
+    if not isinstance(status, int) or isinstance(status, bool):
+        try:
+            status = int(str(status).strip())
+        except ValueError:
+            err = make_error(_PROTOCOL, transport=TRANSPORT, exact=False,
+                             message=f"twin answer with a status that is not a number: {str(status)[:40]!r}")
+            err.__cause__ = AmqpRemoteError("twin", None, "unreadable status")
+            return err
+    if 100 <= status < 300:
+        return None
+    parsed: Any = None
+    with contextlib.suppress(ValueError, RecursionError):
+        parsed = json.loads(body) if body.strip() else None
+    fields = parsed if isinstance(parsed, dict) else {}
+    info: dict[str, object] = {"status-code": status}
+    if fields.get("errorCode") is not None:
+        info["errorCode"] = fields["errorCode"]
+    tracking = fields.get("trackingId")
+    if isinstance(tracking, str):
+        info["com.microsoft:tracking-id"] = tracking
+    message = fields.get("message") or fields.get("Message")
+    description = message if isinstance(message, str) else f"twin request answered with status {status}"
+    err = translate(_TWIN_ANSWER, description, info)
+    err.__cause__ = AmqpRemoteError("twin", None, description, info)
+    return err
+
+
 class AmqpTransport:
     """One device's AMQP connection to IoT Hub (or any AMQP 1.0 peer), for the shared ``Handler``.
 
     With ``cbs=True`` (IoT Hub) the SAS token is put on ``$cbs`` after SASL ANONYMOUS and renewed
     before it expires when ``token`` is a callable. Set ``cbs=False`` with ``user``/``password``
     (SASL PLAIN) and explicit addresses to talk to a plain broker.
+
+    ``subscribe`` names what to listen to from connect on: ``"methods"`` (direct-method links) and
+    ``"twin"`` (twin links plus desired-property notifications). The twin links are also attached on
+    the first ``twin_get`` / ``twin_patch`` when not subscribed.
     """
 
     name = TRANSPORT
@@ -140,6 +214,8 @@ class AmqpTransport:
         prefetch: int = 10,
         close_timeout: float = 5.0,
         settle_mode: Literal["first", "second"] = "second",
+        subscribe: Iterable[str] = (),
+        api_version: str = API_VERSION,
     ) -> None:
         self.host = host
         self.port = port
@@ -156,6 +232,13 @@ class AmqpTransport:
             raise ValueError("cbs=True needs a token (a SAS token string or a callable returning one)")
         self.events_address = events_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/events"
         self.c2d_address = c2d_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/devicebound"
+        self.twin_address = f"amqps://{self.hub_host}/devices/{device_id}/twin"
+        self.methods_address = f"amqps://{self.hub_host}/devices/{device_id}/methods/devicebound"
+        self.subscriptions = frozenset(subscribe)
+        unknown = self.subscriptions - set(_LINK_PAIRS)
+        if unknown:
+            raise ValueError(f"unknown subscription(s) {sorted(unknown)}: use 'twin' and/or 'methods'")
+        self.api_version = api_version
         self.receive_c2d = receive_c2d
         self.send_timeout = send_timeout
         self.connect_timeout = connect_timeout
@@ -212,6 +295,7 @@ class AmqpTransport:
         except BaseException:
             await self._retire()
             raise
+        bridge.attached.update(self.subscriptions)
 
     async def close(self) -> None:
         """Close the connection and end the proton thread. Idempotent."""
@@ -239,19 +323,74 @@ class AmqpTransport:
         await bridge.wait(fut, timeout if timeout is not None else self.settle_timeout, "settle")
 
     async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        """``c2d_accept`` / ``c2d_reject`` / ``c2d_abandon`` with a lock token (or ``C2DMessage``).
-
-        Twin and method links are not implemented over AMQP here: use MQTT or HTTP for those.
+        """The same kinds as MQTT: ``twin_get`` -> the twin; ``twin_patch`` (reported properties) ->
+        ``{"version": n}``; ``method_response`` (``{"rid", "status", "payload"}``) -> None once the hub
+        accepted it. Also ``c2d_accept`` / ``c2d_reject`` / ``c2d_abandon`` with a lock token (or a
+        ``C2DMessage``). A twin answer with an error status raises its body's ``errorCode`` (exact),
+        else its status family.
         """
         outcome = _SETTLE_KINDS.get(kind)
-        if outcome is None:
-            raise ValueError(f"the AMQP adapter does not implement request kind {kind!r}")
-        token = payload.lock_token if isinstance(payload, C2DMessage) else str(payload)
-        await self.settle(token, outcome, timeout=timeout)
-        return None
+        if outcome is not None:
+            token = payload.lock_token if isinstance(payload, C2DMessage) else str(payload)
+            await self.settle(token, outcome, timeout=timeout)
+            return None
+        if kind in ("twin_get", "twin_patch"):
+            return await self._twin(kind, payload, timeout)
+        if kind == "method_response":
+            await self._method_response(payload, timeout)
+            return None
+        raise ValueError(f"the AMQP adapter does not implement request kind {kind!r} "
+                         f"(one of {', '.join(REQUEST_KINDS)})")
+
+    async def _twin(self, kind: str, payload: Any, timeout: float) -> Any:
+        bridge = self._live()
+        loop = bridge.loop
+        deadline = loop.time() + timeout
+        if "twin" not in bridge.attached:
+            attached: asyncio.Future[None] = loop.create_future()
+            bridge.post(lambda: bridge.do_attach("twin", attached))
+            await bridge.wait(attached, timeout, "twin link attach")
+            bridge.attached.add("twin")
+        if kind == "twin_get":
+            operation, resource, body = "GET", None, b" "  # an empty data section, as the C SDK sends
+        else:
+            operation, resource, body = "PATCH", _TWIN_REPORTED, json.dumps(payload).encode()
+        corr = str(uuid.uuid4())
+        fut: asyncio.Future[tuple[object, object, bytes]] = loop.create_future()
+        bridge.post(lambda: bridge.do_twin(operation, resource, body, corr, fut))
+        try:
+            status, version, answer = await bridge.wait(fut, max(0.0, deadline - loop.time()), f"twin {operation}",
+                                                        in_flight=kind == "twin_patch")
+        finally:
+            if not fut.done() or fut.cancelled():
+                bridge.post(lambda: bridge.forget_twin(corr))
+        err = _twin_error(status, answer)
+        if err is not None:
+            err.device_id = err.device_id or self.device_id
+            raise err
+        if kind == "twin_patch":
+            return {"version": version if isinstance(version, int) and not isinstance(version, bool) else None}
+        return _json(answer)
+
+    async def _method_response(self, payload: Any, timeout: float) -> None:
+        if not isinstance(payload, Mapping) or "rid" not in payload:
+            raise make_error(_ARGUMENT, transport=TRANSPORT, device_id=self.device_id,
+                             message="method_response needs {'rid', 'status'}")
+        try:
+            status = int(payload.get("status", 200))
+        except (TypeError, ValueError):
+            raise make_error(_ARGUMENT, transport=TRANSPORT, device_id=self.device_id,
+                             message=f"method_response status is not an integer: {payload.get('status')!r}") from None
+        body = json.dumps(payload.get("payload")).encode()
+        bridge = self._live()
+        fut: asyncio.Future[None] = bridge.loop.create_future()
+        rid = str(payload["rid"])
+        bridge.post(lambda: bridge.do_method_response(rid, status, body, fut))
+        await bridge.wait(fut, timeout, "method response", in_flight=True)
 
     async def events(self) -> AsyncIterator[TransportEvent]:
-        """Cloud-to-device messages as ``Inbound("c2d", C2DMessage)``, then ``Disconnected``."""
+        """``Inbound("c2d", C2DMessage)``, ``Inbound("method", {"name", "rid", "payload"})`` and
+        ``Inbound("twin_desired", {"patch", "version"})``, then ``Disconnected``."""
         bridge = self._bridge
         if bridge is None:
             return
@@ -309,6 +448,7 @@ class _Bridge:
         self._deadlines: deque[tuple[float, asyncio.Future[None], float]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.ready_done = False
+        self.attached: set[str] = set()  # link pairs ("twin", "methods") known open, loop side
         self.dead = False  # set on the loop thread once the connection is gone
         self.error: IoTHubError | None = None
         self.thread: threading.Thread | None = None
@@ -335,6 +475,13 @@ class _Bridge:
         self.c2d: dict[str, Any] = {}
         self.settling: dict[Any, tuple[asyncio.Future[None], str]] = {}
         self.links_open: set[str] = set()
+        self.extra_links: dict[str, Any] = {}  # "twin-s", "twin-r", "methods-s", "methods-r" -> link
+        self.twin_requests: dict[str, asyncio.Future[Any] | None] = {}  # correlation id -> answer
+        self.request_sends: dict[Any, str] = {}  # twin request delivery -> its correlation id
+        self.method_corr: dict[str, Any] = {}  # rid -> the request's correlation id, echoed as it came
+        self.attach_waiters: list[tuple[str, asyncio.Future[None]]] = []
+        self.listen = set(owner.subscriptions)
+        self.desired_sent = False
         self.renew_task: Any = None
         self.proton: Any = None
         self._outgoing: Any = None
@@ -546,6 +693,46 @@ class _Bridge:
             dlv.settle()
             self.resolve(fut)
 
+    def do_attach(self, kind: str, fut: asyncio.Future[None]) -> None:
+        if self._stopped or self.sender is None:
+            self.resolve(fut, exc=make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                                             message=f"cannot attach the {kind} links: not connected"))
+            return
+        self.create_pair(kind)
+        self.attach_waiters.append((kind, fut))
+        self.pairs_progress()
+
+    def do_twin(self, operation: str, resource: str | None, body: bytes, corr: str,
+                fut: asyncio.Future[Any] | None) -> None:
+        """Send one twin request; ``fut`` (None: nobody waits) gets (status, version, body) of the answer."""
+        sender = self.extra_links.get("twin-s")
+        if self._stopped or sender is None or not _is_active(sender, self.proton):
+            if fut is not None:
+                self.resolve(fut, exc=make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                                                 message="the twin link is not open; nothing was sent"))
+            return
+        symbol = self.proton.symbol
+        msg = self.proton.Message(correlation_id=corr, body=body, inferred=True)
+        annotations: dict[Any, Any] = {symbol("operation"): operation}
+        if resource is not None:
+            annotations[symbol("resource")] = resource
+        msg.annotations = cast(Any, annotations)
+        self.twin_requests[corr] = fut
+        self.request_sends[sender.send(msg)] = corr
+
+    def forget_twin(self, corr: str) -> None:
+        self.twin_requests.pop(corr, None)
+
+    def do_method_response(self, rid: str, status: int, body: bytes, fut: asyncio.Future[None]) -> None:
+        sender = self.extra_links.get("methods-s")
+        if self._stopped or sender is None or not _is_active(sender, self.proton):
+            self.resolve(fut, exc=make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                                             message="the methods link is not open; nothing was sent"))
+            return
+        msg = self.proton.Message(correlation_id=self.method_corr.pop(rid, rid), body=body, inferred=True)
+        msg.properties = cast(Any, {_METHOD_STATUS: self.proton.int32(status)})
+        self.pending[sender.send(msg)] = fut
+
     def do_close(self) -> None:
         if self._stopped:
             return
@@ -661,6 +848,32 @@ class _Bridge:
             self.receiver = self.container.create_receiver(
                 self.conn, source=owner.c2d_address, name=f"c2d-{uuid.uuid4()}",
                 options=_SettleSecond(self.proton) if owner.settle_mode == "second" else None)
+        for kind in sorted(owner.subscriptions):
+            self.create_pair(kind)
+
+    def create_pair(self, kind: str) -> None:
+        """Attach a twin or methods link pair, both with one channel correlation id (the hub pairs them)."""
+        send_name, receive_name = _LINK_PAIRS[kind]
+        if send_name in self.extra_links:
+            return
+        owner = self.owner
+        address = owner.twin_address if kind == "twin" else owner.methods_address
+        symbol = self.proton.symbol
+        props = {symbol(_CHANNEL_ID): f"{kind}:{uuid.uuid4()}", symbol(_API_VERSION_KEY): owner.api_version}
+        self.extra_links[send_name] = self.container.create_sender(
+            self.conn, target=address, name=f"{send_name}-{uuid.uuid4()}", options=_Attach(props, kind))
+        self.extra_links[receive_name] = self.container.create_receiver(
+            self.conn, source=address, name=f"{receive_name}-{uuid.uuid4()}", options=_Attach(props, kind))
+
+    def pairs_progress(self) -> None:
+        """Links opened: subscribe to desired properties once the twin pair is up, wake attach waiters."""
+        if "twin" in self.listen and not self.desired_sent and set(_LINK_PAIRS["twin"]) <= self.links_open:
+            self.desired_sent = True
+            self.do_twin("PUT", _TWIN_DESIRED, b" ", str(uuid.uuid4()), None)
+        for waiter in list(self.attach_waiters):
+            if set(_LINK_PAIRS[waiter[0]]) <= self.links_open:
+                self.attach_waiters.remove(waiter)
+                self.resolve(waiter[1])
 
     def on_link_opened(self, link: Any) -> None:
         remote = link.remote_target if link.is_sender else link.remote_source
@@ -671,8 +884,14 @@ class _Bridge:
         elif link == self.receiver:
             self.links_open.add("c2d")
         else:
-            return
+            name = next((n for n, known in self.extra_links.items() if known == link), None)
+            if name is None:
+                return
+            self.links_open.add(name)
+            self.pairs_progress()
         wanted = {"events", "c2d"} if self.owner.receive_c2d else {"events"}
+        for kind in self.owner.subscriptions:
+            wanted.update(_LINK_PAIRS[kind])
         if wanted <= self.links_open and not self.ready_done:
             self.ready_done = True
             self.resolve(self.ready)
@@ -685,6 +904,14 @@ class _Bridge:
             delivery.update(self.proton.Delivery.ACCEPTED)
             delivery.settle()
             self.on_cbs_answer(message)
+            return
+        if link == self.extra_links.get("twin-r") or link == self.extra_links.get("methods-r"):
+            delivery.update(self.proton.Delivery.ACCEPTED)
+            delivery.settle()
+            if link == self.extra_links.get("twin-r"):
+                self.on_twin_message(message)
+            else:
+                self.on_method_request(message)
             return
         if link != self.receiver:
             delivery.update(self.proton.Delivery.RELEASED)
@@ -705,16 +932,61 @@ class _Bridge:
                          str(corr) if corr is not None else None)
         self.emit(Inbound("c2d", c2d, self.device_id))
 
+    def on_twin_message(self, message: Any) -> None:
+        """A twin answer (matched by correlation id), or a desired-properties notification."""
+        corr = message.correlation_id
+        annotations = message.annotations or {}
+        status = annotations.get("status")
+        version = annotations.get("version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            version = int(version)
+        if isinstance(status, int) and not isinstance(status, bool):
+            status = int(status)
+        body = _body_bytes(message.body)
+        key = str(corr) if corr is not None else None
+        if key is not None and key in self.twin_requests:
+            fut = self.twin_requests.pop(key)
+            if fut is not None:
+                self.resolve(fut, (status, version, body))
+            else:
+                err = _twin_error(status, body)
+                if err is not None:
+                    log.warning("%s: desired-property subscription refused: %s", self.device_id, err)
+            return
+        if key is None and body.strip():
+            self.emit(Inbound("twin_desired", {"patch": _json(body), "version": version}, self.device_id))
+
+    def on_method_request(self, message: Any) -> None:
+        name = (message.properties or {}).get(_METHOD_NAME)
+        corr = message.correlation_id
+        rid = str(corr) if corr is not None else ""
+        self.method_corr[rid] = corr
+        while len(self.method_corr) > 1024:  # requests never answered: forget the oldest
+            del self.method_corr[next(iter(self.method_corr))]
+        payload = {"name": str(name) if name is not None else "", "rid": rid,
+                   "payload": _json(_body_bytes(message.body))}
+        self.emit(Inbound("method", payload, self.device_id))
+
     def on_outcome(self, delivery: Any) -> None:
         """A sent delivery got its outcome (sender side)."""
+        corr = self.request_sends.pop(delivery, None)
+        if corr is not None:  # a twin request: accepted, its answer follows on the receiving link
+            if delivery.remote_state != self.proton.Delivery.ACCEPTED:
+                waiter = self.twin_requests.pop(corr, None)
+                if waiter is not None:
+                    self.resolve(waiter, exc=self._outcome_error(delivery))
+            return
         fut = self.pending.pop(delivery, None)
         if fut is None:
             return
-        dstate = self.proton.Delivery
-        remote = delivery.remote_state
-        if remote == dstate.ACCEPTED:
+        if delivery.remote_state == self.proton.Delivery.ACCEPTED:
             self.resolve(fut)
             return
+        self.resolve(fut, exc=self._outcome_error(delivery))
+
+    def _outcome_error(self, delivery: Any) -> IoTHubError:
+        dstate = self.proton.Delivery
+        remote = delivery.remote_state
         cond = delivery.remote.condition
         if remote == dstate.REJECTED:
             if cond is None:
@@ -728,7 +1000,7 @@ class _Bridge:
             err = make_error(code_of("ServerBusy"), transport=TRANSPORT, device_id=self.device_id, exact=False,
                              message=f"delivery released by the peer (state {remote})")
         err.device_id = err.device_id or self.device_id
-        self.resolve(fut, exc=err)
+        return err
 
     def on_receiver_settled(self, delivery: Any) -> None:
         entry = self.settling.pop(delivery, None)
@@ -779,6 +1051,16 @@ class _Bridge:
         for fut in self.pending.values():
             self.resolve(fut, exc=gone)
         self.pending.clear()
+        for answer in self.twin_requests.values():
+            if answer is not None:
+                self.resolve(answer, exc=gone)
+        self.twin_requests.clear()
+        self.request_sends.clear()
+        self.method_corr.clear()
+        for _, attach in self.attach_waiters:
+            self.resolve(attach, exc=err or make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=self.device_id,
+                                                       message="closed before the links were attached"))
+        self.attach_waiters.clear()
         lost = translate(_LOCK_LOST, "the connection closed before the hub confirmed the settlement")
         for fut, _ in self.settling.values():
             self.resolve(fut, exc=lost)
@@ -827,6 +1109,24 @@ class _Target:
 
     def test(self, link: Any) -> bool:
         return bool(link.is_receiver)
+
+
+class _Attach:
+    """Link option for twin and method links: the attach properties, and our end's address."""
+
+    def __init__(self, properties: dict[Any, Any], address: str) -> None:
+        self.properties = properties
+        self.address = address
+
+    def apply(self, link: Any) -> None:
+        link.properties = self.properties
+        if link.is_sender:
+            link.source.address = self.address
+        else:
+            link.target.address = self.address
+
+    def test(self, link: Any) -> bool:
+        return True
 
 
 class _SettleSecond:
