@@ -556,6 +556,8 @@ class HttpFront:
                 status, payload = await invoker(call["methodName"], call.get("payload"), wait)
         except TimeoutError:
             return self.error(_GATEWAY_TIMEOUT, message=f"Timed out waiting for device {device_id} to respond")
+        except ConnectionError:  # its method channel closed under the call: not online for methods
+            return self.error(_NOT_ONLINE, message=f"Device {device_id} is not subscribed to methods")
         return self._count(web.json_response({"status": status, "payload": payload}))
 
 

@@ -281,3 +281,32 @@ async def test_https_with_a_configured_certificate(tls_files: TlsFiles) -> None:
         finally:
             await f.stop()
             await f.stop()  # idempotent
+
+
+async def test_a_method_channel_that_closed_under_the_call_is_device_not_online() -> None:
+    """IoT Hub's 404103 means "not connected, or not subscribed to methods"; never a 500."""
+    import aiohttp
+
+    from adapters.http.emulator import HttpFront
+    from adapters.http.transport import ServiceCredential
+    from gateway.emulator import Hub
+
+    hub = Hub()
+    hub.add_device("d1")
+
+    async def gone(name: str, payload: object, timeout: float) -> tuple[int, object]:
+        raise ConnectionError("method link closed")
+
+    hub.serve_methods("d1", object(), gone)
+    front = HttpFront(hub)
+    await front.start()
+    try:
+        cred = ServiceCredential.parse(front.service_connection_string)
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"{front.url}/twins/d1/methods?api-version=2021-04-12",
+                                      json={"methodName": "reboot", "responseTimeoutInSeconds": 5},
+                                      headers={"Authorization": cred.token(2**31 - 1)})
+            assert resp.status == 404
+            assert "DeviceNotOnline" in await resp.text()
+    finally:
+        await front.stop()
