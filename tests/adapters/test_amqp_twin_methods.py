@@ -318,3 +318,25 @@ async def test_method_response_needs_a_rid_and_an_open_link(hub: Hub, front: Amq
 def test_unknown_subscription_is_refused(hub: Hub) -> None:
     with pytest.raises(ValueError):
         AmqpTransport.from_connection_string(hub.connection_string("d1"), subscribe=("c2d-bogus",))
+
+
+async def test_twin_requests_through_the_handler_ride_out_throttling(hub: Hub, front: AmqpFront) -> None:
+    """The handler treats a twin request over AMQP like any operation: throttled, waited, retried."""
+    from gateway.handler import Handler
+    from gateway.policy import Backoff, Policy, PolicyConfig, ThrottleBackoff
+
+    quick = Backoff(initial=0.02, multiplier=2.0, cap=0.1, jitter=0.0, max_attempts=20, max_elapsed=0.0)
+    policy = Policy(PolicyConfig(retry=quick, reconnect=quick,
+                                 throttle=ThrottleBackoff(initial=0.02, cap=0.1, jitter=0.0, max_retry_after=0.2)))
+    transport = AmqpTransport.from_connection_string(
+        hub.connection_string("d1"), host="127.0.0.1", port=front.port, tls=False, subscribe=("twin",),
+        send_timeout=STEP, connect_timeout=STEP, close_timeout=2.0)
+    async with Handler(transport, policy=policy, identity="d1") as handler:
+        await handler.wait_connected(STEP)
+        hub.plan.add("twin_patch", 429001, device="d1", times=2, retry_after=0.05)
+        answer = await asyncio.wait_for(handler.request("twin_patch", {"fw": "2.0"}, timeout=STEP), STEP * 2)
+        assert answer == {"version": hub.device("d1").twin_version}  # type: ignore[union-attr]
+        assert hub.device("d1").twin_reported["fw"] == "2.0"  # type: ignore[union-attr]
+        assert handler.metrics()[(429001, "amqp", "throttled")] == 2
+        twin = await asyncio.wait_for(handler.request("twin_get", None, timeout=STEP), STEP)
+        assert twin["reported"]["fw"] == "2.0"
