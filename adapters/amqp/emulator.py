@@ -258,6 +258,8 @@ def _server_class() -> type[Any]:
             self.links: dict[tuple[str, str], Any] = {}
             # correlation id -> (future, its loop, connection) of a method call waiting for the device
             self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
+            # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
+            self.desired_subs: dict[tuple[str, Any], object] = {}
             self.stopping = False
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
@@ -332,6 +334,9 @@ def _server_class() -> type[Any]:
                 if owner == conn:
                     self._method_done(corr, exc=ConnectionError("the device disconnected before answering"))
             handle = self.conns.pop(conn, None)
+            for device, owner in list(self.desired_subs):
+                if owner == conn:
+                    self.hub.detach(device, self.desired_subs.pop((device, owner)))
             for key, link in list(self.links.items()):
                 if link.connection == conn:
                     del self.links[key]
@@ -600,6 +605,7 @@ def _server_class() -> type[Any]:
             if device is None:
                 return
             if operation in ("PUT", "DELETE") and resource == _TWIN_DESIRED:
+                self._desired_subscription(link, operation == "PUT")
                 self._twin_answer(link, corr, 200 if operation == "PUT" else 204)
                 return
             if operation == "GET":
@@ -645,6 +651,33 @@ def _server_class() -> type[Any]:
                 self._later(fault.delay, lambda: self._twin_answer(link, corr, *answer))
             else:
                 self._twin_answer(link, corr, *answer)
+
+        def _desired_subscription(self, link: Any, on: bool) -> None:
+            """PUT/DELETE on the desired-notification resource: (un)register with the hub for patches."""
+            device: str = link.gw_device
+            conn = link.connection
+            if not on:
+                self.desired_subs.pop((device, conn), None)
+                return
+            handle = self.conns.setdefault(conn, object())
+            self.desired_subs[(device, conn)] = handle
+
+            def listener(patch: dict[str, Any], version: int) -> None:  # any thread: hop to proton's
+                self.post(lambda: self._notify_desired(conn, device, patch, version))
+
+            self.hub.watch_desired(device, handle, listener)
+
+        def _notify_desired(self, conn: Any, device: str, patch: dict[str, Any], version: int) -> None:
+            """Send the patch on the twin receiver link, as IoT Hub does: no correlation id, the version
+            in the annotations and (as on MQTT) in the body."""
+            if (device, conn) not in self.desired_subs:
+                return  # unsubscribed or disconnected since
+            out = self.links.get((device, "twin-out"))
+            if out is None or out.connection != conn or not out.state & Endpoint.LOCAL_ACTIVE:
+                return
+            notice = Message(body=json.dumps({**patch, "$version": version}).encode(), inferred=True)
+            notice.annotations = cast(Any, {proton.symbol("version"): int(version)})
+            out.send(notice)
 
         def _twin_error(self, link: Any, corr: Any, code: int, message: str) -> None:
             body = {"errorCode": code, "trackingId": f"emu-{uuid.uuid4()}", "message": message,

@@ -1,10 +1,11 @@
 """The emulated hub's HTTP front: IoT Hub's device and service REST endpoints on an aiohttp server.
 
-It plays the calls a gateway makes (telemetry, cloud-to-device receive and settle, twin read, direct
-method invocation), authenticates with SAS tokens through :class:`~gateway.emulator.Hub`, and answers
-whatever the shared :class:`~gateway.emulator.FaultPlan` scripts. Error answers are rendered from the
-catalog (:func:`render`) in every body form IoT Hub uses, so a client meets the same variety it meets
-in production; ``tests/adapters/test_http_emulator.py`` proves each form translates back to its code.
+It plays the calls a gateway makes (telemetry, cloud-to-device receive and settle, twin read, the
+service's desired-property update, direct method invocation), authenticates with SAS tokens through
+:class:`~gateway.emulator.Hub`, and answers whatever the shared :class:`~gateway.emulator.FaultPlan`
+scripts. Error answers are rendered from the catalog (:func:`render`) in every body form IoT Hub uses,
+so a client meets the same variety it meets in production; ``tests/adapters/test_http_emulator.py``
+proves each form translates back to its code.
 
 aiohttp is imported here at module level: this module is the I/O side and is never imported by
 ``import adapters.http``.
@@ -144,6 +145,10 @@ def _iso(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
 
+def _etag(version: int) -> str:
+    return f"AAAAAAAAAA{version}="
+
+
 def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -241,6 +246,7 @@ class HttpFront:
         app.router.add_delete("/devices/{device}/messages/deviceBound/{etag}", self._c2d_settle)
         app.router.add_post("/devices/{device}/messages/deviceBound/{etag}/abandon", self._c2d_abandon)
         app.router.add_get("/twins/{device}", self._twin_get)
+        app.router.add_patch("/twins/{device}", self._twin_update)
         app.router.add_post("/twins/{device}/methods", self._method)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -508,23 +514,50 @@ class HttpFront:
         if refused is not None:
             return refused
 
-        def answer() -> web.StreamResponse:
+        return await self._apply(request, device_id, Operation.TWIN_GET, None, lambda: self._twin_answer(device_id))
+
+    def _twin_answer(self, device_id: str) -> web.StreamResponse:
+        device = self.hub.device(device_id)
+        assert device is not None
+        twin = {
+            "deviceId": device_id,
+            "etag": _etag(device.twin_version),
+            "version": device.twin_version,
+            "status": "enabled" if device.enabled else "disabled",
+            "connectionState": "Connected" if self.hub.is_online(device_id) else "Disconnected",
+            "properties": {
+                "desired": {**device.twin_desired, "$version": device.twin_version},
+                "reported": {**device.twin_reported, "$version": device.twin_version},
+            },
+        }
+        return web.json_response(twin)
+
+    async def _twin_update(self, request: web.Request) -> web.StreamResponse:
+        """The service's twin patch: desired properties merged, the connected device told (``Hub``)."""
+        device_id = request.match_info["device"]
+        refused = self._auth_service(request) or self._device(device_id)
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(await request.read())
+            desired = body.get("properties", {}).get("desired", {}) if isinstance(body, dict) else None
+            if not isinstance(desired, dict):
+                raise ValueError("properties.desired is not an object")
+        except (ValueError, TypeError, AttributeError):
+            return self.error(_BAD_ARGUMENT, message="Invalid twin patch body")
+        expected = (request.headers.get("If-Match") or "*").strip()
+        expected = expected.removeprefix("W/").strip('"')
+
+        def work() -> web.StreamResponse | None:
             device = self.hub.device(device_id)
             assert device is not None
-            twin = {
-                "deviceId": device_id,
-                "etag": f"AAAAAAAAAA{device.twin_version}=",
-                "version": device.twin_version,
-                "status": "enabled" if device.enabled else "disabled",
-                "connectionState": "Connected" if self.hub.is_online(device_id) else "Disconnected",
-                "properties": {
-                    "desired": {**device.twin_desired, "$version": device.twin_version},
-                    "reported": {**device.twin_reported, "$version": device.twin_version},
-                },
-            }
-            return web.json_response(twin)
+            if expected != "*" and expected != _etag(device.twin_version):
+                return self.error(_PRECONDITION, message=f"Twin etag {expected} does not match")
+            self.hub.update_desired(device_id, desired)
+            return None
 
-        return await self._apply(request, device_id, Operation.TWIN_GET, None, answer)
+        return await self._apply(request, device_id, Operation.TWIN_PATCH, work,
+                                 lambda: self._twin_answer(device_id))
 
     async def _method(self, request: web.Request) -> web.StreamResponse:
         device_id = request.match_info["device"]

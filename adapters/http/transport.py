@@ -1,10 +1,11 @@
 """The HTTP adapter: IoT Hub's device and service REST calls over aiohttp, every failure an IoTHubError.
 
 What a gateway does over HTTPS: device telemetry, cloud-to-device receive and settle (the ETag lock),
-twin read, and the service-side direct method call whose DeviceNotOnline / GatewayTimeout answers are
-the offline signals the handler holds work on. Like every adapter it never retries or sleeps between
-attempts: a response becomes an error through :func:`adapters.http.translate` (status, headers, body)
-and anything below HTTP through :func:`gateway.normalize`, and the handler decides what happens next.
+twin read, the service's desired-property update, and the service-side direct method call whose
+DeviceNotOnline / GatewayTimeout answers are the offline signals the handler holds work on. Like every
+adapter it never retries or sleeps between attempts: a response becomes an error through
+:func:`adapters.http.translate` (status, headers, body) and anything below HTTP through
+:func:`gateway.normalize`, and the handler decides what happens next.
 
 HTTP has no connection to keep: ``connect()`` opens the adapter's one ``ClientSession`` (its pool of
 keep-alive sockets) without contacting the hub, and ``close()`` closes it. ``events()`` yields only what
@@ -191,15 +192,26 @@ class HttpTransport:
                          body=message.body, headers=headers)
 
     async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        """``twin_get``, ``method``, ``c2d_receive``, ``c2d_complete``, ``c2d_reject``, ``c2d_abandon``.
+        """``twin_get``, ``twin_update``, ``method``, ``c2d_receive``, ``c2d_complete``, ``c2d_reject``,
+        ``c2d_abandon``.
 
-        ``twin_get``: payload a device id or None (this device) -> the twin dict. ``method``: a mapping
+        ``twin_get``: payload a device id or None (this device) -> the twin dict. ``twin_update``
+        (service side): a mapping with ``device_id``, ``desired`` and optional ``etag`` -> the updated
+        twin dict. ``method``: a mapping
         with ``device_id``, ``method_name``, optional ``payload`` and ``response_timeout`` ->
         :class:`MethodResult`. ``c2d_receive`` -> :class:`C2DMessage` or None; the settle kinds take a
         :class:`C2DMessage` or its etag and return None.
         """
         if kind == "twin_get":
             return await self.get_twin(payload if isinstance(payload, str) else None, timeout=timeout)
+        if kind == "twin_update":
+            if (not isinstance(payload, Mapping) or not isinstance(payload.get("device_id"), str)
+                    or not isinstance(payload.get("desired"), Mapping)
+                    or not isinstance(payload.get("etag"), (str, type(None)))):
+                raise make_error(_ARGUMENT, transport="http",
+                                 message="a twin update needs device_id and a desired mapping (etag optional)")
+            return await self.update_twin(payload["device_id"], dict(payload["desired"]), etag=payload.get("etag"),
+                                          timeout=timeout)
         if kind == "method":
             if not isinstance(payload, Mapping):
                 raise make_error(_ARGUMENT, transport="http", message="a method request needs a mapping payload")
@@ -320,6 +332,26 @@ class HttpTransport:
                                       service=service)
         parsed = _json_object(body, target)
         return parsed
+
+    async def update_twin(self, device_id: str, desired: dict[str, Any], *, etag: str | None = None,
+                          timeout: float | None = None) -> dict[str, Any]:
+        """Patch ``device_id``'s desired properties (service side, ``PATCH /twins/{id}``): the updated twin.
+
+        A None value deletes the property. ``etag`` (the twin's, from ``get_twin``) makes the update
+        conditional: a twin changed since answers PreconditionFailed.
+        """
+        try:
+            body = json.dumps({"properties": {"desired": desired}}).encode()
+        except (TypeError, ValueError) as exc:
+            raise make_error(_ARGUMENT, transport="http", device_id=device_id,
+                             message=f"the desired properties are not JSON: {exc}") from exc
+        headers = {"Content-Type": "application/json"}
+        if etag is not None:
+            headers["If-Match"] = etag if etag == "*" or etag.startswith(('"', "W/")) else f'"{etag}"'
+            _check_headers(headers, device_id)
+        _, _, answer = await self._call("PATCH", f"/twins/{_seg(device_id)}", device_id=device_id, body=body,
+                                        headers=headers, timeout=timeout, service=True)
+        return _json_object(answer, device_id)
 
     async def invoke_method(self, device_id: str, method_name: str, payload: Any = None, *,
                             response_timeout: float = 30.0, timeout: float | None = None) -> MethodResult:

@@ -88,6 +88,7 @@ _AUTH_CODES = {
     "unknown": _REFUSED,
     "disabled": _UNAVAILABLE,
 }
+_DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
 _MAX_PACKET = 256 * 1024  # IoT Hub's announced Maximum Packet Size
 _SUCCESS = 0
 
@@ -309,7 +310,7 @@ class _Session:
             f"devices/{device}/messages/devicebound/#",
             "$iothub/twin/res/#",
             "$iothub/methods/POST/#",
-            "$iothub/twin/PATCH/properties/desired/#",
+            _DESIRED_FILTER,
         }
         codes: list[int] = []
         props = Properties()
@@ -325,6 +326,8 @@ class _Session:
                 self.subscriptions.add(topic)
                 if topic == "$iothub/methods/POST/#":
                     self.front.hub.serve_methods(device, self, self.invoke)
+                elif topic == _DESIRED_FILTER:
+                    self.front.hub.watch_desired(device, self, self._desired_listener())
             else:
                 form = _pick(_ARGUMENT, self.version, ("suback",), None)
                 codes.append(form.reason_code if form is not None else 0x80)
@@ -446,6 +449,23 @@ class _Session:
 
     def _respond(self, topic: str, payload: bytes) -> None:
         self.send(Publish(topic, payload, 0))
+
+    def _desired_listener(self) -> Callable[[dict[str, Any], int], None]:
+        """Hub.DesiredListener for this session: the service may patch from any thread."""
+        loop = asyncio.get_running_loop()
+
+        def listener(patch: dict[str, Any], version: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody left to tell
+                loop.call_soon_threadsafe(self._notify_desired, patch, version)
+
+        return listener
+
+    def _notify_desired(self, patch: dict[str, Any], version: int) -> None:
+        """Publish the patch as IoT Hub does: the body carries ``$version`` too, the topic repeats it."""
+        if self.closed or _DESIRED_FILTER not in self.subscriptions:
+            return  # unsubscribed since (or gone): IoT Hub only tells subscribers
+        body = json.dumps({**patch, "$version": version}).encode()
+        self.send(Publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body, 0))
 
     # -- direct methods -------------------------------------------------------------------------
     async def invoke(self, name: str, payload: Any, timeout: float) -> tuple[int, Any]:

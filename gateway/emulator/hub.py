@@ -8,6 +8,7 @@ unless the device is connected over MQTT or AMQP.
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -17,7 +18,9 @@ from typing import Any
 from gateway.emulator.faults import FaultPlan
 from gateway.sas import make_sas_token, verify_sas_token
 
-__all__ = ["Device", "Hub", "Received"]
+__all__ = ["DesiredListener", "Device", "Hub", "Received"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,6 +38,11 @@ class Device:
 #: -> (status, payload). Called on the emulator's event loop; a front that answers from another thread
 #: hops threads itself. Raises ``TimeoutError`` when the device does not answer in time.
 MethodInvoker = Callable[[str, Any, float], Awaitable[tuple[int, Any]]]
+
+#: How a front hears that the service patched a device's desired properties: (patch, new twin version).
+#: Called on whichever thread made the update, so it must be thread-safe: a front hops to its own
+#: thread (``loop.call_soon_threadsafe``, the proton front's ``post``) before touching its wire.
+DesiredListener = Callable[[dict[str, Any], int], None]
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class Hub:
         self._connections: dict[str, tuple[str, object]] = {}  # device -> (transport, session handle)
         self._invokers: dict[str, tuple[object, MethodInvoker]] = {}
         self._kickers: dict[str, tuple[object, Callable[[], None]]] = {}
+        self._desired: dict[str, tuple[object, DesiredListener]] = {}
         self.received: list[Received] = []
 
     # -- registry ---------------------------------------------------------------------------
@@ -126,6 +135,9 @@ class Hub:
             kicker = self._kickers.get(device_id)
             if kicker is not None and kicker[0] is handle:
                 del self._kickers[device_id]
+            desired = self._desired.get(device_id)
+            if desired is not None and desired[0] is handle:
+                del self._desired[device_id]
 
     def serve_methods(self, device_id: str, handle: object, invoker: MethodInvoker) -> None:
         """The device on connection ``handle`` subscribed to direct methods."""
@@ -137,6 +149,40 @@ class Hub:
         with self._lock:
             entry = self._invokers.get(device_id)
         return entry[1] if entry is not None else None
+
+    def watch_desired(self, device_id: str, handle: object, listener: DesiredListener) -> None:
+        """The device on connection ``handle`` subscribed to desired-property patches (one per device)."""
+        with self._lock:
+            self._desired[device_id] = (handle, listener)
+
+    def watches_desired(self, device_id: str) -> bool:
+        """Whether a connected device listens for desired-property patches."""
+        with self._lock:
+            return device_id in self._desired
+
+    # -- twins ------------------------------------------------------------------------------
+    def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        """Merge a service patch into the desired properties (null deletes); returns the new version.
+
+        Nested objects merge key by key, as IoT Hub merges twin patches. The subscribed device, if
+        any, is told after the lock is released: its listener may hop threads, and a listener that
+        fails (its front is stopping) must not fail the service's update. Raises ``KeyError`` for an
+        unknown device.
+        """
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None:
+                raise KeyError(device_id)
+            _merge(device.twin_desired, patch)
+            device.twin_version += 1
+            version = device.twin_version
+            entry = self._desired.get(device_id)
+        if entry is not None:
+            try:
+                entry[1](_copy(patch), version)
+            except Exception:  # the front is gone or going: the twin is updated all the same
+                log.warning("desired-property notification for %s failed", device_id, exc_info=True)
+        return version
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
@@ -154,3 +200,20 @@ class Hub:
     def received_ids(self, device_id: str | None = None) -> list[str | None]:
         with self._lock:
             return [r.message_id for r in self.received if device_id in (None, r.device_id)]
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict):
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def _copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A copy the listener may keep: nested objects are not shared with the stored twin."""
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in value.items()}
