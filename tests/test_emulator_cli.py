@@ -73,5 +73,5 @@ def test_bad_fault_file_is_one_clear_line(tmp_path: pathlib.Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[[faults]]\noperation = "telemetry"\ncode = 12\n')
     out = subprocess.run([sys.executable, "-m", "gateway.cli", "emulator", "--faults", str(bad)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=30, env={**os.environ})
+                         check=False, capture_output=True, text=True, cwd=ROOT, timeout=30, env={**os.environ})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "fault 1" in out.stderr

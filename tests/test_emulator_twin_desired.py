@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -33,26 +33,7 @@ from gateway.transport import Inbound, TransportEvent
 STEP = 5.0
 
 
-def amqp_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("amqp-")]
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left() -> Iterator[None]:
-    before = set(amqp_threads())
-    yield
-    left = [t for t in amqp_threads() if t not in before]
-    for t in left:
-        t.join(2.0)
-    assert [t.name for t in left if t.is_alive()] == []
-
-
-@pytest.fixture
-def hub() -> Hub:
-    h = Hub()
-    h.add_device("d1")
-    h.add_device("d2")
-    return h
+pytestmark = pytest.mark.usefixtures("no_amqp_thread_left")
 
 
 @pytest.fixture

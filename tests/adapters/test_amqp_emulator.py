@@ -6,8 +6,6 @@ A plain proton ``BlockingConnection`` plays the device where the adapter would h
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -22,29 +20,12 @@ from gateway.transport import Disconnected, Message
 STEP = 5.0
 
 
-@pytest.fixture(autouse=True)
-def no_thread_left() -> Iterator[None]:
-    before = {t for t in threading.enumerate() if t.name.startswith("amqp-")}
-    yield
-    left = [t for t in threading.enumerate() if t.name.startswith("amqp-") and t not in before]
-    for t in left:
-        t.join(2.0)
-    assert [t.name for t in left if t.is_alive()] == []
+pytestmark = pytest.mark.usefixtures("no_amqp_thread_left")
 
 
 @pytest.fixture
-def hub() -> Hub:
-    h = Hub()
-    h.add_device("d1")
-    return h
-
-
-@pytest.fixture
-async def front(hub: Hub) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub)
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+def front(amqp_front: AmqpFront) -> AmqpFront:
+    return amqp_front
 
 
 def adapter(hub: Hub, front: AmqpFront, **kw: Any) -> AmqpTransport:

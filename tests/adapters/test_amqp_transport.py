@@ -7,8 +7,6 @@ Every failure must come back as the catalog code the front rendered, with the pr
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -24,39 +22,18 @@ from gateway.handler import Handler, State
 from gateway.policy import Backoff, IdentityBackoff, Policy, PolicyConfig, ThrottleBackoff
 from gateway.sas import make_sas_token
 from gateway.transport import Disconnected, Inbound, Message, Transport
+from tests.peers.emulator import amqp_threads
 
 AMQP_CODES = [row.code for row in all_codes() if "amqp" in row.transports]
 STEP = 5.0  # bound on every single await that talks to a peer
 
 
-def amqp_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("amqp-")]
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left() -> Iterator[None]:
-    before = set(amqp_threads())
-    yield
-    left = [t for t in amqp_threads() if t not in before]
-    for t in left:
-        t.join(2.0)
-    assert [t.name for t in left if t.is_alive()] == []
+pytestmark = pytest.mark.usefixtures("no_amqp_thread_left")
 
 
 @pytest.fixture
-def hub() -> Hub:
-    h = Hub()
-    h.add_device("d1")
-    h.add_device("d2")
-    return h
-
-
-@pytest.fixture
-async def front(hub: Hub) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub)
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+def front(amqp_front: AmqpFront) -> AmqpFront:
+    return amqp_front
 
 
 def make(hub: Hub, front: AmqpFront, device: str = "d1", **kw: Any) -> AmqpTransport:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -28,34 +27,12 @@ from gateway.transport import Disconnected, Inbound, Message
 STEP = 5.0
 
 
-def amqp_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("amqp-")]
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left() -> Iterator[None]:
-    before = set(amqp_threads())
-    yield
-    left = [t for t in amqp_threads() if t not in before]
-    for t in left:
-        t.join(2.0)
-    assert [t.name for t in left if t.is_alive()] == []
+pytestmark = pytest.mark.usefixtures("no_amqp_thread_left")
 
 
 @pytest.fixture
-def hub() -> Hub:
-    h = Hub()
-    h.add_device("d1")
-    h.add_device("d2")
-    return h
-
-
-@pytest.fixture
-async def front(hub: Hub) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub)
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+def front(amqp_front: AmqpFront) -> AmqpFront:
+    return amqp_front
 
 
 @pytest.fixture

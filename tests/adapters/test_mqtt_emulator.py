@@ -26,23 +26,12 @@ from gateway.transport import Disconnected, Inbound, Message
 from tests.peers.mosquitto import RawClient
 from tests.peers.tls import TlsFiles
 
+
+@pytest.fixture
+def front(mqtt_front: MqttFront) -> MqttFront:
+    return mqtt_front
+
 PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
-
-
-@pytest.fixture
-def hub() -> Hub:
-    h = Hub()
-    h.add_device("d1")
-    h.add_device("d2")
-    return h
-
-
-@pytest.fixture
-async def front(hub: Hub) -> AsyncIterator[MqttFront]:
-    f = MqttFront(hub)
-    await asyncio.wait_for(f.start(), 5)
-    yield f
-    await asyncio.wait_for(f.stop(), 10)
 
 
 def make(hub: Hub, front: MqttFront, device: str = "d1", protocol: int = 4, **kw: Any) -> MqttTransport:
