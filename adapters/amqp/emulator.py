@@ -630,23 +630,14 @@ def _server_class() -> type[Any]:
                         self._twin_error(link, corr, fault.code, f"{lookup(fault.code).name} (emulated)")
                     return
             if op is Operation.TWIN_GET:
-                twin = {
-                    "desired": {**device.twin_desired, "$version": device.twin_version},
-                    "reported": {**device.twin_reported, "$version": device.twin_version},
-                }
+                twin = self.hub.twin_properties(device.device_id)
                 answer: tuple[int, int | None, bytes | None] = (200, None, json.dumps(twin).encode())
             else:
                 patch = _method_body(msg.body)
                 if not isinstance(patch, dict):
                     self._twin_error(link, corr, _ARGUMENT, "the reported-properties patch is not a JSON object")
                     return
-                for key, value in patch.items():
-                    if value is None:
-                        device.twin_reported.pop(key, None)
-                    else:
-                        device.twin_reported[key] = value
-                device.twin_version += 1
-                answer = (204, device.twin_version, None)
+                answer = (204, self.hub.update_reported(device.device_id, patch), None)
             if fault is not None and fault.kind is FaultKind.DELAY:
                 self._later(fault.delay, lambda: self._twin_answer(link, corr, *answer))
             else:

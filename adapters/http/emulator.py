@@ -525,10 +525,7 @@ class HttpFront:
             "version": device.twin_version,
             "status": "enabled" if device.enabled else "disabled",
             "connectionState": "Connected" if self.hub.is_online(device_id) else "Disconnected",
-            "properties": {
-                "desired": {**device.twin_desired, "$version": device.twin_version},
-                "reported": {**device.twin_reported, "$version": device.twin_version},
-            },
+            "properties": self.hub.twin_properties(device_id),
         }
         return web.json_response(twin)
 

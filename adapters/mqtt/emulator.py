@@ -421,10 +421,7 @@ class _Session:
             self._respond(f"$iothub/twin/res/{status}/?$rid={rid}", json.dumps(body).encode())
             return
         if operation is Operation.TWIN_GET:
-            twin = {
-                "desired": {**device.twin_desired, "$version": device.twin_version},
-                "reported": {**device.twin_reported, "$version": device.twin_version},
-            }
+            twin = self.front.hub.twin_properties(device.device_id)
             response = (f"$iothub/twin/res/200/?$rid={rid}", json.dumps(twin).encode())
         else:
             try:
@@ -435,13 +432,8 @@ class _Session:
                 body = {"errorCode": _ARGUMENT, "message": "the reported-properties patch is not a JSON object"}
                 response = (f"$iothub/twin/res/{_twin_status(_ARGUMENT)}/?$rid={rid}", json.dumps(body).encode())
             else:
-                for key, value in patch.items():
-                    if value is None:
-                        device.twin_reported.pop(key, None)
-                    else:
-                        device.twin_reported[key] = value
-                device.twin_version += 1
-                response = (f"$iothub/twin/res/204/?$rid={rid}&$version={device.twin_version}", b"")
+                version = self.front.hub.update_reported(device.device_id, patch)
+                response = (f"$iothub/twin/res/204/?$rid={rid}&$version={version}", b"")
         if fault is not None and fault.kind is FaultKind.DELAY:
             self.spawn(self._later(fault.delay, lambda: self._respond(*response)))
         else:

@@ -184,6 +184,32 @@ class Hub:
                 log.warning("desired-property notification for %s failed", device_id, exc_info=True)
         return version
 
+    def twin_properties(self, device_id: str) -> dict[str, Any]:
+        """The twin's properties as devices read them: ``{"desired": {...}, "reported": {...}}``, each with
+        its ``$version``. Raises ``KeyError`` for an unknown device."""
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None:
+                raise KeyError(device_id)
+            version = device.twin_version
+            return {
+                "desired": {**_copy(device.twin_desired), "$version": version},
+                "reported": {**_copy(device.twin_reported), "$version": version},
+            }
+
+    def update_reported(self, device_id: str, patch: dict[str, Any]) -> int:
+        """Merge a device's reported-properties patch (null deletes, objects merge); the new version.
+
+        One place for every front, under the hub's lock. Raises ``KeyError`` for an unknown device.
+        """
+        with self._lock:
+            device = self._devices.get(device_id)
+            if device is None:
+                raise KeyError(device_id)
+            _merge(device.twin_reported, patch)
+            device.twin_version += 1
+            return device.twin_version
+
     def is_online(self, device_id: str) -> bool:
         with self._lock:
             return device_id in self._connections
