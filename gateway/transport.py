@@ -14,19 +14,37 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
-from gateway.errors import IoTHubError
+from gateway.codes import code_of
+from gateway.errors import IoTHubError, make_error
 
 __all__ = [
+    "C2DMessage",
+    "DesiredPatch",
     "DeviceOffline",
     "DeviceOnline",
     "Disconnected",
+    "GetTwin",
     "Inbound",
+    "InvokeMethod",
     "Message",
+    "MethodCall",
+    "MethodResult",
+    "PatchDesired",
+    "PatchReported",
+    "ReceiveC2D",
+    "Request",
+    "RespondMethod",
+    "SettleC2D",
+    "SettleOutcome",
     "Transport",
     "TransportEvent",
+    "UnsupportedRequest",
+    "check_properties",
 ]
+
+_ARGUMENT_INVALID = code_of("ArgumentInvalid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +55,147 @@ class Message:
     device_id: str
     body: bytes
     properties: Mapping[str, str] = field(default_factory=dict)
+
+
+def check_properties(message: Message, transport: str) -> None:
+    """Refuse application property names the transport would read as its own.
+
+    IoT Hub reserves names starting with ``$`` (``$.mid``, ``$.ct``, ...): on MQTT such a name lands in
+    the topic beside ours and overrides the message id consumers de-duplicate on. An empty name is
+    refused too. A refusal is ArgumentInvalid (a FAIL code: the message is dead-lettered, never retried).
+    """
+    for name in message.properties:
+        if not isinstance(name, str) or not name or name.startswith("$"):
+            raise make_error(_ARGUMENT_INVALID, transport=transport, device_id=message.device_id,
+                             message=f"application property name {name!r} is reserved or empty "
+                                     "(names starting with '$' belong to IoT Hub)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests: one vocabulary across HTTP, MQTT and AMQP. A transport answers the ones its surface has and
+# raises UnsupportedRequest (a programming error, never retried) for the others.
+
+SettleOutcome: TypeAlias = Literal["complete", "reject", "abandon"]
+
+
+class UnsupportedRequest(TypeError):
+    """The transport has no such request (a device-side MQTT link cannot invoke a method, say).
+
+    A ``TypeError``: it is a mistake in the calling code, so the handler raises it at once instead of
+    classifying and retrying it.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class GetTwin:
+    """Read a twin -> its document (dict). ``device_id`` None: this device's own twin."""
+
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PatchReported:
+    """Patch this device's reported properties -> the new reported ``$version`` (int) or None if not told."""
+
+    patch: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class PatchDesired:
+    """Service side: patch a device's desired properties (``etag``: only if unchanged) -> the twin."""
+
+    device_id: str
+    desired: Mapping[str, Any]
+    etag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeMethod:
+    """Service side: call a direct method on ``device_id`` -> :class:`MethodResult`."""
+
+    device_id: str
+    method_name: str
+    payload: Any = None
+    response_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RespondMethod:
+    """Device side: answer the method call ``rid`` (from :class:`MethodCall`) -> None once accepted."""
+
+    rid: str
+    status: int
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveC2D:
+    """Poll for the next cloud-to-device message (HTTP) -> :class:`C2DMessage` or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class SettleC2D:
+    """Complete, reject (dead-letter) or abandon (redeliver) a received C2D message -> None."""
+
+    lock_token: str
+    outcome: SettleOutcome = "complete"
+
+    def __post_init__(self) -> None:
+        if self.outcome not in ("complete", "reject", "abandon"):
+            raise ValueError(f"unknown settle outcome {self.outcome!r}: complete, reject or abandon")
+
+    @classmethod
+    def of(cls, message: C2DMessage, outcome: SettleOutcome = "complete") -> SettleC2D:
+        return cls(message.lock_token, outcome)
+
+
+Request: TypeAlias = GetTwin | PatchReported | PatchDesired | InvokeMethod | RespondMethod | ReceiveC2D | SettleC2D
+
+
+@dataclass(frozen=True, slots=True)
+class MethodResult:
+    """The device's answer to a direct method: its own status and payload (not a hub error)."""
+
+    status: int
+    payload: Any = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Inbound payloads: what ``Inbound.payload`` holds, the same shape whatever the transport.
+
+
+@dataclass(frozen=True, slots=True)
+class C2DMessage:
+    """A cloud-to-device message, locked until settled with :class:`SettleC2D` (``lock_token``).
+
+    Over MQTT the hub has no lock: ``lock_token`` is the packet id and settling acknowledges it
+    (``complete``); MQTT cannot reject or abandon.
+    """
+
+    device_id: str
+    lock_token: str
+    message_id: str | None
+    body: bytes
+    properties: Mapping[str, str] = field(default_factory=dict)
+    delivery_count: int = 0
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MethodCall:
+    """A direct method call for this device; answer it with :class:`RespondMethod` (``rid``)."""
+
+    name: str
+    rid: str
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredPatch:
+    """A desired-properties patch pushed by the hub; ``version`` is the desired ``$version``."""
+
+    patch: Mapping[str, Any]
+    version: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +221,11 @@ class DeviceOffline:
 
 @dataclass(frozen=True, slots=True)
 class Inbound:
-    """Anything else the hub pushed: a cloud-to-device message, a method call, a desired-property patch."""
+    """Anything else the hub pushed: ``"c2d"`` (:class:`C2DMessage`), ``"method"`` (:class:`MethodCall`),
+    ``"twin_desired"`` (:class:`DesiredPatch`)."""
 
-    kind: str
-    payload: Any
+    kind: Literal["c2d", "method", "twin_desired"]
+    payload: C2DMessage | MethodCall | DesiredPatch
     device_id: str | None = None
 
 
@@ -92,11 +252,15 @@ class Transport(Protocol):
 
         Raise ``NotConnected`` (503904) only when nothing went out; any failure after the message may
         have been written (a drop, a timeout) is taken as "outcome unknown" and resent with the same id.
+        Property names are checked with :func:`check_properties` (plus the transport's own limits).
         """
         ...
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        """A request/response exchange (twin get or patch, method invocation); the hub's answer."""
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        """A request/response exchange (see :data:`Request`); the hub's answer.
+
+        Raises :class:`UnsupportedRequest` for a request this transport's surface does not have.
+        """
         ...
 
     def events(self) -> AsyncIterator[TransportEvent]:
