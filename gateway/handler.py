@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import random
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.clock import Clock, SystemClock
 from gateway.codes import Action, code_of
@@ -42,8 +43,19 @@ from gateway.policy import (
     RetryAfter,
     Stop,
     StopReason,
+    poison_code,
 )
-from gateway.transport import DeviceOffline, DeviceOnline, Disconnected, Inbound, Message, Transport
+from gateway.transport import (
+    DeviceOffline,
+    DeviceOnline,
+    Disconnected,
+    Inbound,
+    InvokeMethod,
+    Message,
+    PatchDesired,
+    Request,
+    Transport,
+)
 
 __all__ = [
     "DeviceHolds",
@@ -122,6 +134,9 @@ class _DeadlineExceeded(Exception):
     pass
 
 
+_AGAIN = object()  #: an attempt's "go round once more"
+
+
 @dataclass(eq=False)
 class _Held:
     device_id: str
@@ -180,7 +195,7 @@ class DeviceHolds:
         return items
 
 
-@dataclass
+@dataclass(eq=False)
 class _Op:
     kind: str
     id: str
@@ -193,6 +208,7 @@ class _Op:
     outcome: str = "failed"  #: how it ended if it raised: failed, expired or unknown
     last_error: IoTHubError | None = None
     held: _Held | None = field(default=None, repr=False)
+    poison: IoTHubError | None = None  #: dead-lettered as poison by an ambiguous-drop verdict
 
 
 RefreshHook = Callable[[], Awaitable[float | None]]
@@ -229,8 +245,10 @@ class Handler:
         self._on_state_change = on_state_change
         self._on_undelivered = on_undelivered
         self._on_inbound = on_inbound
-        self._history = History(identity=identity, can_refresh=refresh_credentials is not None)
-        self._last = StateChange(State.IDLE, self._clock.now())
+        self._history = History(identity=identity, can_refresh=refresh_credentials is not None,
+                                ambiguous_drops=bool(getattr(transport, "ambiguous_drops", False)))
+        self._last = StateChange(State.IDLE, self._clock.wall())
+        self._last_until: float | None = None
         self._subscribers: list[asyncio.Queue[StateChange | None]] = []
         self._changed = asyncio.Event()
         self._up = False
@@ -252,6 +270,13 @@ class Handler:
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._renew_task: asyncio.Task[None] | None = None
+        self._renewing = False  #: a renewal waits for a quiet moment: no new attempt starts
+        self._timeouts = 0  #: OperationTimedOut in a row on the current connection
+        self._sending: dict[_Op, int] = {}  #: sends in flight -> the connection they went out on
+        self._sends: dict[_Op, int] = {}  #: live send operations -> arrival order
+        self._lane: set[_Op] = set()  #: sends waiting for their turn in ``_wait_ready``
+        self._arrivals = itertools.count()
+        self._loss_in_flight: tuple[str, ...] = ()  #: the sends in flight when the connection was lost
         self.counters: Counter[tuple[int | None, str, str]] = Counter()
 
     # -- public surface -----------------------------------------------------------------------------
@@ -315,7 +340,11 @@ class Handler:
         await self._wait_ready(op, deadline, gates=False)
 
     async def close(self) -> None:
-        """Stop everything, fail what is still waiting with NotConnected, and leave no task behind."""
+        """Stop everything, fail what is still waiting with NotConnected, and leave no task behind.
+
+        Only the cancellations this method causes are absorbed: if the caller is cancelled (a timeout
+        around ``close()``), the ``CancelledError`` propagates, and the handler is still left closed.
+        """
         if self._closed:
             return
         self._closed = True
@@ -323,19 +352,26 @@ class Handler:
         tasks += list(self._background) + list(self._inflight)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._up = False
-        with contextlib.suppress(Exception):
-            await self._transport.close()
-        for item in self._holds.drain():
-            if not item.waiter.done():
-                item.waiter.set_result(False)
-        self._set_state(State.CLOSED, reason="closed by the application")
-        self._notify()
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        try:
+            if tasks:
+                await asyncio.wait(tasks)  # returns when they end; raises only if *we* are cancelled
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("task %s ended with %r while closing", task.get_name(), task.exception())
+            self._up = False
+            try:
+                await self._transport.close()
+            except Exception:
+                log.debug("transport.close() raised", exc_info=True)
+        finally:
+            self._up = False
+            for item in self._holds.drain():
+                if not item.waiter.done():
+                    item.waiter.set_result(False)
+            self._set_state(State.CLOSED, reason="closed by the application")
+            self._notify()
+            for queue in self._subscribers:
+                queue.put_nowait(None)
 
     async def __aenter__(self) -> Handler:
         await self.start()
@@ -363,16 +399,26 @@ class Handler:
         async def call(_remaining: float) -> None:
             await self._transport.send(message)
 
-        await self._operate(op, call, timeout)
+        self._sends[op] = next(self._arrivals)
+        try:
+            await self._operate(op, call, timeout)
+        finally:
+            del self._sends[op]
         return Receipt(message.id, op.attempts, op.duplicate)
 
-    async def request(self, kind: str, payload: Any, *, device_id: str | None = None, timeout: float | None = None,
-                      request_id: str = "") -> Any:
-        """A request/response exchange (twin, method) aimed at ``device_id`` if given."""
-        op = _Op(kind, request_id, device_id, payload=payload)
+    async def request(self, request: Request, *, timeout: float | None = None) -> Any:
+        """A typed request/response exchange (see :data:`gateway.transport.Request`); the hub's answer.
+
+        An :class:`~gateway.transport.InvokeMethod` or :class:`~gateway.transport.PatchDesired` is aimed at
+        its ``device_id`` (held while that device is offline). ``UnsupportedRequest`` (any ``TypeError``)
+        from the transport is a programming error: it is raised at once, never retried nor reported as
+        undelivered.
+        """
+        device = request.device_id if isinstance(request, (InvokeMethod, PatchDesired)) else None
+        op = _Op(type(request).__name__, getattr(request, "rid", ""), device, payload=request)
 
         async def call(remaining: float) -> Any:
-            return await self._transport.request(kind, payload, timeout=remaining)
+            return await self._transport.request(request, timeout=remaining)
 
         return await self._operate(op, call, timeout)
 
@@ -402,66 +448,110 @@ class Handler:
                 continue
             gen = await self._wait_ready(op, deadline, gates=True)
             op.attempts += 1
-            now = self._clock.now()
+            if op.kind == "send":
+                self._sending[op] = gen  # for ambiguous drops: which publishes were in flight
             try:
-                result = await self._within(call(deadline - now), deadline - now, track=True)
-            except _DeadlineExceeded:
-                raise self._expired(op, in_flight=True) from None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._closed and task is not None and not task.cancelling():
-                    raise self._closed_error() from None
-                raise
-            except IoTHubError as exc:
-                err = exc
-            except Exception as exc:
-                err = normalize(exc, transport=self._err_transport())
-            else:
-                self._succeeded(op)
-                return result
-            op.last_error = err
-            self._settle_held(op)
-            now = self._clock.now()
-            decision, history = self._policy.step(err, self._history, now=now, rand=self._rand,
-                                                  op=Operation(op.attempts, started, device))
-            if isinstance(decision, (ReconnectAfter, RefreshCredentials, Stop)):
-                # The connection itself is at stake: the supervisor decides (once) what to do about it,
-                # and this operation waits for its verdict (reconnected, or stopped).
-                self._report_loss(err, gen)
-                op.duplicate = op.duplicate or (isinstance(decision, ReconnectAfter) and decision.possible_duplicate)
-                continue
-            if self._policy.action_for(err) in _CONNECTION_ACTIONS:
-                self._report_loss(err, gen)  # this operation gave up, but the connection is still down
-            self._history = history
-            if isinstance(decision, RetryAfter):
-                op.duplicate = op.duplicate or decision.possible_duplicate
-                if decision.throttled:
-                    self._count(err.code, "throttled")
-                    self._throttle(err, now + decision.delay)
-                    continue
-                self._count(err.code, "retry")
-                if now + decision.delay >= deadline:
-                    raise self._expired(op)
-                await self._clock.sleep(decision.delay)
-            elif isinstance(decision, ParkUntil):
-                self._count(err.code, "parked")
-                self._park(err, decision.until)
-            elif isinstance(decision, HoldForDevice):
-                self._count(err.code, "held")
-                self._offline.add(decision.device_id)
-                await self._hold(op, decision.device_id, min(deadline, decision.deadline), err)
-            else:
-                self._count(err.code, "dead_letter")
-                if op.duplicate:
-                    raise self._unknown(op, err)
-                failed = make_error(err.code, transport=err.transport, message=decision.detail,
-                                    device_id=err.device_id or op.device_id, native=err.native,
-                                    retry_after=err.retry_after)
-                failed.__cause__ = err
-                raise failed
+                outcome = await self._attempt(op, call, gen, started, deadline)
+            finally:
+                if self._sending.pop(op, None) is not None and self._history.suspect:
+                    self._notify()  # suspect mode: the next send may go
+            if outcome is not _AGAIN:
+                return cast(T, outcome)
+
+    async def _attempt(self, op: _Op, call: Callable[[float], Awaitable[T]], gen: int, started: float,
+                       deadline: float) -> object:
+        """One attempt: its result, or _AGAIN to go round once more; raises when the operation ends."""
+        now = self._clock.now()
+        try:
+            result = await self._within(call(deadline - now), deadline - now, track=True)
+        except _DeadlineExceeded:
+            self._timed_out(gen)
+            raise self._expired(op, in_flight=True) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise self._closed_error() from None  # we cancelled the attempt, not our caller
+            raise
+        except TypeError:
+            raise  # UnsupportedRequest and friends: a programming error, raised at once, never retried
+        except IoTHubError as exc:
+            err = exc
+        except Exception as exc:
+            err = normalize(exc, transport=self._err_transport())
+        else:
+            self._succeeded(op)
+            return result
+        op.last_error = err
+        self._settle_held(op)
+        self._release_probe(op)  # one probe per attempt: whatever happens next, another may probe
+        if err.code == _TIMED_OUT:
+            self._timed_out(gen)
+        now = self._clock.now()
+        decision, history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
+                                              rand=self._rand, op=Operation(op.attempts, started, op.device_id))
+        if isinstance(decision, (ReconnectAfter, RefreshCredentials, Stop)):
+            # The connection itself is at stake: the supervisor decides (once) what to do about it,
+            # and this operation waits for its verdict (reconnected, or stopped).
+            self._report_loss(err, gen)
+            op.duplicate = op.duplicate or (isinstance(decision, ReconnectAfter) and decision.possible_duplicate)
+            return _AGAIN
+        if self._policy.action_for(err) in _CONNECTION_ACTIONS:
+            self._report_loss(err, gen)  # this operation gave up, but the connection is still down
+        self._history = history
+        if isinstance(decision, RetryAfter):
+            op.duplicate = op.duplicate or decision.possible_duplicate
+            if decision.throttled:
+                self._count(err.code, "throttled")
+                self._throttle(err, now + decision.delay)
+                return _AGAIN
+            self._count(err.code, "retry")
+            if now + decision.delay >= deadline:
+                raise self._expired(op)
+            await self._clock.sleep(decision.delay)
+        elif isinstance(decision, ParkUntil):
+            self._count(err.code, "parked")
+            self._park(err, decision.until)
+        elif isinstance(decision, HoldForDevice):
+            self._count(err.code, "held")
+            self._offline.add(decision.device_id)
+            await self._hold(op, decision.device_id, min(deadline, decision.deadline), err)
+        else:
+            self._count(err.code, "dead_letter")
+            if op.duplicate:
+                raise self._unknown(op, err)
+            failed = make_error(err.code, transport=err.transport, message=decision.detail,
+                                device_id=err.device_id or op.device_id, native=err.native,
+                                retry_after=err.retry_after)
+            failed.__cause__ = err
+            raise failed
+        return _AGAIN
+
+    def _release_probe(self, op: _Op) -> None:
+        if self._probe_owner is op:
+            self._probe_owner = None
+            self._notify()
+
+    def _timed_out(self, gen: int) -> None:
+        """An operation timed out on connection ``gen``; K in a row mean a half-open link: drop it."""
+        if gen != self._gen:
+            return
+        self._timeouts += 1
+        limit = self._policy.config.operation.timeouts_to_drop
+        if self._timeouts >= limit and self._up:
+            self._count(_TIMED_OUT, "half_open")
+            err = make_error(_TIMED_OUT, transport=self._err_transport(),
+                             message=f"{self._timeouts} operations in a row timed out on this connection: "
+                                     f"taken as a half-open link, reconnecting")
+            self._report_loss(err, gen)
 
     def _succeeded(self, op: _Op) -> None:
+        self._timeouts = 0
         self._history = self._history.on_success()
+        if op.kind == "send" and self._history.ambiguous_drops:
+            was_suspect = self._history.suspect
+            self._history = self._history.on_delivered(op.id)
+            if was_suspect and not self._history.suspect:
+                self._notify()  # suspect mode is over: every waiting send may go
         self._count(None, "duplicate" if op.duplicate else "delivered")
         if op.device_id is not None and op.device_id in self._offline:
             self.device_online(op.device_id)
@@ -540,12 +630,35 @@ class Handler:
 
     async def _wait_ready(self, op: _Op, deadline: float, *, gates: bool) -> int:
         """Wait until an attempt may go out; fail fast when it cannot happen before ``deadline``."""
+        lane = gates and op.kind == "send"
+        if lane:
+            self._lane.add(op)
+        try:
+            return await self._wait_turn(op, deadline, gates=gates, lane=lane)
+        finally:
+            if lane:
+                self._lane.discard(op)
+                if self._history.suspect:
+                    self._notify()
+
+    def _my_turn(self, op: _Op) -> bool:
+        """Suspect mode: one send at a time, fewest drops first, then arrival order."""
+        if not self._history.suspect:
+            return True
+        if self._sending:
+            return False
+        drops = self._history.drops_of
+        best = min(self._lane, key=lambda o: (drops(o.id), self._sends.get(o, 0)))
+        return best is op
+
+    async def _wait_turn(self, op: _Op, deadline: float, *, gates: bool, lane: bool) -> int:
         while True:
             self._raise_if_down(op)
             now = self._clock.now()
             gate = max(self._parked_until, self._throttled_until) if gates else 0.0
             probing = gates and self._gate_cause is not None and self._probe_owner not in (None, op)
-            if self._up and now >= gate and not probing:
+            waiting = gates and (self._renewing or (lane and not self._my_turn(op)))
+            if self._up and now >= gate and not probing and not waiting:
                 if gates and self._gate_cause is not None:
                     self._probe_owner = op  # after a throttle or a park, one operation probes first
                 return self._gen
@@ -553,9 +666,10 @@ class Handler:
                 op.outcome = "expired"
                 self._count(_QUOTA, "failed_fast")
                 cause = self._gate_cause
-                err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=self._parked_until,
+                retry_at = self._to_wall(self._parked_until)
+                err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=retry_at,
                                  device_id=op.device_id,
-                                 message=f"daily quota used up; sending is parked until {self._parked_until:.0f}, "
+                                 message=f"daily quota used up; sending is parked until {retry_at:.0f} (epoch), "
                                          f"after this operation's deadline")
                 err.__cause__ = cause
                 raise err
@@ -571,6 +685,9 @@ class Handler:
     def _raise_if_down(self, op: _Op) -> None:
         if self._closed:
             raise self._closed_error()
+        if op.poison is not None:
+            op.outcome = "failed"
+            raise op.poison
         if self._stop_error is not None:
             stop = self._stop_error
             err = make_error(stop.code, transport=stop.transport, message=stop.message, device_id=op.device_id,
@@ -583,10 +700,12 @@ class Handler:
         cause = self._down_cause
         code = cause.code if cause is not None else _NOT_CONNECTED
         self._count(code, "failed_fast")
+        now = self._clock.now()
+        nxt = self._next_attempt_at if self._next_attempt_at is not None else now
         err = make_error(code, transport=self._err_transport(cause), device_id=op.device_id,
                          message=f"connection is down ({cause.name if cause else 'not connected'}); "
-                                 f"next attempt at {self._next_attempt_at:.0f} is after this operation's "
-                                 f"deadline {deadline:.0f}")
+                                 f"the next attempt, in {nxt - now:.0f}s, is after "
+                                 f"this operation's deadline (in {deadline - self._clock.now():.0f}s)")
         err.__cause__ = cause
         return err
 
@@ -712,8 +831,8 @@ class Handler:
         self._set_state(state, code=cause.code if cause else None, cause=cause,
                         until=max(self._parked_until, self._throttled_until) or None,
                         reason="connected" if state is State.CONNECTED else "connected; still waiting")
-        if self._credential_expiry is not None:
-            self._schedule_renewal(self._credential_expiry)
+        self._timeouts = 0
+        self._schedule_renewal()
         self._notify()
         return None
 
@@ -727,16 +846,16 @@ class Handler:
             self._reader = None
             if reader is not None:
                 reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+                await asyncio.wait({reader})  # our own cancellation of the reader is not ours to raise
+                if not reader.cancelled() and reader.exception() is not None:
+                    log.debug("reader ended with %r", reader.exception())
 
     async def _read(self, loss: asyncio.Future[IoTHubError | None]) -> None:
         name = self._transport.name
         try:
             async for event in self._transport.events():
                 if isinstance(event, Disconnected):
-                    if not loss.done():
-                        loss.set_result(event.error)
+                    self._lose(loss, event.error)
                     return
                 if isinstance(event, DeviceOnline):
                     self.device_online(event.device_id)
@@ -757,14 +876,21 @@ class Handler:
             err = exc
         except Exception as exc:
             err = normalize(exc, transport=name if name in {"http", "mqtt", "amqp"} else "network")
-        if not loss.done():
-            loss.set_result(err)
+        self._lose(loss, err)
+
+    def _lose(self, loss: asyncio.Future[IoTHubError | None], err: IoTHubError | None) -> None:
+        """The connection ended (once): remember which sends were in flight, for ambiguous drops."""
+        if loss.done():
+            return
+        gen = self._gen
+        self._loss_in_flight = tuple(op.id for op, g in self._sending.items() if g == gen)
+        loss.set_result(err)
 
     def _report_loss(self, err: IoTHubError, gen: int) -> None:
         """An operation saw the connection fail: hand it to the supervisor, once per connection."""
         loss = self._loss
-        if gen == self._gen and self._up and loss is not None and not loss.done():
-            loss.set_result(err)
+        if gen == self._gen and self._up and loss is not None:
+            self._lose(loss, err)
         # mark down at once so other operations wait instead of hitting a dead connection
         if gen == self._gen and self._up:
             self._up = False
@@ -775,7 +901,9 @@ class Handler:
         self._up = False
         self._down_cause = err
         now = self._clock.now()
-        decision, self._history = self._policy.step(err, self._history, now=now, rand=self._rand)
+        in_flight, self._loss_in_flight = self._loss_in_flight, ()
+        decision, self._history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
+                                                    rand=self._rand, in_flight=in_flight)
         self._notify()
         if isinstance(decision, Stop):
             self._count(err.code, "stopped")
@@ -787,6 +915,17 @@ class Handler:
             failure = await self._refresh()
             if failure is not None:
                 return await self._apply_connection_decision(failure)
+            return True
+        if isinstance(decision, ParkUntil) and decision.takeover:
+            self._count(err.code, "inferred_takeover_park")
+            self._next_attempt_at = decision.until
+            reason = (f"the connection keeps being dropped with nothing in flight, as when another client takes "
+                      f"this identity: parked for {decision.until - now:.0f}s, then trying again (not stopping: "
+                      f"the evidence is ambiguous)")
+            log.warning("%s: %s", self._history.identity or self._transport.name, reason)
+            self._set_state(State.PARKED, code=err.code, cause=err, until=decision.until, reason=reason)
+            self._notify()
+            await self._clock.sleep(decision.until - now)
             return True
         if isinstance(decision, ParkUntil):
             self._count(err.code, "parked")
@@ -802,18 +941,46 @@ class Handler:
             return True
         delay = decision.delay if isinstance(decision, (ReconnectAfter, RetryAfter)) else 0.0
         throttled = isinstance(decision, ReconnectAfter) and decision.throttled
+        reason = "reconnecting"
+        if isinstance(decision, ReconnectAfter):
+            self._dead_letter_poison(decision, err)
+            if decision.identity_conflict:
+                reason = "another client took this identity; reconnecting after a long delay"
+            elif decision.attributed and throttled:
+                reason = "every publish is answered by a dropped connection (MQTT 3.1.1): throttled"
+                self._count(err.code, "throttled_drops")
+            elif decision.attributed:
+                reason = "the connection dropped with publishes in flight: reconnecting, one send at a time"
+                self._count(err.code, "attributed_drop")
+            elif decision.inferred_takeover:
+                reason = "the connection dropped with nothing in flight (maybe another client took this identity)"
+                self._count(err.code, "inferred_takeover")
         self._count(err.code, "throttled" if throttled else "reconnect")
         self._next_attempt_at = now + delay
         if throttled:
             self._throttled_until = max(self._throttled_until, now + delay)
-        reason = "reconnecting"
-        if isinstance(decision, ReconnectAfter) and decision.identity_conflict:
-            reason = "another client took this identity; reconnecting after a long delay"
         self._set_state(State.THROTTLED if throttled else State.RETRYING, code=err.code, cause=err,
                         until=now + delay, reason=reason)
         self._notify()
         await self._clock.sleep(delay)
         return True
+
+    def _dead_letter_poison(self, decision: ReconnectAfter, err: IoTHubError) -> None:
+        if not decision.poison:
+            return
+        ids = set(decision.poison)
+        limit = self._policy.config.drops.poison_after
+        for op in self._sends:
+            if op.id in ids and op.poison is None:
+                poison = make_error(poison_code(), transport=err.transport, exact=False, device_id=op.device_id,
+                                    message=f"message {op.id!r} was alone in flight at {limit} dropped connections "
+                                            f"while other messages were delivered: the hub refuses it (inferred: "
+                                            f"MQTT 3.1.1 cannot say why)",
+                                    native={"id": op.id, "drops": limit})
+                poison.__cause__ = err
+                op.poison = poison
+                self._count(poison.code, "poison")
+                log.warning("dead-lettering poison message %r after %d drops", op.id, limit)
 
     async def _refresh(self) -> IoTHubError | None:
         hook = self._refresh_hook
@@ -837,17 +1004,41 @@ class Handler:
         self._credential_expiry = expiry
         return None
 
-    def _schedule_renewal(self, expiry: float) -> None:
+    def _schedule_renewal(self) -> None:
+        """Read the credential's expiry (epoch) once and turn it into monotonic times to renew at."""
         if self._renew_task is not None:
             self._renew_task.cancel()
-        self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(expiry), name="iothub-renew")
+            self._renew_task = None
+        expiry = getattr(self._transport, "credential_expiry", None)
+        if expiry is None:
+            expiry = self._credential_expiry
+        if expiry is None:
+            return
+        cfg = self._policy.config.operation
+        left = float(expiry) - self._clock.wall()
+        now = self._clock.now()
+        soft, hard = now + left - cfg.renew_before, now + left - cfg.renew_margin
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(soft, max(soft, hard), self._gen),
+                                                                  name="iothub-renew")
 
-    async def _renew_at(self, expiry: float) -> None:
-        await self._clock.sleep(expiry - self._policy.config.operation.renew_before - self._clock.now())
-        loss = self._loss
-        if self._up and loss is not None and not loss.done():
-            self._count(None, "renew")
-            loss.set_result(None)
+    async def _renew_at(self, soft: float, hard: float, gen: int) -> None:
+        """At ``soft``, stop new attempts and wait until nothing is in flight (or ``hard``), then renew."""
+        await self._clock.sleep(soft - self._clock.now())
+        if gen != self._gen or not self._up:
+            return
+        self._renewing = True
+        try:
+            while self._inflight and self._clock.now() < hard and gen == self._gen:
+                changed = self._changed
+                with contextlib.suppress(_DeadlineExceeded):
+                    await self._within(changed.wait(), hard - self._clock.now())
+            loss = self._loss
+            if gen == self._gen and self._up and loss is not None and not loss.done():
+                self._count(None, "renew")
+                self._lose(loss, None)
+        finally:
+            self._renewing = False
+            self._notify()
 
     def _stop(self, decision: Stop, err: IoTHubError) -> None:
         stop = make_error(decision.code, transport=err.transport, message=decision.detail,
@@ -876,7 +1067,7 @@ class Handler:
         task: asyncio.Future[T] = asyncio.ensure_future(aw)
         if track and isinstance(task, asyncio.Task):
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._call_done)
         if task.done():
             return task.result()
         if timeout <= 0:
@@ -902,6 +1093,11 @@ class Handler:
             return task.result()  # finished while being cancelled: keep the result
         raise _DeadlineExceeded
 
+    def _call_done(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.discard(task)
+        if self._renewing and not self._inflight:
+            self._notify()  # a quiet moment: the renewal may go
+
     def _spawn(self, coro: Awaitable[Any], name: str) -> None:
         task = asyncio.ensure_future(coro)
         if isinstance(task, asyncio.Task):
@@ -916,9 +1112,11 @@ class Handler:
     def _set_state(self, state: State, *, code: int | None = None, cause: IoTHubError | None = None,
                    until: float | None = None, reason: str = "") -> None:
         last = self._last
-        if (last.state, last.code, last.until, last.reason) == (state, code, until, reason):
+        if (last.state, last.code, self._last_until, last.reason) == (state, code, until, reason):
             return
-        change = StateChange(state, self._clock.now(), code, cause, until, reason)
+        self._last_until = until
+        change = StateChange(state, self._clock.wall(), code, cause,
+                             self._to_wall(until) if until is not None else None, reason)
         self._last = change
         self._count(code, f"state:{state.value}")
         for queue in self._subscribers:
@@ -928,6 +1126,10 @@ class Handler:
                 self._on_state_change(change)
             except Exception:
                 log.exception("on_state_change hook raised")
+
+    def _to_wall(self, monotonic: float) -> float:
+        """A monotonic instant as epoch seconds, for people and for errors' ``retry_at`` (reports only)."""
+        return self._clock.wall() + (monotonic - self._clock.now())
 
     def _count(self, code: int | None, outcome: str) -> None:
         self.counters[(code, self._transport.name, outcome)] += 1
