@@ -714,7 +714,7 @@ class Handler:
         if op.duplicate or in_flight:
             return self._unknown(op, op.last_error)
         op.outcome = "expired"
-        cause = op.last_error or (self._down_cause if not self._up else None)
+        cause = op.last_error or (self._down_cause if not self._up else self._gate_cause)  # what it waited on
         if cause is None:
             self._count(_NOT_CONNECTED, "expired")
             return make_error(_NOT_CONNECTED, transport=self._err_transport(), device_id=op.device_id,
