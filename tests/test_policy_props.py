@@ -29,7 +29,7 @@ from gateway.policy import (
     Stop,
     StopReason,
 )
-from gateway.transport import DeviceOnline, Disconnected, Message, TransportEvent
+from gateway.transport import DeviceOnline, Disconnected, InvokeMethod, Message, Request, TransportEvent
 
 CODES = [c.code for c in all_codes()]
 TRANSPORT = st.sampled_from(["http", "mqtt", "amqp"])
@@ -148,8 +148,9 @@ class _Transport:
     async def send(self, message: Message) -> None:
         raise AssertionError("not used")
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        device = payload["device"]
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        assert isinstance(request, InvokeMethod)
+        device, payload = request.device_id, request.payload
         answer = self.hub.answers.pop(0) if self.hub.answers else "ok"
         if answer == "drop":
             err = make_error(404104, transport="http")
@@ -215,8 +216,7 @@ async def _no_held_operation_is_lost(
 
     async def one(n: int, device: str, timeout: float, delay: float) -> object:
         await clock.sleep(delay)
-        return await handler.request("method", {"device": device, "n": n}, device_id=device, timeout=timeout,
-                                     request_id=f"r{n}")
+        return await handler.request(InvokeMethod(device, "m", {"n": n}), timeout=timeout)
 
     async def presence_flips() -> None:
         t = 0.0

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import itertools
 import logging
 import random
-from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -31,6 +29,10 @@ from typing import Any, TypeVar, cast
 from gateway.clock import Clock, SystemClock
 from gateway.codes import Action, code_of
 from gateway.errors import IoTHubError, make_error
+from gateway.handler.gate import Gate
+from gateway.handler.holds import DeviceHolds, _Held
+from gateway.handler.machine import ConnectionMachine, Event, State
+from gateway.handler.report import Publisher, Receipt, StateChange, Undelivered
 from gateway.normalize import normalize
 from gateway.policy import (
     History,
@@ -57,16 +59,9 @@ from gateway.transport import (
     Transport,
 )
 
-__all__ = [
-    "DeviceHolds",
-    "Handler",
-    "Receipt",
-    "State",
-    "StateChange",
-    "Undelivered",
-]
+__all__ = ["Handler", "RefreshHook"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.handler")
 T = TypeVar("T")
 
 _NOT_CONNECTED = code_of("NotConnected")
@@ -78,121 +73,11 @@ _CONNECTION_ACTIONS = frozenset(
 )
 
 
-class State(enum.StrEnum):
-    """The connection as the application sees it."""
-
-    IDLE = "idle"  #: not started
-    CONNECTING = "connecting"  #: the first connect is under way
-    CONNECTED = "connected"
-    RETRYING = "disconnected-retrying"  #: down; ``until`` is the next attempt
-    THROTTLED = "throttled"  #: up or down, waiting out a throttle until ``until``
-    PARKED = "parked"  #: daily quota used up; nothing is sent until ``until``
-    STOPPED = "stopped"  #: given up; ``code`` and ``reason`` say why. Operations fail at once.
-    CLOSED = "closed"  #: closed by the application
-
-
-@dataclass(frozen=True, slots=True)
-class StateChange:
-    """One transition, with why: the code and the error that caused it."""
-
-    state: State
-    at: float
-    code: int | None = None
-    cause: IoTHubError | None = None
-    until: float | None = None
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """A delivered operation. ``possible_duplicate``: an earlier attempt may have been delivered too."""
-
-    id: str
-    attempts: int
-    possible_duplicate: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Undelivered:
-    """An operation that ended without a confirmed delivery, for the app to persist or replay.
-
-    ``outcome`` is ``"failed"`` (the hub refused it for good, or the handler stopped), ``"expired"`` (its
-    deadline passed first; held items for an offline device expire with DeviceNotOnline, because they
-    were never sent) or ``"unknown"`` (an attempt may have been delivered: OperationTimedOut).
-    """
-
-    kind: str
-    id: str
-    device_id: str | None
-    outcome: str
-    error: IoTHubError
-    message: Message | None = None
-    payload: Any = None
-
-
 class _DeadlineExceeded(Exception):
     pass
 
 
 _AGAIN = object()  #: an attempt's "go round once more"
-
-
-@dataclass(eq=False)
-class _Held:
-    device_id: str
-    deadline: float
-    waiter: asyncio.Future[bool]
-    settled: asyncio.Future[None] | None = None
-
-
-class DeviceHolds:
-    """Bounded per-device FIFO queues of held operations. Not thread-safe; the handler's loop owns it."""
-
-    def __init__(self, max_per_device: int) -> None:
-        self.max_per_device = max_per_device
-        self._queues: dict[str, deque[_Held]] = {}
-
-    def add(self, item: _Held, *, front: bool = False) -> bool:
-        """Queue ``item``; False when the device's queue is full (a re-held item always fits)."""
-        queue = self._queues.setdefault(item.device_id, deque())
-        if front:
-            queue.appendleft(item)
-            return True
-        if len(queue) >= self.max_per_device:
-            return False
-        queue.append(item)
-        return True
-
-    def pop(self, device_id: str) -> _Held | None:
-        """The oldest still-waiting item of the device, or None."""
-        queue = self._queues.get(device_id)
-        while queue:
-            item = queue.popleft()
-            if not item.waiter.done():
-                return item
-        self._queues.pop(device_id, None)
-        return None
-
-    def remove(self, item: _Held) -> None:
-        queue = self._queues.get(item.device_id)
-        if queue is not None:
-            with contextlib.suppress(ValueError):
-                queue.remove(item)
-            if not queue:
-                del self._queues[item.device_id]
-
-    def count(self, device_id: str | None = None) -> int:
-        if device_id is not None:
-            return len(self._queues.get(device_id, ()))
-        return sum(len(q) for q in self._queues.values())
-
-    def devices(self) -> list[str]:
-        return list(self._queues)
-
-    def drain(self) -> list[_Held]:
-        items = [item for queue in self._queues.values() for item in queue]
-        self._queues.clear()
-        return items
 
 
 @dataclass(eq=False)
@@ -242,14 +127,11 @@ class Handler:
         self._rand = rand or random.Random()
         self._refresh_hook = refresh_credentials
         self._credential_expiry = credential_expiry
-        self._on_state_change = on_state_change
         self._on_undelivered = on_undelivered
         self._on_inbound = on_inbound
         self._history = History(identity=identity, can_refresh=refresh_credentials is not None,
                                 ambiguous_drops=bool(getattr(transport, "ambiguous_drops", False)))
-        self._last = StateChange(State.IDLE, self._clock.wall())
         self._last_until: float | None = None
-        self._subscribers: list[asyncio.Queue[StateChange | None]] = []
         self._changed = asyncio.Event()
         self._up = False
         self._gen = 0
@@ -258,10 +140,7 @@ class Handler:
         self._next_attempt_at: float | None = None
         self._stop_error: IoTHubError | None = None
         self._closed = False
-        self._parked_until = 0.0
-        self._gate_cause: IoTHubError | None = None  #: the throttle or quota error gating sends
-        self._probe_owner: _Op | None = None
-        self._throttled_until = 0.0
+        self._gate = Gate()
         self._holds = DeviceHolds(self._policy.config.device.max_held)
         self._offline: set[str] = set()
         self._releasing: set[str] = set()
@@ -277,18 +156,20 @@ class Handler:
         self._lane: set[_Op] = set()  #: sends waiting for their turn in ``_wait_ready``
         self._arrivals = itertools.count()
         self._loss_in_flight: tuple[str, ...] = ()  #: the sends in flight when the connection was lost
-        self.counters: Counter[tuple[int | None, str, str]] = Counter()
+        self._machine = ConnectionMachine()
+        self._pub = Publisher(transport.name, StateChange(State.IDLE, self._clock.wall()), on_state_change)
+        self.counters = self._pub.counters
 
     # -- public surface -----------------------------------------------------------------------------
 
     @property
     def state(self) -> State:
-        return self._last.state
+        return self._machine.state
 
     @property
     def last_change(self) -> StateChange:
-        """The latest state change: state, code, cause, until, reason."""
-        return self._last
+        """The latest state change: state, code, cause, until (epoch), reason."""
+        return self._pub.last
 
     @property
     def history(self) -> History:
@@ -308,12 +189,12 @@ class Handler:
 
     def metrics(self) -> dict[tuple[int | None, str, str], int]:
         """Counts keyed by (code or None, transport, outcome)."""
-        return dict(self.counters)
+        return self._pub.metrics()
 
     async def changes(self) -> AsyncIterator[StateChange]:
         """Every state change from now on; ends when the handler is closed."""
         queue: asyncio.Queue[StateChange | None] = asyncio.Queue()
-        self._subscribers.append(queue)
+        self._pub.subscribers.append(queue)
         try:
             while True:
                 change = await queue.get()
@@ -322,7 +203,7 @@ class Handler:
                 yield change
         finally:
             with contextlib.suppress(ValueError):
-                self._subscribers.remove(queue)
+                self._pub.subscribers.remove(queue)
 
     async def start(self) -> None:
         """Start the supervisor (returns at once; watch ``state`` or ``wait_connected``)."""
@@ -330,7 +211,7 @@ class Handler:
             raise RuntimeError("handler is closed")
         if self._supervisor is not None:
             return
-        self._set_state(State.CONNECTING)
+        self._move(Event.START)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="iothub-supervisor")
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -368,10 +249,9 @@ class Handler:
             for item in self._holds.drain():
                 if not item.waiter.done():
                     item.waiter.set_result(False)
-            self._set_state(State.CLOSED, reason="closed by the application")
+            self._move(Event.CLOSED, reason="closed by the application")
             self._notify()
-            for queue in self._subscribers:
-                queue.put_nowait(None)
+            self._pub.end()
 
     async def __aenter__(self) -> Handler:
         await self.start()
@@ -433,8 +313,7 @@ class Handler:
             self._report_undelivered(op, err)
             raise
         finally:
-            if self._probe_owner is op:
-                self._probe_owner = None  # the probe failed (or will be re-gated): let another one try
+            if self._gate.release(op):  # the probe failed (or will be re-gated): let another one try
                 self._notify()
             self._settle_held(op)
 
@@ -527,8 +406,7 @@ class Handler:
         return _AGAIN
 
     def _release_probe(self, op: _Op) -> None:
-        if self._probe_owner is op:
-            self._probe_owner = None
+        if self._gate.release(op):
             self._notify()
 
     def _timed_out(self, gen: int) -> None:
@@ -555,13 +433,10 @@ class Handler:
         self._count(None, "duplicate" if op.duplicate else "delivered")
         if op.device_id is not None and op.device_id in self._offline:
             self.device_online(op.device_id)
-        if self._gate_cause is not None or self._throttled_until:
+        if self._gate.open():
             # The probe went through: the throttle or the quota park is over for everyone.
-            self._gate_cause = None
-            self._probe_owner = None
-            self._throttled_until = 0.0
             if self._up and self.state in (State.THROTTLED, State.PARKED):
-                self._set_state(State.CONNECTED, reason="recovered")
+                self._move(Event.CONNECTED, reason="recovered")
             self._notify()
 
     def _must_hold(self, device: str, op: _Op) -> bool:
@@ -655,18 +530,18 @@ class Handler:
         while True:
             self._raise_if_down(op)
             now = self._clock.now()
-            gate = max(self._parked_until, self._throttled_until) if gates else 0.0
-            probing = gates and self._gate_cause is not None and self._probe_owner not in (None, op)
+            gate = max(self._gate.parked_until, self._gate.throttled_until) if gates else 0.0
+            closed = gates and self._gate.closed_to(op, now)
             waiting = gates and (self._renewing or (lane and not self._my_turn(op)))
-            if self._up and now >= gate and not probing and not waiting:
-                if gates and self._gate_cause is not None:
-                    self._probe_owner = op  # after a throttle or a park, one operation probes first
+            if self._up and not closed and not waiting:
+                if gates:
+                    self._gate.enter(op)  # after a throttle or a park, this attempt is the probe
                 return self._gen
-            if gates and self._parked_until > max(now, deadline):
+            if gates and self._gate.parked_until > max(now, deadline):
                 op.outcome = "expired"
                 self._count(_QUOTA, "failed_fast")
-                cause = self._gate_cause
-                retry_at = self._to_wall(self._parked_until)
+                cause = self._gate.cause
+                retry_at = self._to_wall(self._gate.parked_until)
                 err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=retry_at,
                                  device_id=op.device_id,
                                  message=f"daily quota used up; sending is parked until {retry_at:.0f} (epoch), "
@@ -714,7 +589,7 @@ class Handler:
         if op.duplicate or in_flight:
             return self._unknown(op, op.last_error)
         op.outcome = "expired"
-        cause = op.last_error or (self._down_cause if not self._up else self._gate_cause)  # what it waited on
+        cause = op.last_error or (self._down_cause if not self._up else self._gate.cause)  # what it waited on
         if cause is None:
             self._count(_NOT_CONNECTED, "expired")
             return make_error(_NOT_CONNECTED, transport=self._err_transport(), device_id=op.device_id,
@@ -748,28 +623,24 @@ class Handler:
             log.exception("on_undelivered hook raised")
 
     def _throttle(self, err: IoTHubError, until: float) -> None:
-        self._gate_cause = err
-        self._probe_owner = None
-        self._throttled_until = max(self._throttled_until, until)
-        self._set_state(State.THROTTLED, code=err.code, cause=err, until=self._throttled_until,
-                        reason="throttled by the hub")
+        end = self._gate.throttle(err, until)
+        if self._machine.active:  # an answer that comes back after a stop changes nothing
+            self._move(Event.THROTTLED, code=err.code, cause=err, until=end, reason="throttled by the hub")
         self._spawn(self._ungate(), "iothub-unthrottle")
 
     def _park(self, err: IoTHubError, until: float) -> None:
-        self._gate_cause = err
-        self._probe_owner = None
-        self._parked_until = max(self._parked_until, until)
-        self._set_state(State.PARKED, code=err.code, cause=err, until=self._parked_until,
-                        reason="daily message quota used up")
+        end = self._gate.park(err, until)
+        if self._machine.active:
+            self._move(Event.PARKED, code=err.code, cause=err, until=end, reason="daily message quota used up")
         self._spawn(self._ungate(), "iothub-unpark")
 
     async def _ungate(self) -> None:
         """At the end of a park or throttle, wake the waiting operations (one of them probes)."""
-        until = max(self._parked_until, self._throttled_until)
+        until = self._gate.until
         await self._clock.sleep(until - self._clock.now())
-        if max(self._parked_until, self._throttled_until) != until:
+        if self._gate.until != until:
             return  # extended meanwhile; a later timer handles it
-        self._parked_until = 0.0
+        self._gate.parked_until = 0.0
         self._notify()
 
     # -- the supervisor -------------------------------------------------------------------------------
@@ -823,14 +694,13 @@ class Handler:
         loss: asyncio.Future[IoTHubError | None] = asyncio.get_running_loop().create_future()
         self._loss = loss
         self._reader = asyncio.get_running_loop().create_task(self._read(loss), name="iothub-reader")
-        state = State.CONNECTED
-        if self._parked_until > now:
-            state = State.PARKED
-        elif self._throttled_until > now:
-            state = State.THROTTLED
-        self._set_state(state, code=cause.code if cause else None, cause=cause,
-                        until=max(self._parked_until, self._throttled_until) or None,
-                        reason="connected" if state is State.CONNECTED else "connected; still waiting")
+        event = Event.CONNECTED
+        if self._gate.parked_until > now:
+            event = Event.PARKED
+        elif self._gate.throttled_until > now:
+            event = Event.THROTTLED
+        self._move(event, code=cause.code if cause else None, cause=cause, until=self._gate.until or None,
+                   reason="connected" if event is Event.CONNECTED else "connected; still waiting")
         self._timeouts = 0
         self._schedule_renewal()
         self._notify()
@@ -911,7 +781,7 @@ class Handler:
             return False
         if isinstance(decision, RefreshCredentials):
             self._count(err.code, "refresh")
-            self._set_state(State.RETRYING, code=err.code, cause=err, until=now, reason="refreshing credentials")
+            self._move(Event.LOST, code=err.code, cause=err, until=now, reason="refreshing credentials")
             failure = await self._refresh()
             if failure is not None:
                 return await self._apply_connection_decision(failure)
@@ -923,21 +793,20 @@ class Handler:
                       f"this identity: parked for {decision.until - now:.0f}s, then trying again (not stopping: "
                       f"the evidence is ambiguous)")
             log.warning("%s: %s", self._history.identity or self._transport.name, reason)
-            self._set_state(State.PARKED, code=err.code, cause=err, until=decision.until, reason=reason)
+            self._move(Event.PARKED, code=err.code, cause=err, until=decision.until, reason=reason)
             self._notify()
             await self._clock.sleep(decision.until - now)
             return True
         if isinstance(decision, ParkUntil):
             self._count(err.code, "parked")
-            self._gate_cause = err
-            self._parked_until = max(self._parked_until, decision.until)
+            self._gate.park(err, decision.until)
             self._next_attempt_at = decision.until
-            self._set_state(State.PARKED, code=err.code, cause=err, until=decision.until,
-                            reason="daily message quota used up")
+            self._move(Event.PARKED, code=err.code, cause=err, until=decision.until,
+                       reason="daily message quota used up")
             self._notify()
             await self._clock.sleep(decision.until - now)
-            if self._parked_until == decision.until:
-                self._parked_until = 0.0
+            if self._gate.parked_until == decision.until:
+                self._gate.parked_until = 0.0
             return True
         delay = decision.delay if isinstance(decision, (ReconnectAfter, RetryAfter)) else 0.0
         throttled = isinstance(decision, ReconnectAfter) and decision.throttled
@@ -958,9 +827,9 @@ class Handler:
         self._count(err.code, "throttled" if throttled else "reconnect")
         self._next_attempt_at = now + delay
         if throttled:
-            self._throttled_until = max(self._throttled_until, now + delay)
-        self._set_state(State.THROTTLED if throttled else State.RETRYING, code=err.code, cause=err,
-                        until=now + delay, reason=reason)
+            self._gate.throttled_until = max(self._gate.throttled_until, now + delay)
+        self._move(Event.THROTTLED if throttled else Event.LOST, code=err.code, cause=err,
+                   until=now + delay, reason=reason)
         self._notify()
         await self._clock.sleep(delay)
         return True
@@ -1050,7 +919,7 @@ class Handler:
         for item in self._holds.drain():
             if not item.waiter.done():
                 item.waiter.set_result(False)
-        self._set_state(State.STOPPED, code=decision.code, cause=err, reason=decision.detail)
+        self._move(Event.STOPPED, code=decision.code, cause=err, reason=decision.detail)
         self._notify()
         self._spawn(self._close_transport(), "iothub-close")
 
@@ -1109,30 +978,24 @@ class Handler:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _set_state(self, state: State, *, code: int | None = None, cause: IoTHubError | None = None,
-                   until: float | None = None, reason: str = "") -> None:
-        last = self._last
-        if (last.state, last.code, self._last_until, last.reason) == (state, code, until, reason):
+    def _move(self, event: Event, *, code: int | None = None, cause: IoTHubError | None = None,
+              until: float | None = None, reason: str = "") -> None:
+        """Fire ``event`` on the state machine and publish the change (``until`` is monotonic)."""
+        last = self._pub.last
+        before = self._machine.state
+        state = self._machine.fire(event)  # an illegal move raises: a bug in this driver
+        if (before, last.code, self._last_until, last.reason) == (state, code, until, reason) and last.state is state:
             return
         self._last_until = until
-        change = StateChange(state, self._clock.wall(), code, cause,
-                             self._to_wall(until) if until is not None else None, reason)
-        self._last = change
-        self._count(code, f"state:{state.value}")
-        for queue in self._subscribers:
-            queue.put_nowait(change)
-        if self._on_state_change is not None:
-            try:
-                self._on_state_change(change)
-            except Exception:
-                log.exception("on_state_change hook raised")
+        self._pub.publish(StateChange(state, self._clock.wall(), code, cause,
+                                      self._to_wall(until) if until is not None else None, reason))
 
     def _to_wall(self, monotonic: float) -> float:
         """A monotonic instant as epoch seconds, for people and for errors' ``retry_at`` (reports only)."""
         return self._clock.wall() + (monotonic - self._clock.now())
 
     def _count(self, code: int | None, outcome: str) -> None:
-        self.counters[(code, self._transport.name, outcome)] += 1
+        self._pub.count(code, outcome)
 
     def _err_transport(self, cause: IoTHubError | None = None) -> str:
         if cause is not None:
