@@ -329,3 +329,13 @@ async def test_close_absorbs_only_its_own_cancellations() -> None:
     assert isinstance(waiting.exception(), IoTHubError)
 
 
+
+
+async def test_a_credential_already_inside_the_margin_does_not_loop_reconnects() -> None:
+    clock = FakeClock()
+    transport = MemoryTransport("mqtt", clock=clock, token_lifetime=30.0)  # shorter than renew_margin
+    handler = Handler(transport, clock=clock)
+    await handler.start()
+    await clock.advance(600)
+    assert transport.connects == 1 and handler.state is State.CONNECTED
+    await handler.close()

@@ -1,9 +1,12 @@
-"""The supervisor: one upstream connection kept up by the policy, with deadlines on every operation.
+"""The driver: one upstream connection kept up by the policy, with deadlines on every operation.
 
-The handler is the only part of the package that waits, reconnects, holds or parks; it asks
-:class:`~gateway.policy.Policy` what to do and does it. Everything that waits goes through the injected
-:class:`~gateway.clock.Clock`, and every random draw through the injected ``random.Random``, so a test
-drives hours of outages in milliseconds.
+This is the only part of the package that waits, reconnects, holds or parks; it asks
+:class:`~gateway.policy.Policy` what to do and does it, moving :class:`~.machine.ConnectionMachine`,
+:class:`~.gate.Gate` and :class:`~.holds.DeviceHolds` (pure bookkeeping) and publishing through
+:class:`~.report.Publisher`. Everything that waits goes through the injected
+:class:`~gateway.clock.Clock` (durations on its monotonic ``now()``, the wall clock only to aim at a
+wall-clock target once), and every random draw through the injected ``random.Random``, so a test drives
+hours of outages in milliseconds.
 
 - One supervisor task owns the connection: only it calls ``transport.connect()``, so a reconnect is
   single-flight however many operations see the drop.
@@ -13,6 +16,10 @@ drives hours of outages in milliseconds.
 - Every end of an operation is reported: delivered (maybe as a possible duplicate), failed with a code,
   expired with a code, or outcome unknown; the last three also reach the ``on_undelivered`` hook.
 - State changes carry the code and the cause, and reach a property, an async iterator and a callback.
+- MQTT 3.1.1 drops (``transport.ambiguous_drops``) are read as the policy's docstring says: the sends in
+  flight are passed to the policy, suspect mode sends one at a time, poison is dead-lettered.
+- A token is renewed before ``transport.credential_expiry`` at a quiet moment; K operation timeouts in a
+  row on one connection count as a half-open link and drop it.
 """
 
 from __future__ import annotations
@@ -102,9 +109,12 @@ RefreshHook = Callable[[], Awaitable[float | None]]
 class Handler:
     """Owns one upstream connection through a :class:`~gateway.transport.Transport`.
 
-    ``refresh_credentials`` is awaited when the hub says the token expired (and before a known expiry,
-    ``renew_before`` seconds ahead); it must make the transport's next ``connect()`` use the new credential
-    and may return the new credential's expiry (epoch seconds) to have it renewed in time.
+    ``refresh_credentials`` is awaited when the hub says the token expired, and before a known expiry: after
+    each connect the handler reads ``transport.credential_expiry`` (epoch seconds; else the
+    ``credential_expiry`` given here or returned by the hook), turns it into a monotonic delay once, and
+    reconnects ``renew_before`` seconds ahead at a quiet moment (no operation in flight), at the latest
+    ``renew_margin`` seconds ahead. The hook must make the transport's next ``connect()`` use the new
+    credential; without a hook the reconnect alone renews (transports that mint a token per connect).
     """
 
     def __init__(
@@ -154,6 +164,7 @@ class Handler:
         self._sending: dict[_Op, int] = {}  #: sends in flight -> the connection they went out on
         self._sends: dict[_Op, int] = {}  #: live send operations -> arrival order
         self._lane: set[_Op] = set()  #: sends waiting for their turn in ``_wait_ready``
+        self._turn: tuple[asyncio.Event, _Op] | None = None  #: suspect mode: whose turn, as of a wake-up
         self._arrivals = itertools.count()
         self._loss_in_flight: tuple[str, ...] = ()  #: the sends in flight when the connection was lost
         self._machine = ConnectionMachine()
@@ -522,8 +533,12 @@ class Handler:
             return True
         if self._sending:
             return False
+        cached = self._turn
+        if cached is not None and cached[0] is self._changed and cached[1] in self._lane:
+            return cached[1] is op  # computed once per wake-up, not once per waiter
         drops = self._history.drops_of
         best = min(self._lane, key=lambda o: (drops(o.id), self._sends.get(o, 0)))
+        self._turn = (self._changed, best)
         return best is op
 
     async def _wait_turn(self, op: _Op, deadline: float, *, gates: bool, lane: bool) -> int:
@@ -885,6 +900,11 @@ class Handler:
             return
         cfg = self._policy.config.operation
         left = float(expiry) - self._clock.wall()
+        if left <= cfg.renew_margin:
+            # A credential this close to expiry (or a stale expiry) would make every connect renew at
+            # once: a reconnect loop. Let the hub's expiry (401003 -> refresh hook) handle it instead.
+            log.warning("credential expires in %.0fs, inside the renewal margin; not scheduling a renewal", left)
+            return
         now = self._clock.now()
         soft, hard = now + left - cfg.renew_before, now + left - cfg.renew_margin
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(soft, max(soft, hard), self._gen),
