@@ -282,6 +282,11 @@ _SECTIONS: dict[str, object] = {
     "operation": OperationConfig(),
     "drops": DropConfig(),
 }
+_REMOVED = {  # keys of earlier releases whose rule is gone, with what replaces it
+    name: "the quick-drop rule stopped MQTT 3.1.1 devices over refused publishes; drops are now read as the "
+          "[drops] section describes (inferred takeovers park, never stop)"
+    for name in ("quick_drop", "quick_drop_repeat", "quick_drop_transports")
+}
 _CURVE_KEYS = frozenset(f.name for f in dataclasses.fields(Backoff))
 _INT_KEYS = frozenset({"max_attempts", "max_takeovers", "max_held", "poison_after", "suspect_successes",
                        "takeover_repeat", "max_tracked", "timeouts_to_drop"})
@@ -295,6 +300,8 @@ def _build_section(proto: object, value: object, where: str) -> object:
     names = {f.name for f in dataclasses.fields(proto)}  # type: ignore[arg-type]
     params: dict[str, Any] = {}
     for key, raw in value.items():
+        if key in _REMOVED:
+            raise PolicyConfigError(f"{where}: {key!r} was removed: {_REMOVED[key]}")
         if key not in names:
             raise PolicyConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
         params[key] = _check_value(key, raw, f"{where} {key}")

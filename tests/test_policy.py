@@ -541,6 +541,7 @@ def test_alias_code_override_lands_on_the_canonical_code() -> None:
         ({"retry": {"multiplier": 0.5}}, "must be >= 1"),
         ({"retry": {"initial": 100.0}}, r"cap \(30.0\) must be >= initial"),
         ({"drops": {"poison_after": 0}}, "must be >= 1"),
+        ({"identity": {"quick_drop": 5.0}}, r"'quick_drop' was removed: .*\[drops\]"),
         ({"drops": {"takeover_repeat": 1.5}}, "expected a whole number"),
         ({"retry": 3}, "expected a table"),
         ({"codes": {"999999": {"action": "retry"}}}, "not a six-digit IoT Hub error code"),
