@@ -44,8 +44,7 @@ class DroppingTransport(FakeTransport):
 def dropping_rig(**kw: Any) -> tuple[Rig, DroppingTransport]:
     rig = make_rig(**kw)
     transport = DroppingTransport(rig.hub, "dev1")
-    rig.handler._transport = transport  # same handler wiring, the 3.1.1 transport
-    rig.handler._history = rig.handler._history.__class__(identity="dev1", ambiguous_drops=True)
+    rig.handler._transport = transport  # same handler wiring, the 3.1.1 transport (read again at connect)
     rig.transport = transport
     return rig, transport
 
@@ -126,7 +125,6 @@ async def test_bare_drops_with_nothing_in_flight_park_and_alert_never_stop(caplo
         rig = make_rig(clock=clock, hub=hub, seed=seed)
         transport = DroppingTransport(hub, "dev1")
         rig.handler._transport = transport
-        rig.handler._history = rig.handler._history.__class__(identity="dev1", ambiguous_drops=True)
         rig.transport = transport
         rigs.append(rig)
 

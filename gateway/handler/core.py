@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -702,6 +703,9 @@ class Handler:
         now = self._clock.now()
         cause = self._down_cause
         self._history = self._history.on_connected(now)
+        ambiguous = bool(getattr(self._transport, "ambiguous_drops", False))  # may depend on what was negotiated
+        if ambiguous is not self._history.ambiguous_drops:
+            self._history = dataclasses.replace(self._history, ambiguous_drops=ambiguous)
         self._gen += 1
         self._up = True
         self._down_cause = None
