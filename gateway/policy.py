@@ -40,7 +40,8 @@ messages were in flight when such a drop (without an exact code) happened. The e
   ``drops.suspect_successes`` deliveries.
 - **Poison**: a message that was alone in flight at ``drops.poison_after`` drops, while other messages were
   delivered between its drops, is refused for what it is. It is dead-lettered with an inferred (not exact)
-  ArgumentInvalid, and the messages behind it flow. Because other messages flow, the hub is not throttling
+  code (:func:`poison_code`: MessageTooLarge above 256 KiB, else ArgumentInvalid), and the messages
+  behind it flow. Because other messages flow, the hub is not throttling
   and the identity is ours: the message itself is the fault.
 - **Nothing flows**: when every send drops (no delivery between two drops), the hub is refusing
   everything: that is throttling on a protocol that cannot say so. The handler reconnects on the throttle
@@ -72,6 +73,7 @@ from gateway.codes import Action, by_name, code_of, lookup, parse_code
 from gateway.errors import IoTHubError, OperationTimeoutError
 
 __all__ = [
+    "MAX_D2C_MESSAGE",
     "Backoff",
     "CodeOverride",
     "DeadLetter",
@@ -808,15 +810,21 @@ class Policy:
         return decision, hist
 
 
-def poison_code() -> int:
+#: IoT Hub's limit on one device-to-cloud message, body and properties together (256 KiB).
+MAX_D2C_MESSAGE = 256 * 1024
+
+
+def poison_code(size: int | None = None) -> int:
     """The code a poison message is dead-lettered with on an ambiguous-drop transport (``exact=False``).
 
     The hub refused this one message by closing the socket while others were delivered, so it is neither
-    throttling nor a takeover: it is the message. Size is checked before sending (MessageTooLarge is
-    raised locally), so what is left is content the hub will not take: an invalid property, topic or body,
-    which IoT Hub's own protocols (MQTT 5, AMQP, HTTP) answer with ArgumentInvalid, a FAIL code that is
-    never retried. It is marked inexact because 3.1.1 never said it.
+    throttling nor a takeover: it is the message. Over IoT Hub's 256 KiB (``size`` counts the body and the
+    application properties), the refusal is MessageTooLarge; otherwise it is content the hub will not take
+    (a property, topic or body it finds invalid), which its other protocols (MQTT 5, AMQP, HTTP) answer with
+    ArgumentInvalid. Both are FAIL codes, never retried; both are inferred, since 3.1.1 never said.
     """
+    if size is not None and size > MAX_D2C_MESSAGE:
+        return code_of("MessageTooLarge")
     return code_of("ArgumentInvalid")
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from gateway.clock import FakeClock
 from gateway.codes import code_of
 from gateway.handler import State
@@ -13,6 +15,7 @@ from gateway.transport import Message
 from tests.test_handler import CLOSED_REMOTELY, FakeTransport, Hub, Rig, make_rig, msg, spawn
 
 ARGUMENT_INVALID = code_of("ArgumentInvalid")
+TOO_LARGE = code_of("MessageTooLarge")
 
 
 class DroppingTransport(FakeTransport):
@@ -54,20 +57,22 @@ async def started(rig: Rig) -> None:
     assert await rig.clock.run_until(lambda: rig.handler.state is State.CONNECTED, limit=60)
 
 
-async def test_a_poison_message_is_dead_lettered_and_the_rest_flow() -> None:
+@pytest.mark.parametrize(("size", "code"), [(2, ARGUMENT_INVALID), (300 * 1024, TOO_LARGE)])
+async def test_a_poison_message_is_dead_lettered_and_the_rest_flow(size: int, code: int) -> None:
     rig, transport = dropping_rig()
     await started(rig)
     transport.poison = {"m3"}
-    sends = [spawn(rig.handler.send(msg(i), timeout=600)) for i in range(8)]
+    messages = [msg(i) if i != 3 else Message("m3", "dev1", b"x" * size) for i in range(8)]
+    sends = [spawn(rig.handler.send(m, timeout=600)) for m in messages]
     assert await rig.clock.run_until(lambda: all(s.done() for s in sends), limit=600)
     bad = sends[3].exception()
-    assert bad is not None and getattr(bad, "code", None) == ARGUMENT_INVALID and not bad.exact  # type: ignore[attr-defined]
+    assert bad is not None and getattr(bad, "code", None) == code and not bad.exact  # type: ignore[attr-defined]
     assert all(s.result().id == f"m{i}" for i, s in enumerate(sends) if i != 3)
     assert sorted({m.id for m in rig.hub.delivered}) == sorted(f"m{i}" for i in range(8) if i != 3)
-    assert [(u.id, u.outcome, u.error.code) for u in rig.undelivered] == [("m3", "failed", ARGUMENT_INVALID)]
+    assert [(u.id, u.outcome, u.error.code) for u in rig.undelivered] == [("m3", "failed", code)]
     assert await rig.clock.run_until(lambda: rig.handler.state is State.CONNECTED, limit=60)
     assert not any(c.state is State.STOPPED for c in rig.changes)
-    assert rig.handler.metrics()[(ARGUMENT_INVALID, "mqtt", "poison")] == 1
+    assert rig.handler.metrics()[(code, "mqtt", "poison")] == 1
     drops_of_m3 = [mid for _, mid in rig.hub.attempts if mid == "m3"]
     assert len(drops_of_m3) <= 1 + rig.handler._policy.config.drops.poison_after  # found quickly
     await rig.handler.close()

@@ -449,11 +449,14 @@ def test_ambiguous_rules_only_on_ambiguous_transports_and_inexact_drops() -> Non
     assert isinstance(d, ReconnectAfter) and not d.attributed and h.drop_records == {}
 
 
-def test_poison_code_is_a_fail_code() -> None:
+def test_poison_code_is_a_fail_code_chosen_by_size() -> None:
     from gateway.codes import lookup
-    from gateway.policy import poison_code
+    from gateway.policy import MAX_D2C_MESSAGE, poison_code
 
-    assert lookup(poison_code()).action is Action.FAIL
+    assert poison_code() == poison_code(100) == code_of("ArgumentInvalid")
+    assert poison_code(MAX_D2C_MESSAGE) == code_of("ArgumentInvalid")
+    assert poison_code(MAX_D2C_MESSAGE + 1) == code_of("MessageTooLarge")
+    assert {lookup(poison_code(n)).action for n in (0, MAX_D2C_MESSAGE + 1)} == {Action.FAIL}
 
 
 # -- wall clock vs monotonic ---------------------------------------------------------------------------

@@ -860,7 +860,10 @@ class Handler:
         limit = self._policy.config.drops.poison_after
         for op in self._sends:
             if op.id in ids and op.poison is None:
-                poison = make_error(poison_code(), transport=err.transport, exact=False, device_id=op.device_id,
+                message = op.message
+                size = None if message is None else len(message.body) + sum(
+                    len(k) + len(v) for k, v in message.properties.items())
+                poison = make_error(poison_code(size), transport=err.transport, exact=False, device_id=op.device_id,
                                     message=f"message {op.id!r} was alone in flight at {limit} dropped connections "
                                             f"while other messages were delivered: the hub refuses it (inferred: "
                                             f"MQTT 3.1.1 cannot say why)",
