@@ -339,3 +339,33 @@ async def test_a_credential_already_inside_the_margin_does_not_loop_reconnects()
     await clock.advance(600)
     assert transport.connects == 1 and handler.state is State.CONNECTED
     await handler.close()
+
+
+class BusyPeer(FakeTransport):
+    """Answers "mfast*" sends in 0.5 s; the first attempt of each "mslow*" send times out after 1 s."""
+
+    timed_out: set[str]
+
+    async def send(self, message: Message) -> None:
+        slow = message.id.startswith("mslow") and message.id not in self.timed_out
+        await self.hub.clock.sleep(1.0 if slow else 0.5)
+        if slow:
+            self.timed_out.add(message.id)
+            raise self.err(TIMED_OUT)
+        await super().send(message)
+
+
+async def test_slow_answers_under_load_are_not_a_half_open_link() -> None:
+    """Attempts that time out while others on the same link succeed: a busy peer, not a dead link."""
+    rig = make_rig()
+    busy = BusyPeer(rig.hub)
+    busy.timed_out = set()
+    rig.handler._transport = busy
+    await connected(rig)
+    sends = [spawn(rig.handler.send(msg(f"{kind}{i}"), timeout=600)) for i in range(3) for kind in ("slow", "fast")]
+    assert await rig.clock.run_until(lambda: all(s.done() for s in sends), limit=600)
+    assert all(s.exception() is None for s in sends)
+    assert len(busy.timed_out) == 3
+    assert rig.handler.metrics().get((TIMED_OUT, "mqtt", "half_open"), 0) == 0
+    assert len(rig.hub.connects) == 1
+    await rig.handler.close()

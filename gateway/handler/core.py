@@ -162,6 +162,7 @@ class Handler:
         self._renew_task: asyncio.Task[None] | None = None
         self._renewing = False  #: a renewal waits for a quiet moment: no new attempt starts
         self._timeouts = 0  #: OperationTimedOut in a row on the current connection
+        self._answered_at = float("-inf")  #: when an attempt last succeeded (monotonic)
         self._sending: dict[_Op, int] = {}  #: sends in flight -> the connection they went out on
         self._sends: dict[_Op, int] = {}  #: live send operations -> arrival order
         self._lane: set[_Op] = set()  #: sends waiting for their turn in ``_wait_ready``
@@ -352,11 +353,11 @@ class Handler:
     async def _attempt(self, op: _Op, call: Callable[[float], Awaitable[T]], gen: int, started: float,
                        deadline: float) -> object:
         """One attempt: its result, or _AGAIN to go round once more; raises when the operation ends."""
-        now = self._clock.now()
+        now = began = self._clock.now()
         try:
             result = await self._within(call(deadline - now), deadline - now, track=True)
         except _DeadlineExceeded:
-            self._timed_out(gen)
+            self._timed_out(gen, began)
             raise self._expired(op, in_flight=True) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -376,7 +377,7 @@ class Handler:
         self._settle_held(op)
         self._release_probe(op)  # one probe per attempt: whatever happens next, another may probe
         if err.code == _TIMED_OUT:
-            self._timed_out(gen)
+            self._timed_out(gen, began)
         now = self._clock.now()
         decision, history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
                                               rand=self._rand, op=Operation(op.attempts, started, op.device_id))
@@ -421,10 +422,16 @@ class Handler:
         if self._gate.release(op):
             self._notify()
 
-    def _timed_out(self, gen: int) -> None:
-        """An operation timed out on connection ``gen``; K in a row mean a half-open link: drop it."""
+    def _timed_out(self, gen: int, began: float) -> None:
+        """An attempt begun at ``began`` timed out on connection ``gen``; K in a row mean a half-open link.
+
+        "In a row" means no attempt succeeded meanwhile: if one did after this attempt began, the link is
+        alive and this was only a slow answer (a loaded peer), so it does not count.
+        """
         if gen != self._gen:
             return
+        if self._answered_at >= began:
+            return  # the success itself reset the count
         self._timeouts += 1
         limit = self._policy.config.operation.timeouts_to_drop
         if self._timeouts >= limit and self._up:
@@ -436,6 +443,7 @@ class Handler:
 
     def _succeeded(self, op: _Op) -> None:
         self._timeouts = 0
+        self._answered_at = self._clock.now()
         self._history = self._history.on_success()
         if op.kind == "send" and self._history.ambiguous_drops:
             was_suspect = self._history.suspect
