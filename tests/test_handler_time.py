@@ -369,3 +369,33 @@ async def test_slow_answers_under_load_are_not_a_half_open_link() -> None:
     assert rig.handler.metrics().get((TIMED_OUT, "mqtt", "half_open"), 0) == 0
     assert len(rig.hub.connects) == 1
     await rig.handler.close()
+
+
+async def test_the_quota_park_aims_at_midnight_on_the_wall_clock_then_waits_on_the_monotonic_one() -> None:
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from gateway.errors import QuotaExceededError
+    from gateway.policy import Policy, PolicyConfig
+
+    start = datetime(2024, 3, 1, 20, 0, tzinfo=UTC).timestamp()
+    cfg = PolicyConfig()
+    cfg = dataclasses.replace(cfg, quota=dataclasses.replace(cfg.quota, probe_interval=2 * 86_400, reset_jitter=0.0))
+    rig = await connected(make_rig(policy=Policy(cfg), start=start))
+    h, hub, clock = rig.handler, rig.hub, rig.clock
+    clock.step_wall(2 * HOUR)  # the board's wall clock says 22:00 while monotonic time has not moved
+    hub.quota_until = float("inf")
+    parked = spawn(h.send(msg(1), timeout=6 * HOUR))
+    await clock.advance(0)
+    assert h.state is State.PARKED
+    t0 = clock.now()
+    with pytest.raises(QuotaExceededError) as info:
+        await h.send(msg(2), timeout=60)
+    midnight = datetime(2024, 3, 2, tzinfo=UTC).timestamp()
+    assert info.value.retry_at == midnight  # reported in wall time: 00:00 UTC as the wall clock reads it
+    clock.step_wall(-5 * HOUR)  # a later step does not move the park: it is a monotonic delay now
+    hub.quota_until = 0.0
+    assert await clock.run_until(lambda: len(hub.attempts) == 2, limit=6 * HOUR)
+    assert clock.now() - t0 == 2 * HOUR  # 22:00 -> 00:00 by the wall clock at the time of the decision
+    await asyncio.wait_for(parked, 1)
+    await h.close()
