@@ -1,4 +1,5 @@
-"""The handler's small parts alone: the state machine's table and the gate's one-probe-per-attempt rule."""
+"""The handler's small parts alone: the state machine's table, the gate's one-probe-per-attempt rule and
+the retry loop's decision."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from gateway.errors import make_error
 from gateway.handler import ConnectionMachine, Event, IllegalTransition, State
 from gateway.handler.gate import Gate
 from gateway.handler.machine import TRANSITIONS
+from gateway.handler.retry import Step, after_failure
+from gateway.policy import (
+    DeadLetter,
+    HoldForDevice,
+    ParkUntil,
+    ReconnectAfter,
+    RefreshCredentials,
+    RetryAfter,
+    Stop,
+    StopReason,
+)
 
 ACTIVE = [State.CONNECTING, State.CONNECTED, State.RETRYING, State.THROTTLED, State.PARKED]
 
@@ -87,3 +99,37 @@ def test_gate_keeps_the_later_end() -> None:
     gate.park(err, 100.0)
     gate.throttle(make_error(code_of("ThrottlingException"), transport="amqp"), 50.0)
     assert gate.until == 100.0 and gate.cause is not None and gate.cause.code != err.code
+
+
+# -- the retry loop's decision, as a table ---------------------------------------------------------------
+
+NOW, DEADLINE = 100.0, 160.0
+
+
+@pytest.mark.parametrize(
+    ("decision", "duplicate", "step", "dup_after"),
+    [
+        (ReconnectAfter(1.0, 404104, 1, possible_duplicate=True), False, Step.AWAIT_CONNECTION, True),
+        (ReconnectAfter(1.0, 503904, 1), False, Step.AWAIT_CONNECTION, False),
+        (RefreshCredentials(401003), True, Step.AWAIT_CONNECTION, True),
+        (Stop(StopReason.REFUSED, 403012, "x"), False, Step.AWAIT_CONNECTION, False),
+        (RetryAfter(5.0, 429001, 1, throttled=True), False, Step.THROTTLE, False),
+        (RetryAfter(5.0, 500001, 1), False, Step.RETRY, False),
+        (RetryAfter(60.0, 500001, 1), False, Step.EXPIRE, False),  # 100 + 60 >= 160: no point waiting
+        (RetryAfter(5.0, 504901, 1, possible_duplicate=True), False, Step.RETRY, True),
+        (ParkUntil(3700.0, 403002), False, Step.PARK, False),
+        (HoldForDevice("d9", 400.0, 404103), False, Step.HOLD, False),
+        (DeadLetter(400004, "bad"), False, Step.FAIL, False),
+        (DeadLetter(400004, "bad"), True, Step.UNKNOWN, True),  # an earlier attempt may have gone through
+    ],
+)
+def test_after_failure(decision: object, duplicate: bool, step: Step, dup_after: bool) -> None:
+    nxt = after_failure(decision, now=NOW, deadline=DEADLINE, duplicate=duplicate)  # type: ignore[arg-type]
+    assert nxt.step is step and nxt.duplicate is dup_after
+    assert nxt.adopt_history is (step is not Step.AWAIT_CONNECTION)
+    if step is Step.THROTTLE:
+        assert nxt.until == NOW + 5.0
+    if step is Step.HOLD:
+        assert nxt.device == "d9" and nxt.until == DEADLINE  # the earlier of its deadline and the hold's
+    if step is Step.RETRY:
+        assert nxt.delay == 5.0

@@ -2,8 +2,8 @@
 
 Small parts, each testable alone: :mod:`.machine` (the connection's states and the legal moves between
 them), :mod:`.gate` (throttle and quota park, one probe per attempt), :mod:`.holds` (work held for offline
-devices), :mod:`.report` (state changes, metrics and the undelivered records), and :mod:`.core`, the
-thin async driver with the operation retry loop: the only code that waits.
+devices), :mod:`.retry` (what a failed attempt leads to), :mod:`.report` (state changes, metrics and
+the undelivered records), and :mod:`.core`, the thin async driver: the only code that waits.
 """
 
 from gateway.handler.core import Handler, RefreshHook

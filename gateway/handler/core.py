@@ -41,10 +41,10 @@ from gateway.handler.gate import Gate
 from gateway.handler.holds import DeviceHolds, _Held
 from gateway.handler.machine import ConnectionMachine, Event, State
 from gateway.handler.report import Publisher, Receipt, StateChange, Undelivered
+from gateway.handler.retry import Step, after_failure
 from gateway.normalize import normalize
 from gateway.policy import (
     History,
-    HoldForDevice,
     Operation,
     ParkUntil,
     Policy,
@@ -381,37 +381,39 @@ class Handler:
         now = self._clock.now()
         decision, history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
                                               rand=self._rand, op=Operation(op.attempts, started, op.device_id))
-        if isinstance(decision, (ReconnectAfter, RefreshCredentials, Stop)):
-            # The connection itself is at stake: the supervisor decides (once) what to do about it,
-            # and this operation waits for its verdict (reconnected, or stopped).
+        nxt = after_failure(decision, now=now, deadline=deadline, duplicate=op.duplicate)
+        op.duplicate = nxt.duplicate
+        if nxt.step is Step.AWAIT_CONNECTION or self._policy.action_for(err) in _CONNECTION_ACTIONS:
+            # The connection itself is at stake: the supervisor decides (once) what to do about it, and
+            # this operation waits for its verdict (reconnected, or stopped).
             self._report_loss(err, gen)
-            op.duplicate = op.duplicate or (isinstance(decision, ReconnectAfter) and decision.possible_duplicate)
-            return _AGAIN
-        if self._policy.action_for(err) in _CONNECTION_ACTIONS:
-            self._report_loss(err, gen)  # this operation gave up, but the connection is still down
-        self._history = history
-        if isinstance(decision, RetryAfter):
-            op.duplicate = op.duplicate or decision.possible_duplicate
-            if decision.throttled:
-                self._count(err.code, "throttled")
-                self._throttle(err, now + decision.delay)
-                return _AGAIN
+        if nxt.adopt_history:
+            self._history = history
+        step = nxt.step
+        if step is Step.AWAIT_CONNECTION:
+            pass
+        elif step is Step.THROTTLE:
+            self._count(err.code, "throttled")
+            self._throttle(err, nxt.until)
+        elif step is Step.RETRY:
             self._count(err.code, "retry")
-            if now + decision.delay >= deadline:
-                raise self._expired(op)
-            await self._clock.sleep(decision.delay)
-        elif isinstance(decision, ParkUntil):
+            await self._clock.sleep(nxt.delay)
+        elif step is Step.EXPIRE:
+            self._count(err.code, "retry")
+            raise self._expired(op)
+        elif step is Step.PARK:
             self._count(err.code, "parked")
-            self._park(err, decision.until)
-        elif isinstance(decision, HoldForDevice):
+            self._park(err, nxt.until)
+        elif step is Step.HOLD:
+            assert nxt.device is not None
             self._count(err.code, "held")
-            self._offline.add(decision.device_id)
-            await self._hold(op, decision.device_id, min(deadline, decision.deadline), err)
+            self._offline.add(nxt.device)
+            await self._hold(op, nxt.device, nxt.until, err)
         else:
             self._count(err.code, "dead_letter")
-            if op.duplicate:
+            if step is Step.UNKNOWN:
                 raise self._unknown(op, err)
-            failed = make_error(err.code, transport=err.transport, message=decision.detail,
+            failed = make_error(err.code, transport=err.transport, message=nxt.detail,
                                 device_id=err.device_id or op.device_id, native=err.native,
                                 retry_after=err.retry_after)
             failed.__cause__ = err
