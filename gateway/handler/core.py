@@ -542,8 +542,9 @@ class Handler:
         """Suspect mode: one send at a time, fewest drops first, then arrival order."""
         if not self._history.suspect:
             return True
-        if self._sending:
-            return False
+        gen = self._gen
+        if any(g == gen for g in self._sending.values()):
+            return False  # a send is in flight on this connection (one stuck on an old one does not count)
         cached = self._turn
         if cached is not None and cached[0] is self._changed and cached[1] in self._lane:
             return cached[1] is op  # computed once per wake-up, not once per waiter
