@@ -30,7 +30,7 @@ import dataclasses
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -1005,7 +1005,10 @@ class Handler:
         if self._renewing and not self._inflight:
             self._notify()  # a quiet moment: the renewal may go
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self._closed:
+            coro.close()  # close() already gathered the tasks it cancels: nothing new may outlive it
+            return
         task = asyncio.ensure_future(coro)
         if isinstance(task, asyncio.Task):
             task.set_name(name)
