@@ -17,6 +17,7 @@ REFRESH_CREDENTIALS     call the refresh hook, then reconnect; refused again rig
 WAIT_FOR_DEVICE         hold the operation for its device until the device is online, or its deadline
 WAIT_FOR_QUOTA_RESET    park until the next 00:00 UTC plus jitter, or one probe interval, whichever is first
 STOP_IDENTITY_CONFLICT  long jittered reconnect; after K takeovers within W seconds, stop naming the identity
+                        (only when the hub said the code; an inferred one parks instead, see below)
 STOP                    stop the connection (an operation aimed at another device is dead-lettered instead)
 FAIL                    dead-letter the operation; a connect refused with it: stop (retrying cannot
                         help); a live connection closed over it: reconnect (the request was the fault)
@@ -41,16 +42,17 @@ messages were in flight when such a drop (without an exact code) happened. The e
 - **Poison**: a message that was alone in flight at ``drops.poison_after`` drops, while other messages were
   delivered between its drops, is refused for what it is. It is dead-lettered with an inferred (not exact)
   code (:func:`poison_code`: MessageTooLarge above 256 KiB, else ArgumentInvalid), and the messages
-  behind it flow. Because other messages flow, the hub is not throttling
-  and the identity is ours: the message itself is the fault.
+  behind it flow. Because other messages flow, the hub is not throttling and the identity is ours: the
+  message itself is the fault.
 - **Nothing flows**: when every send drops (no delivery between two drops), the hub is refusing
   everything: that is throttling on a protocol that cannot say so. The handler reconnects on the throttle
   curve, reports THROTTLED (and counts it as throttled), never dead-letters and never stops.
 - **Nothing in flight**: the drop may be a takeover by another client with our identity (or the network).
   ``drops.takeover_repeat`` such drops within ``identity.window`` park the connection for
   ``drops.takeover_park`` seconds (state PARKED, a metric and a warning in the log: an operator should
-  look), then it tries again. Ambiguous evidence never stops a device for good; only an exact 400027 or
-  409002 (MQTT 5, AMQP) may end in ``Stop(identity_conflict)`` after K takeovers in the window.
+  look), then it tries again. Ambiguous evidence never stops a device for good; only an exact
+  ConnectionForcefullyClosedOnNewConnection or LinkCreationConflict (MQTT 5, AMQP: the hub said it) may
+  end in ``Stop(identity_conflict)`` after K takeovers in the window.
 
 The earlier rule (quick drops after a connect are a takeover) stopped devices whose only fault was a
 throttled or refused publish that was resent after each reconnect, so it is gone.
@@ -163,7 +165,7 @@ class ThrottleBackoff(Backoff):
 
 @dataclass(frozen=True, slots=True)
 class IdentityBackoff(Backoff):
-    """The identity-conflict curve and the takeover limit (exact 400027 / 409002 only may stop)."""
+    """The identity-conflict curve and the takeover limit (only an exact code may stop)."""
 
     initial: float = 30.0
     multiplier: float = 2.0

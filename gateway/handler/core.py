@@ -920,7 +920,7 @@ class Handler:
         left = float(expiry) - self._clock.wall()
         if left <= cfg.renew_margin:
             # A credential this close to expiry (or a stale expiry) would make every connect renew at
-            # once: a reconnect loop. Let the hub's expiry (401003 -> refresh hook) handle it instead.
+            # once: a reconnect loop. Let the hub's expiry (an expired-token drop -> refresh hook) handle it instead.
             log.warning("credential expires in %.0fs, inside the renewal margin; not scheduling a renewal", left)
             return
         now = self._clock.now()
