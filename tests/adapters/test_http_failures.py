@@ -198,7 +198,7 @@ async def test_one_dropped_request_does_not_disturb_concurrent_ones(front: HttpF
         await bounded(asyncio.gather(*slow))  # untouched by the other request's loss
     finally:
         await bounded(t.close())
-    assert sorted(front.hub.received_ids()) == ["dropped", "s0", "s1", "s2", "s3", "s4"]
+    assert sorted(map(str, front.hub.received_ids())) == ["dropped", "s0", "s1", "s2", "s3", "s4"]
 
 
 async def test_close_retires_the_session_without_aborting_calls_in_flight(front: HttpFront) -> None:
@@ -219,7 +219,7 @@ async def test_close_retires_the_session_without_aborting_calls_in_flight(front:
     await bounded(asyncio.gather(*running))
     assert old.session.closed  # the last one out closed it
     await bounded(t.close())
-    assert sorted(front.hub.received_ids()) == ["new", "s0", "s1", "s2"]
+    assert sorted(map(str, front.hub.received_ids())) == ["new", "s0", "s1", "s2"]
 
 
 def quick_policy() -> Policy:
@@ -249,7 +249,7 @@ async def test_through_the_handler_a_drop_costs_only_its_own_request(front: Http
     # the handler reconnected because of the drop; the five in flight finished on the retired session
     assert [(r.attempts, r.possible_duplicate) for r in receipts] == [(1, False)] * 5
     assert dropped.attempts == 2 and dropped.possible_duplicate  # the hub had taken it before the drop
-    assert sorted(front.hub.received_ids()) == ["dropped", "dropped", "s0", "s1", "s2", "s3", "s4"]
+    assert sorted(map(str, front.hub.received_ids())) == ["dropped", "dropped", "s0", "s1", "s2", "s3", "s4"]
 
 
 async def test_through_the_handler_a_refused_send_is_resent_as_no_duplicate() -> None:

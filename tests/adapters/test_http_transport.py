@@ -368,6 +368,30 @@ async def test_expired_token_is_401003_and_renewed_before_expiry(env: Env) -> No
     assert env.hub.received_ids() == ["m1", "m3"]
 
 
+async def test_tokens_follow_wall_clock_steps_the_way_the_hub_judges_them(env: Env) -> None:
+    """The hub judges a token's expiry by its clock: renewal compares our wall clock to it, never a duration."""
+    real = time.time()
+    wall = [real - 10 * 365 * 86400]  # an edge board booted without a real-time clock: years behind
+    t = make_transport(env.hub, env.front, clock=lambda: wall[0], token_ttl=3600, renew_before=300)
+    token = t._device_token
+    assert token is not None
+    await bounded(t.connect())
+    try:
+        assert (await failure(t.send(env.msg("m1")))).code == 401003  # signed with a years-old expiry
+        wall[0] = real  # NTP steps the clock forward: the next request signs a good token at once
+        await bounded(t.send(env.msg("m2")))
+        assert token.expiry == int(real + 3600)
+        wall[0] = real + 3600  # a step forward past the renewal point: renewed, no 401 first
+        await bounded(t.send(env.msg("m3")))
+        assert token.expiry == int(real + 7200)
+        wall[0] = real  # stepped back: the token signed before is still good by the hub's clock, and reused
+        await bounded(t.send(env.msg("m4")))
+        assert token.expiry == int(real + 7200)
+    finally:
+        await bounded(t.close())
+    assert env.hub.received_ids() == ["m2", "m3", "m4"]
+
+
 def test_service_credential_parse_and_repr() -> None:
     cred = ServiceCredential.parse("HostName=h;SharedAccessKeyName=p;SharedAccessKey=a2V5")
     assert (cred.host_name, cred.key_name) == ("h", "p") and "a2V5" not in repr(cred)
@@ -481,7 +505,8 @@ async def test_events_poll_c2d_and_presence(env: Env) -> None:
         stream = t.events()
         env.front.enqueue_c2d("d1", b"pushed", "c9")
         event = await bounded(anext(stream))
-        assert isinstance(event, Inbound) and event.kind == "c2d" and event.payload.message_id == "c9"
+        assert isinstance(event, Inbound) and event.kind == "c2d" and isinstance(event.payload, C2DMessage)
+        assert event.payload.message_id == "c9" and event.device_id == "d1"
         await failure(t.invoke_method("d2", "m"))
         env.hub.attach("d2", "test", object())
         event = await bounded(anext(stream))

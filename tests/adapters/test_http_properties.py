@@ -1,0 +1,54 @@
+"""Application properties become ``iothub-app-*`` headers: hostile names and values are refused up front.
+
+No socket is needed: an unconnected transport validates first, so every outcome is either
+ArgumentInvalid (refused, never retried) or NotConnected (valid, and nothing went out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.http.transport import HttpTransport
+from gateway.errors import IoTHubError
+from gateway.transport import Message
+
+DEVICE = "HostName=hub.test;DeviceId=d1;SharedAccessKey=a2V5a2V5a2V5a2V5"
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+names = st.one_of(st.text(max_size=20), st.sampled_from(["$.mid", "$.ct", "$", "", "temp", "a b", "x\r\ny", "ü"]))
+values = st.one_of(st.text(max_size=20), st.sampled_from(["21", "a\r\nInjected: yes", "\0", "ü", "€"]))
+
+
+def outcome(props: dict[str, str]) -> int:
+    transport = HttpTransport(DEVICE, ssl=None)  # never connected: a valid message ends in NotConnected
+
+    async def run() -> int:
+        try:
+            await asyncio.wait_for(transport.send(Message("m1", "d1", b"x", props)), 5)
+        except IoTHubError as err:
+            return err.code
+        raise AssertionError("an unconnected transport cannot send")
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(names, values, max_size=4))
+def test_every_property_set_is_refused_or_valid_as_headers(props: dict[str, str]) -> None:
+    code = outcome(props)
+    valid = all(
+        name and not name.startswith("$") and HEADER_NAME.fullmatch("iothub-app-" + name)
+        and not any(c in value for c in "\r\n\0") and all(ord(c) < 256 for c in value)
+        for name, value in props.items()
+    )
+    assert code == (503904 if valid else 400004), props
+
+
+def test_reserved_names_are_refused_even_when_they_are_valid_header_names() -> None:
+    assert HEADER_NAME.fullmatch("iothub-app-$.mid")  # HTTP itself would carry it
+    assert outcome({"$.mid": "forged"}) == 400004
+    assert outcome({"temp": "21"}) == 503904
