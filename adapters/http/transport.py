@@ -176,8 +176,10 @@ class HttpTransport:
     to a loopback peer such as the emulator (see :mod:`gateway.tls`).
 
     ``timeout`` bounds every call (connect, headers and body together; a caller's shorter ``timeout=``
-    wins); ``connect_timeout`` bounds getting a socket (pool wait, TCP, TLS), so an unreachable hub
-    fails fast with NotConnected instead of using up the call's deadline. Response bodies are read
+    wins); ``connect_timeout`` bounds opening a socket (TCP and the TLS handshake), so an unreachable
+    hub fails fast with NotConnected instead of using up the call's deadline (a wait for a free pooled
+    socket, up to ``connection_limit``, is bounded by the call's deadline alone: a busy pool is no
+    reason to reconnect). Response bodies are read
     up to ``max_body`` bytes (errors: up to the translator's ``BODY_LIMIT``) and a larger one is cut
     off, never buffered. ``clock`` is the wall clock, used only for the tokens' expiry field and
     ``Retry-After`` dates.
@@ -250,9 +252,9 @@ class HttpTransport:
             return
         connector = _Connector(limit=self._limit, ssl=self._ssl)
         # The call's deadline is asyncio.timeout around it (which also bounds the body read); aiohttp
-        # only bounds getting a socket, so that a connect timeout is told from a missing answer.
+        # only bounds opening a socket, so that an unreachable hub fails before the deadline.
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                        timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout))
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
         self._pool = _Pool(session)
         self._closed = asyncio.Event()
         self._wake = asyncio.Event()

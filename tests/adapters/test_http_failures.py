@@ -139,6 +139,19 @@ async def test_a_listener_that_never_answers_http_is_a_read_timeout() -> None:
     assert (err.native["timeout"], err.native["phase"]) == ("read", "sent")
 
 
+async def test_a_call_waiting_for_a_pooled_socket_never_went_out() -> None:
+    async with Silent() as silent, transport(silent.port, connection_limit=1, timeout=5) as t:
+        first = asyncio.ensure_future(t.send(Message("m1", "d1", b"x")))  # holds the only socket
+        async with asyncio.timeout(5):
+            while not silent.received:
+                await asyncio.sleep(0.01)
+        err = await failure(t.request(GetTwin(), timeout=0.3))  # queued behind it until its deadline
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        assert b"/twins/" not in silent.received
+    assert_nothing_sent(err, 504901)
+
+
 async def test_connection_refused_is_nothing_sent() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, not listening
