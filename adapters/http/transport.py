@@ -364,14 +364,7 @@ class HttpTransport:
             "GET", f"/devices/{_seg(device_id)}/messages/deviceBound", device_id=device_id, timeout=timeout)
         if status == 204:
             return None
-        etag = (headers.get("ETag") or "").strip().strip('"')
-        if not etag:
-            raise make_error(_PROTOCOL, transport="http", device_id=device_id, exact=False,
-                             message="a cloud-to-device message came without an ETag lock")
-        props = {k[len(_APP_PREFIX):]: v for k, v in headers.items() if k.lower().startswith(_APP_PREFIX)}
-        count = headers.get("iothub-deliverycount", "0")
-        return C2DMessage(device_id, etag, headers.get("iothub-messageid"), body, props,
-                          int(count) if count.isdigit() else 0, headers.get("iothub-correlationid"))
+        return _c2d_message(device_id, headers, body)
 
     async def settle_c2d(self, lock_token: str, outcome: SettleOutcome = "complete", *,
                          timeout: float | None = None) -> None:
@@ -582,6 +575,20 @@ def _rebuild(code: int, err: IoTHubError, exc: BaseException, message: str) -> I
     out = make_error(code, transport="http", device_id=err.device_id, exact=False, native=native, message=message)
     out.__cause__ = exc
     return out
+
+
+def _c2d_message(device_id: str, headers: Mapping[str, str], body: bytes) -> C2DMessage:
+    """A received message from the answer's headers (the hub's, so parsed defensively)."""
+    etag = (headers.get("ETag") or "").strip().strip('"')
+    if not etag:
+        raise make_error(_PROTOCOL, transport="http", device_id=device_id, exact=False,
+                         message="a cloud-to-device message came without an ETag lock")
+    props = {k[len(_APP_PREFIX):]: v for k, v in headers.items() if k.lower().startswith(_APP_PREFIX)}
+    count = headers.get("iothub-deliverycount", "0").strip()
+    # isdigit() alone admits "²" and 5,000-digit numbers, on which int() raises: a count is a small number
+    delivery_count = int(count) if count.isascii() and count.isdigit() and len(count) <= 9 else 0
+    return C2DMessage(device_id, etag, headers.get("iothub-messageid"), body, props, delivery_count,
+                      headers.get("iothub-correlationid"))
 
 
 def _seg(value: str) -> str:

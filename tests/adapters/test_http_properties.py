@@ -1,4 +1,5 @@
-"""Application properties become ``iothub-app-*`` headers: hostile names and values are refused up front.
+"""Headers both ways, never trusted: app properties out (hostile names and values refused up front), and
+the hub's C2D answer in (a hostile header is a ProtocolViolation or ignored, never a crash).
 
 No socket is needed: an unconnected transport validates first, so every outcome is either
 ArgumentInvalid (refused, never retried) or NotConnected (valid, and nothing went out).
@@ -11,8 +12,9 @@ import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
-from adapters.http.transport import HttpTransport
+from adapters.http.transport import HttpTransport, _c2d_message
 from gateway.errors import IoTHubError
 from gateway.transport import Message
 
@@ -52,3 +54,32 @@ def test_reserved_names_are_refused_even_when_they_are_valid_header_names() -> N
     assert HEADER_NAME.fullmatch("iothub-app-$.mid")  # HTTP itself would carry it
     assert outcome({"$.mid": "forged"}) == 400004
     assert outcome({"temp": "21"}) == 503904
+
+
+# --- a received cloud-to-device message: the hub's headers, parsed without trusting them ----------------
+
+latin1 = st.text(st.characters(max_codepoint=255), max_size=30)
+hostile = st.one_of(latin1, st.sampled_from(["²", "٣", "9" * 5000, " 7 ", "-1", "", '""', '"abc"']))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["ETag", "iothub-deliverycount", "iothub-messageid", "iothub-correlationid",
+                                        "iothub-app-temp", "IOTHUB-APP-Unit", "Content-Type"]), hostile),
+       st.binary(max_size=50))
+def test_any_c2d_answer_is_a_message_or_a_protocol_violation(headers: dict[str, str], body: bytes) -> None:
+    try:
+        msg = _c2d_message("d1", CIMultiDict(headers), body)
+    except IoTHubError as err:
+        assert err.code == 400901 and not err.exact  # ProtocolViolation: no lock to settle it with
+        assert not headers.get("ETag", "").strip().strip('"')
+        return
+    assert msg.lock_token and msg.body == body and msg.device_id == "d1"
+    assert 0 <= msg.delivery_count < 10**9
+    assert set(msg.properties) <= {"temp", "Unit"}
+
+
+def test_delivery_count_is_read_when_it_is_a_plain_number() -> None:
+    msg = _c2d_message("d1", CIMultiDict({"ETag": '"lock"', "iothub-deliverycount": "3"}), b"")
+    assert (msg.lock_token, msg.delivery_count) == ("lock", 3)
+    for bad in ("²", "9" * 5000, "x"):
+        assert _c2d_message("d1", CIMultiDict({"ETag": "l", "iothub-deliverycount": bad}), b"").delivery_count == 0
