@@ -52,7 +52,7 @@ def test_dead_letters_keep_the_code_and_deadlines_expire(box: Outbox) -> None:
     box.claim("d")
     box.dead_letter(a, code=413001, reason="MessageTooLarge", now=1)
     assert box.expire(now=4) == []
-    assert box.expire(now=6, code=404103) == [b]
+    assert [i.id for i in box.expire(now=6, code=404103)] == [b]
     dead = {i.id: i for i in box.dead_letters()}
     assert dead[a].code == 413001 and dead[b].code == 404103
     assert box.get(b).to_dict()["status"] == "dead"  # type: ignore[union-attr]
