@@ -485,7 +485,8 @@ class Outbox:
                 free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
                 if free < min_free_pages:
                     return 0
-                db.execute("PRAGMA incremental_vacuum").fetchall()
+                # executescript steps the pragma to its end (execute() would free a single page)
+                db.executescript("PRAGMA incremental_vacuum;")
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:
                 raise self._storage(exc) from exc
