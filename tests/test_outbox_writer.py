@@ -133,8 +133,7 @@ def test_disk_full_for_real_is_reported_and_heals(tmp_path: pathlib.Path) -> Non
     """A file-size limit (RLIMIT_FSIZE) in a child process: SQLite's writes really fail, then really work."""
     path = tmp_path / "o.db"
     out = subprocess.run([sys.executable, "-c", _DISK_FULL, str(path)], cwd=ROOT, capture_output=True, text=True,
-                         check=False,
-                         timeout=120)
+                         check=False, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert 10 < len(result["stored"]) < 400, result["stored"]  # some fitted, then the limit bit

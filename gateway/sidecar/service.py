@@ -2,10 +2,10 @@
 and :func:`run` (``iothub-gateway run``) with its start-up errors and graceful shutdown.
 
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
-the emulator (if configured), the transports (a protocol missing from this build is a config error),
-the outbox and the pipelines; only then is the URL printed and ``/readyz`` ready. Shutdown (SIGTERM or
-SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline`` seconds, put the
-rest back to pending, close the handlers and the outbox, exit 0.
+the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
+from this build is a config error) and the pipelines; only then is the URL printed and ``/readyz`` ready.
+Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline``
+seconds, put the rest back to pending, close the handlers and the outbox, exit 0.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ class Sidecar:
 
     async def _start(self) -> None:
         cfg = self.config
+        # The outbox first: a second sidecar on the same outbox fails before it starts anything else.
+        self._outbox = self._open_outbox()
         specs: dict[str, TransportSpec] = {}
         if cfg.upstream.kind == "emulator":
             self.emulator = EmulatorHarness(cfg.upstream.host_name, ports=cfg.upstream.ports)
@@ -126,7 +128,6 @@ class Sidecar:
                                                  tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file,
                                                  mqtt_version=device.mqtt_version)
         transports = {device_id: build_transport(spec, self.factories) for device_id, spec in specs.items()}
-        self._outbox = self._open_outbox()
         if self._outbox.recovered:
             log.warning("%d message(s) were in flight when the sidecar last stopped; they will be sent again "
                         "(flagged as possible duplicates)", self._outbox.recovered)
