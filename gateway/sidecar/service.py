@@ -73,7 +73,7 @@ class Sidecar:
         self.accepting = False
         self._stopped = False
         self._sweeper: asyncio.Task[None] | None = None
-        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State])
+        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view)
 
     @property
     def outbox(self) -> AsyncOutbox:
@@ -137,6 +137,11 @@ class Sidecar:
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor,
             )
+        legacy = self.config.outbox_path().parent / "outbox.sqlite3"
+        if not cfg.outbox.path and legacy.exists():
+            log.warning("an outbox from an earlier version is at %s; this sidecar uses %s (one per config file). "
+                        "To send what is pending there, set [outbox] path = \"%s\"", legacy,
+                        self.config.outbox_path(), legacy)
         orphans = set(self._outbox.devices_with_pending()) - set(self.pipelines)
         if orphans:
             log.warning("the outbox holds pending messages for devices no longer configured: %s",
@@ -253,13 +258,19 @@ class Sidecar:
         ttl = ttl if ttl is not None else (self.config.outbox.ttl or None)
         deadline = now + ttl if ttl else None
         duplicate = False
-        if message_id is not None and (existing := await self.outbox.aget(message_id)) is not None:
-            if existing.device_id != device_id:
-                raise ValueError(f"message id {message_id!r} is already used by another device's message")
-            mid, duplicate, deadline = existing.id, True, existing.deadline
-        else:
+        try:
             mid = await self.outbox.put(device_id, body, now=now, properties=properties, deadline=deadline,
                                         message_id=message_id)
+        except ValueError:
+            # The app's id is taken: the same message posted again (idempotent while the first one is in
+            # the outbox, i.e. within [outbox] delivered_retention after delivery), or another device's.
+            existing = await self.outbox.aget(message_id) if message_id is not None else None
+            if existing is None:
+                raise
+            if existing.device_id != device_id:
+                raise ValueError(f"message id {message_id!r} is already used by another device's message") from None
+            mid, duplicate, deadline = existing.id, True, existing.deadline
+        else:
             self.metrics.message(pipeline.protocol, "accepted")
             pipeline.notify()
         return {"id": mid, "device_id": device_id, "status": "pending" if not duplicate else "duplicate",
@@ -301,6 +312,11 @@ class Sidecar:
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
+
+    def _storage_view(self) -> tuple[bool, int]:
+        if self._outbox is None:
+            return False, 0
+        return self._outbox.failure is None, self._outbox.file_bytes()
 
 
 def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:

@@ -48,6 +48,7 @@ async def test_a_locked_outbox_answers_503_with_a_code_and_delivery_resumes(tmp_
         device = await (await run.client.get("/v1/devices/dev-mqtt")).json()
         assert device["storage"]["name"] == "ServiceUnavailable"
         assert (await run.client.get("/healthz")).status == 200  # alive, just not ready
+        assert "iothub_gateway_outbox_up 0.0" in await (await run.client.get("/metrics")).text()
     finally:
         other.execute("ROLLBACK")
         other.close()
@@ -112,3 +113,24 @@ async def test_retention_takes_delivered_messages_out_but_keeps_the_totals(tmp_p
     assert len(run.upstream.received) == 3
     with sqlite3.connect(run.sidecar.config.outbox_path()) as db:
         assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+async def test_counts_and_metrics_never_query_the_messages(tmp_path: Path, start_sidecar: Any):
+    """The counts are kept as rows change: a scrape or a device listing reads memory, not the table."""
+    run = await start_sidecar(fake_config(tmp_path))
+    ids = [(await (await run.client.post("/v1/devices/dev-mqtt/messages", data=b"x")).json())["id"]
+           for _ in range(5)]
+    for mid in ids:
+        await _delivered(run, mid)
+    seen: list[str] = []
+    store = run.sidecar.outbox.store
+    for db in (store._db, store._rdb):
+        assert db is not None
+        db.set_trace_callback(seen.append)
+    for path in ("/metrics", "/v1/devices", "/v1/devices/dev-mqtt", "/readyz", "/metrics"):
+        assert (await run.client.get(path)).status == 200
+    text = await (await run.client.get("/metrics")).text()
+    assert 'iothub_gateway_outbox_messages{status="delivered"} 5.0' in text
+    assert "iothub_gateway_outbox_up 1.0" in text and "iothub_gateway_outbox_file_bytes" in text
+    reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "messages" in s]
+    assert reads == []
