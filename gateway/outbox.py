@@ -235,7 +235,9 @@ class Outbox:
         self._wlock = threading.RLock()
         self._rlock = threading.Lock()
         self._depth = 0
-        self._counts: dict[str, dict[str, int]] = {}
+        self._counts: dict[str, dict[str, int]] = {}  #: published after each commit, never changed in place
+        self._open = 0  #: undelivered (pending + inflight), as of the last commit
+        self._open_delta = 0  #: what the open transaction has added to that so far (for the bound)
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
         try:
@@ -304,6 +306,7 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise self._storage(exc) from exc
             self._depth = 1
+            self._open_delta = 0
             try:
                 yield
                 db.execute("COMMIT")
@@ -318,6 +321,7 @@ class Outbox:
                 raise
             finally:
                 self._depth = 0
+                self._open_delta = 0
             with contextlib.suppress(sqlite3.Error):
                 self._refresh_counts()
 
@@ -338,6 +342,7 @@ class Outbox:
         counts: dict[str, dict[str, int]] = {}
         for device, status, n in rows:
             counts.setdefault(device, {})[status] = n
+        self._open = sum(c.get("pending", 0) + c.get("inflight", 0) for c in counts.values())
         self._counts = counts
 
     # -- accepting --------------------------------------------------------------------------
@@ -365,16 +370,12 @@ class Outbox:
             ).rowcount
             if not added:
                 raise ValueError(f"message id {mid!r} already in the outbox")
-            self._bump(device_id, "pending", 1)
+            self._open_delta += 1
         return mid
 
     def _open_now(self) -> int:
-        return sum(c.get("pending", 0) + c.get("inflight", 0) for c in self._counts.values())
-
-    def _bump(self, device_id: str, status: str, n: int) -> None:
-        """Keep the in-memory mirror right inside a transaction (the commit reloads it from the table)."""
-        per = self._counts.setdefault(device_id, {})
-        per[status] = per.get(status, 0) + n
+        """Undelivered messages including the open transaction's (the writer's view, for the bound)."""
+        return self._open + self._open_delta
 
     # -- delivering -------------------------------------------------------------------------
     def claim(self, device_id: str, *, limit: int = 1) -> list[OutboxItem]:
@@ -386,9 +387,6 @@ class Outbox:
                 f"RETURNING {_COLUMNS}",
                 (device_id, limit),
             ).fetchall()
-            if rows:
-                self._bump(device_id, "pending", -len(rows))
-                self._bump(device_id, "inflight", len(rows))
         return sorted((_item(r) for r in rows), key=lambda i: i.seq)
 
     def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> bool:
@@ -422,6 +420,7 @@ class Outbox:
                 f"RETURNING {_NO_BODY}",
                 (now, code or _EXPIRED, why, now),
             ).fetchall()
+            self._open_delta -= len(rows)
         return sorted((_item(r) for r in rows), key=lambda i: i.seq)
 
     def replay(self, message_id: str, *, now: float, deadline: float | None = None) -> OutboxItem:
@@ -437,7 +436,7 @@ class Outbox:
             ).fetchone()
             if row is None:
                 raise KeyError(message_id)
-            self._bump(row[1], "pending", 1)
+            self._open_delta += 1
         return _item(row)
 
     def _finish(
@@ -450,7 +449,7 @@ class Outbox:
                 (status, now, code, reason, int(dup), message_id),
             ).fetchone()
             if row is not None:
-                self._bump(row[0], "inflight", -1)
+                self._open_delta -= 1
         return row is not None
 
     # -- retention --------------------------------------------------------------------------
@@ -532,7 +531,7 @@ class Outbox:
         """Messages per status, overall or for one device, from memory (no query). ``delivered`` and
         ``possible_duplicates`` are totals since the file was made; the others what the store holds."""
         out = self.empty_counts()
-        for device, per in list(self._counts.items()):
+        for device, per in self._counts.items():
             if device_id is None or device == device_id:
                 for status, n in per.items():
                     out[status] = out.get(status, 0) + n
@@ -547,7 +546,7 @@ class Outbox:
         return total
 
     def __len__(self) -> int:
-        return self._open_now()
+        return self._open
 
     def __iter__(self) -> Iterator[OutboxItem]:
         return iter([_item(r) for r in self._read(f"SELECT {_COLUMNS} FROM messages ORDER BY seq")])
