@@ -5,6 +5,7 @@ retention takes delivered messages out of the file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ async def test_a_locked_outbox_answers_503_with_a_code_and_delivery_resumes(tmp_
     await _delivered(run, (await resp.json())["id"])
     device = await (await run.client.get("/v1/devices/dev-mqtt")).json()
     assert device["storage"] is None and device["messages"]["delivered"] == 2
+    stream = await run.client.get("/v1/events?after=0")  # the event stream told both turns, with the code
+    told: list[dict[str, Any]] = []
+    async with asyncio.timeout(5):
+        while not any(e["state"] == "ok" for e in told):
+            if (await stream.content.readline()).decode().startswith("event: storage"):
+                told.append(json.loads((await stream.content.readline()).decode()[len("data: "):]))
+    stream.close()
+    assert told[0]["state"] == "failed" and told[0]["code"] == UNAVAILABLE and told[0]["kind"] == "locked"
 
 
 async def test_a_corrupt_outbox_at_start_is_visible_and_replaced_once_moved_away(tmp_path: Path,
