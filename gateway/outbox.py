@@ -244,6 +244,7 @@ class Outbox:
             self._db = self._connect(busy_timeout)
             self._setup(synchronous)
             self._rdb = self._connect(busy_timeout)
+            self._rdb.execute("PRAGMA cache_size=-512")  # lookups by id and short listings: 512 KiB is plenty
         except sqlite3.Error as exc:
             self._close_connections()
             if _is_storage(exc):
