@@ -326,6 +326,22 @@ class Outbox:
             with contextlib.suppress(sqlite3.Error):
                 self._refresh_counts()
 
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One operation inside :meth:`transaction`: when it raises, what it wrote is undone and the rest of
+        the transaction stands (a SAVEPOINT)."""
+        db = self._writer
+        delta = self._open_delta
+        db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO step")
+            db.execute("RELEASE step")
+            self._open_delta = delta
+            raise
+        db.execute("RELEASE step")
+
     def _storage(self, exc: sqlite3.Error) -> Exception:
         return StorageError.from_sqlite(exc, self.path) if _is_storage(exc) else exc
 

@@ -135,8 +135,9 @@ class AsyncOutbox:
             with store.transaction() if transaction else contextlib.nullcontext():
                 for fn, _, _, _ in ops:
                     try:
-                        results.append((True, fn(store)))
-                    except _OWN_ERRORS as exc:
+                        with store.step() if transaction else contextlib.nullcontext():
+                            results.append((True, fn(store)))
+                    except _OWN_ERRORS as exc:  # undone alone; the others in the batch stand
                         results.append((False, exc))
         except StorageError as exc:
             failure = exc

@@ -143,3 +143,21 @@ def test_disk_full_for_real_is_reported_and_heals(tmp_path: pathlib.Path) -> Non
     kept = {i.id for i in box}
     assert set(result["stored"]) | {result["after"]} == kept  # every acknowledged put survived, nothing else
     box.close()
+
+
+async def test_an_operation_that_fails_after_writing_is_undone_alone(tmp_path: pathlib.Path) -> None:
+    """A row another program damaged (properties that are not JSON) fails its claim, and the claim's
+    UPDATE is undone, while the operations batched with it are kept."""
+    path = tmp_path / "o.db"
+    box = _open(path)
+    await box.put("bad", b"x", now=0, message_id="damaged")
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE messages SET properties = '{not json' WHERE id = 'damaged'")
+    results = await asyncio.gather(box.claim("bad"), box.put("good", b"y", now=1, message_id="fine"),
+                                   return_exceptions=True)
+    assert isinstance(results[0], ValueError) and results[1] == "fine"
+    assert box.failure is None
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT status, attempts FROM messages WHERE id = 'damaged'").fetchone() == ("pending", 0)
+    assert box.counts("bad")["pending"] == 1 and box.counts("good")["pending"] == 1
+    await box.close()
