@@ -10,8 +10,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.codes import code_of
 from gateway.errors import make_error
+from gateway.sidecar.config import ConfigError, default_outbox_path, parse_config
 from tests.sidecar.fakes import Running, Upstream, fake_config
 
 UNAVAILABLE = code_of("ServiceUnavailable")
@@ -143,3 +146,18 @@ async def test_counts_and_metrics_never_query_the_messages(tmp_path: Path, start
     assert "iothub_gateway_outbox_up 1.0" in text and "iothub_gateway_outbox_file_bytes" in text
     reads = [s for s in seen if s.lstrip().upper().startswith("SELECT") and "messages" in s]
     assert reads == []
+
+
+def test_retention_settings_are_validated_and_the_default_path_is_per_config(tmp_path: Path) -> None:
+    cfg = parse_config({"outbox": {"delivered_retention": 60, "delivered_max": 0, "dead_letter_retention": 3600.5,
+                                   "dead_letter_max": 7}}, env={})
+    o = cfg.outbox
+    assert (o.delivered_retention, o.delivered_max, o.dead_letter_retention, o.dead_letter_max) == (60, 0, 3600.5, 7)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"outbox": {"delivered_retention": -1, "dead_letter_max": 1.5}}, env={})
+    assert any("[outbox] delivered_retention" in p for p in caught.value.problems)
+    assert any("[outbox] dead_letter_max" in p for p in caught.value.problems)
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    assert default_outbox_path(str(a)) != default_outbox_path(str(b))
+    assert default_outbox_path(str(a)) == default_outbox_path(str(tmp_path / "." / "a.toml"))  # the same file
+    assert default_outbox_path(None) == default_outbox_path("<defaults>")
