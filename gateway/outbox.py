@@ -1,19 +1,34 @@
 """The durable outbox: a message accepted by the gateway is delivered or dead-lettered, never lost.
 
-SQLite (stdlib) in WAL mode. ``put`` commits before it returns, so a 202 answered after ``put`` survives
-a ``kill -9`` of the process (WAL with ``synchronous=NORMAL`` is crash-safe for the application; set
-``synchronous="FULL"`` to survive power loss too, at the cost of an fsync per message).
+SQLite (stdlib) in WAL mode. A write is durable once its transaction commits: WAL with
+``synchronous=NORMAL`` survives a ``kill -9``; ``synchronous="FULL"`` survives power loss too, at the
+cost of one fsync per commit. :meth:`Outbox.transaction` groups many writes into one commit, which is how
+the sidecar's writer thread (:mod:`gateway.outbox_writer`) pays that fsync once per batch, not per message.
 
 Delivery is at-least-once: an item is *claimed* (in flight) before it is sent and becomes *delivered* only
 after the hub acknowledged it. Items in flight when the process died are pending again on the next
 open, counted as possible duplicates; the stable message id travels upstream so consumers can drop them.
 
-Sans clock: every method that needs the time takes ``now`` (epoch seconds).
+Bounded: at most ``max_messages`` undelivered; delivered messages and dead letters leave the store after
+an age or beyond a count (:class:`Retention`, applied by :meth:`Outbox.purge`), and the freed pages go
+back to the file system (incremental vacuum, a WAL size limit). Counts per device and status live in a
+small table kept by triggers as rows change, mirrored in memory after each commit: reading them never
+scans the messages.
+
+Every SQLite failure that is not a bug (disk full, I/O error, database locked, a corrupt file) surfaces as
+:class:`StorageError`, with IoT Hub's ``ServiceUnavailable`` code: the condition is transient from the
+app's side (it clears when space is freed or the lock released) and the app's answer is the same as for a
+hub that cannot take the message now: keep it and retry later.
+
+Sans clock: every method that needs the time takes ``now`` (epoch seconds, stored in the file, so it must
+mean the same after a restart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import uuid
@@ -23,11 +38,13 @@ from typing import Any, Literal
 
 from gateway.codes import code_of
 
-__all__ = ["Outbox", "OutboxFull", "OutboxItem", "Status"]
+__all__ = ["Outbox", "OutboxFull", "OutboxItem", "Purged", "Retention", "Status", "StorageError"]
 
 Status = Literal["pending", "inflight", "delivered", "dead"]
 
 _EXPIRED = code_of("OperationTimedOut")  # the deadline passed before the hub acknowledged it
+_UNAVAILABLE = code_of("ServiceUnavailable")
+_SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -47,11 +64,92 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS pending_by_device ON messages (device_id, status, seq);
 CREATE INDEX IF NOT EXISTS by_status ON messages (status, seq);
+CREATE INDEX IF NOT EXISTS done_by_status ON messages (status, done_at) WHERE done_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS pending_deadline ON messages (deadline) WHERE status = 'pending' AND deadline IS NOT NULL;
+-- Counts per device and status, kept by triggers as rows change. 'delivered' and 'possible_duplicates'
+-- are running totals (retention removing a delivered row does not lower them); 'pending', 'inflight'
+-- and 'dead' are what the store holds now.
+CREATE TABLE IF NOT EXISTS counts (
+    device_id TEXT NOT NULL,
+    status    TEXT NOT NULL,
+    n         INTEGER NOT NULL,
+    PRIMARY KEY (device_id, status)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS count_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO counts VALUES (NEW.device_id, NEW.status, 1) ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS count_update AFTER UPDATE OF status ON messages WHEN OLD.status != NEW.status BEGIN
+    UPDATE counts SET n = n - 1 WHERE device_id = OLD.device_id AND status = OLD.status
+        AND OLD.status != 'delivered';
+    INSERT INTO counts VALUES (NEW.device_id, NEW.status, 1) ON CONFLICT DO UPDATE SET n = n + 1;
+    INSERT INTO counts SELECT NEW.device_id, 'possible_duplicates', 1
+        WHERE NEW.status = 'delivered' AND NEW.duplicate = 1 ON CONFLICT DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS count_delete AFTER DELETE ON messages WHEN OLD.status != 'delivered' BEGIN
+    UPDATE counts SET n = n - 1 WHERE device_id = OLD.device_id AND status = OLD.status;
+END;
+CREATE TABLE IF NOT EXISTS probe (x BLOB);
 """
+
+_STATUSES = ("pending", "inflight", "delivered", "dead", "possible_duplicates")
+#: SQLite primary result codes (the low byte of the extended code) and what they mean here.
+_KINDS = {5: "locked", 6: "locked", 8: "read-only", 10: "io", 11: "corrupt", 13: "full", 14: "cannot-open",
+          26: "corrupt"}
 
 
 class OutboxFull(Exception):
     """The outbox holds its maximum: the caller must apply backpressure (HTTP 429), not drop."""
+
+
+class StorageError(Exception):
+    """The outbox file cannot be written or read now (disk full, I/O error, locked, corrupt).
+
+    ``code`` is a catalog code (ServiceUnavailable: transient from the caller's side, retry later);
+    ``kind`` is one of full, io, locked, read-only, corrupt, cannot-open, other.
+    """
+
+    code: int = _UNAVAILABLE
+
+    def __init__(self, message: str, *, kind: str = "other") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+    @classmethod
+    def from_sqlite(cls, exc: sqlite3.Error, path: str) -> StorageError:
+        primary = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        kind = _KINDS.get(primary, "other")
+        if kind == "other" and "not a database" in str(exc):
+            kind = "corrupt"
+        err = cls(f"outbox {path}: {exc}", kind=kind)
+        err.__cause__ = exc
+        return err
+
+
+def _is_storage(exc: BaseException) -> bool:
+    """A condition of the file or the disk, not a bug in a statement."""
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, (sqlite3.ProgrammingError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.NotSupportedError)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long settled messages stay, so the file does not grow without bound (0 age: at the next purge)."""
+
+    delivered_age: float = 3600.0  #: seconds a delivered message stays (readable with GET) after delivery
+    delivered_max: int = 10_000  #: at most this many delivered messages are kept (the newest)
+    dead_age: float = 7 * 86_400.0  #: seconds a dead letter stays
+    dead_max: int = 10_000  #: at most this many dead letters are kept (the newest)
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    delivered: int = 0
+    dead: list[OutboxItem] | None = None  #: the dead letters removed (without body), for the log
+
+    @property
+    def total(self) -> int:
+        return self.delivered + len(self.dead or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +166,7 @@ class OutboxItem:
     done_at: float | None = None
     code: int | None = None
     reason: str | None = None
+    seq: int = 0
 
     def to_dict(self, *, with_body: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -84,10 +183,13 @@ class OutboxItem:
         }
         if with_body:
             data["body"] = self.body.decode("utf-8", "replace")
+            data["properties"] = dict(self.properties)
         return data
 
 
-_COLUMNS = "id, device_id, body, properties, accepted_at, deadline, status, attempts, duplicate, done_at, code, reason"
+_COLUMNS = ("id, device_id, body, properties, accepted_at, deadline, status, attempts, duplicate, done_at, code, "
+            "reason, seq")
+_NO_BODY = _COLUMNS.replace("body", "x''")  # listings that do not need the bodies do not read them
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:
@@ -104,11 +206,17 @@ def _item(row: tuple[Any, ...]) -> OutboxItem:
         done_at=row[9],
         code=row[10],
         reason=row[11],
+        seq=row[12],
     )
 
 
 class Outbox:
-    """A bounded, durable queue of telemetry per device. Thread-safe; calls are short transactions."""
+    """A bounded, durable queue of telemetry per device.
+
+    Thread-safe. Writes go through one connection (one writer: SQLite allows no more); each write is its
+    own transaction unless made inside :meth:`transaction`. Reads use a second connection, so a reader
+    never waits for a writer's fsync (WAL lets both proceed).
+    """
 
     def __init__(
         self,
@@ -116,23 +224,143 @@ class Outbox:
         *,
         max_messages: int = 100_000,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        retention: Retention | None = None,
+        busy_timeout: float = 1.0,
     ) -> None:
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         self.path = path
         self.max_messages = max_messages
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.executescript(_SCHEMA)
+        self.retention = retention or Retention()
+        self._wlock = threading.RLock()
+        self._rlock = threading.Lock()
+        self._depth = 0
+        self._counts: dict[str, dict[str, int]] = {}  #: published after each commit, never changed in place
+        self._open = 0  #: undelivered (pending + inflight), as of the last commit
+        self._open_delta = 0  #: what the open transaction has added to that so far (for the bound)
+        self._db: sqlite3.Connection | None = None
+        self._rdb: sqlite3.Connection | None = None
+        try:
+            self._db = self._connect(busy_timeout)
+            self._setup(synchronous)
+            self._rdb = self._connect(busy_timeout)
+            self._rdb.execute("PRAGMA cache_size=-512")  # lookups by id and short listings: 512 KiB is plenty
+        except sqlite3.Error as exc:
+            self._close_connections()
+            if _is_storage(exc):
+                raise StorageError.from_sqlite(exc, path) from exc
+            raise
+        self._refresh_counts()
+
+    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
+
+    def _setup(self, synchronous: str) -> None:
+        db = self._writer
+        fresh = not db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()
+        if fresh:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only takes effect before the first table
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("PRAGMA journal_size_limit=4194304")  # the WAL shrinks back to 4 MiB after a checkpoint
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db.executescript(_SCHEMA)
+        if version < _SCHEMA_VERSION:
+            # A file from before the counts table: count once now, then the triggers keep it.
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM counts")
+            db.execute("INSERT INTO counts SELECT device_id, status, COUNT(*) FROM messages GROUP BY 1, 2")
+            db.execute("INSERT INTO counts SELECT device_id, 'possible_duplicates', COUNT(*) FROM messages "
+                       "WHERE status = 'delivered' AND duplicate = 1 GROUP BY 1")
+            db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        if db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            db.execute("VACUUM")  # once, for a file made without it
         # Whatever was in flight when the last process ended may or may not have reached the hub.
-        self.recovered = self._db.execute(
+        self.recovered: int = db.execute(
             "UPDATE messages SET status='pending', duplicate=1 WHERE status='inflight'"
         ).rowcount
-        self._open = int(self._db.execute(
-            "SELECT COUNT(*) FROM messages WHERE status IN ('pending','inflight')"
-        ).fetchone()[0])
+
+    @property
+    def _writer(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageError(f"outbox {self.path}: closed", kind="other")
+        return self._db
+
+    # -- transactions -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes into one commit (one fsync with synchronous=FULL). Raises StorageError; on any
+        exception nothing of the group is kept."""
+        with self._wlock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            db = self._writer
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise self._storage(exc) from exc
+            self._depth = 1
+            self._open_delta = 0
+            try:
+                yield
+                db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    self._refresh_counts()
+                if isinstance(exc, sqlite3.Error):
+                    raise self._storage(exc) from exc
+                raise
+            finally:
+                self._depth = 0
+                self._open_delta = 0
+            with contextlib.suppress(sqlite3.Error):
+                self._refresh_counts()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One operation inside :meth:`transaction`: when it raises, what it wrote is undone and the rest of
+        the transaction stands (a SAVEPOINT)."""
+        db = self._writer
+        delta = self._open_delta
+        db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO step")
+            db.execute("RELEASE step")
+            self._open_delta = delta
+            raise
+        db.execute("RELEASE step")
+
+    def _storage(self, exc: sqlite3.Error) -> Exception:
+        return StorageError.from_sqlite(exc, self.path) if _is_storage(exc) else exc
+
+    @property
+    def closed(self) -> bool:
+        return self._db is None
+
+    @property
+    def changes(self) -> int:
+        """Rows written through this outbox since it opened (tells a write batch from an idle one)."""
+        return self._writer.total_changes
+
+    def _refresh_counts(self) -> None:
+        rows = self._writer.execute("SELECT device_id, status, n FROM counts").fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for device, status, n in rows:
+            counts.setdefault(device, {})[status] = n
+        self._open = sum(c.get("pending", 0) + c.get("inflight", 0) for c in counts.values())
+        self._counts = counts
 
     # -- accepting --------------------------------------------------------------------------
     def put(
@@ -145,90 +373,164 @@ class Outbox:
         deadline: float | None = None,
         message_id: str | None = None,
     ) -> str:
-        """Persist one message and return its id (durable when this returns). Raises OutboxFull."""
+        """Persist one message and return its id (durable once the transaction commits). Raises OutboxFull,
+        ValueError (the id is taken), StorageError."""
         mid = message_id or uuid.uuid4().hex
         props = json.dumps(dict(properties or {}), separators=(",", ":"))
-        with self._lock:
-            if self._open >= self.max_messages:
-                raise OutboxFull(f"outbox holds {self._open} undelivered messages (limit {self.max_messages})")
-            try:
-                self._db.execute(
-                    "INSERT INTO messages (id, device_id, body, properties, accepted_at, deadline, status) "
-                    "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-                    (mid, device_id, body, props, now, deadline),
-                )
-            except sqlite3.IntegrityError:
-                raise ValueError(f"message id {mid!r} already in the outbox") from None
-            self._open += 1
+        with self.transaction():
+            if self._open_now() >= self.max_messages:
+                raise OutboxFull(f"outbox holds {self._open_now()} undelivered messages (limit {self.max_messages})")
+            added = self._writer.execute(
+                "INSERT INTO messages (id, device_id, body, properties, accepted_at, deadline, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (id) DO NOTHING",
+                (mid, device_id, body, props, now, deadline),
+            ).rowcount
+            if not added:
+                raise ValueError(f"message id {mid!r} already in the outbox")
+            self._open_delta += 1
         return mid
+
+    def _open_now(self) -> int:
+        """Undelivered messages including the open transaction's (the writer's view, for the bound)."""
+        return self._open + self._open_delta
 
     # -- delivering -------------------------------------------------------------------------
     def claim(self, device_id: str, *, limit: int = 1) -> list[OutboxItem]:
-        """Take the oldest pending messages of a device into flight (attempts + 1), in order."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE device_id=? AND status='pending' ORDER BY seq LIMIT ?",
+        """Take the oldest pending messages of a device into flight (attempts + 1), in order: one statement."""
+        with self.transaction():
+            rows = self._writer.execute(
+                f"UPDATE messages SET status='inflight', attempts=attempts+1 WHERE seq IN ("
+                f"SELECT seq FROM messages WHERE device_id=? AND status='pending' ORDER BY seq LIMIT ?) "
+                f"RETURNING {_COLUMNS}",
                 (device_id, limit),
             ).fetchall()
-            if rows:
-                self._db.executemany(
-                    "UPDATE messages SET status='inflight', attempts=attempts+1 WHERE id=?", [(r[0],) for r in rows]
-                )
-        return [_item((*r[:6], "inflight", r[7] + 1, *r[8:])) for r in rows]
+        return sorted((_item(r) for r in rows), key=lambda i: i.seq)
 
-    def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> None:
-        self._finish(message_id, "delivered", now, None, None, possible_duplicate)
+    def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> bool:
+        """The hub acknowledged it. False when it was no longer open (a late ack after a dead letter)."""
+        return self._finish(message_id, "delivered", now, None, None, possible_duplicate)
 
-    def dead_letter(self, message_id: str, *, code: int, reason: str, now: float) -> None:
+    def dead_letter(self, message_id: str, *, code: int, reason: str, now: float) -> bool:
         """The hub refused it for good, or its deadline passed: keep it, with the code, listable."""
-        self._finish(message_id, "dead", now, code, reason[:500], False)
+        return self._finish(message_id, "dead", now, code, reason[:500], False)
 
     def release(self, message_id: str, *, possible_duplicate: bool = False) -> None:
         """Back to pending after a transient failure (its place in the order is kept)."""
-        with self._lock:
-            self._db.execute(
+        with self.transaction():
+            self._writer.execute(
                 "UPDATE messages SET status='pending', duplicate=MAX(duplicate, ?) WHERE id=? AND status='inflight'",
                 (int(possible_duplicate), message_id),
             )
 
-    def expire(self, *, now: float, code: int | None = None, reason: str | None = None) -> list[str]:
-        """Dead-letter every pending message whose deadline has passed; returns their ids.
+    def expire(self, *, now: float, code: int | None = None, reason: str | None = None) -> list[OutboxItem]:
+        """Dead-letter every pending message whose deadline has passed (one statement); returns them
+        (without their bodies).
 
         ``code`` says why it could not go in time (the connection's last error, say); without one it is
         OperationTimedOut.
         """
-        with self._lock:
-            ids = [r[0] for r in self._db.execute(
-                "SELECT id FROM messages WHERE status='pending' AND deadline IS NOT NULL AND deadline <= ?", (now,)
-            )]
-            why = (reason or "deadline passed before delivery")[:500]
-            self._db.executemany(
-                "UPDATE messages SET status='dead', done_at=?, code=?, reason=? WHERE id=?",
-                [(now, code or _EXPIRED, why, i) for i in ids],
-            )
-            self._open -= len(ids)
-        return ids
+        why = (reason or "deadline passed before delivery")[:500]
+        with self.transaction():
+            rows = self._writer.execute(
+                f"UPDATE messages SET status='dead', done_at=?, code=?, reason=? "
+                f"WHERE status='pending' AND deadline IS NOT NULL AND deadline <= ? "
+                f"RETURNING {_NO_BODY}",
+                (now, code or _EXPIRED, why, now),
+            ).fetchall()
+            self._open_delta -= len(rows)
+        return sorted((_item(r) for r in rows), key=lambda i: i.seq)
+
+    def replay(self, message_id: str, *, now: float, deadline: float | None = None) -> OutboxItem:
+        """A dead letter back to pending, same id (its next claim is a new attempt). KeyError when there is
+        no dead letter with this id; OutboxFull when the outbox holds its maximum."""
+        with self.transaction():
+            if self._open_now() >= self.max_messages:
+                raise OutboxFull(f"outbox holds {self._open_now()} undelivered messages (limit {self.max_messages})")
+            row = self._writer.execute(
+                f"UPDATE messages SET status='pending', deadline=?, done_at=NULL, code=NULL, reason=NULL "
+                f"WHERE id=? AND status='dead' RETURNING {_COLUMNS}",
+                (deadline, message_id),
+            ).fetchone()
+            if row is None:
+                raise KeyError(message_id)
+            self._open_delta += 1
+        return _item(row)
 
     def _finish(
         self, message_id: str, status: Status, now: float, code: int | None, reason: str | None, dup: bool
-    ) -> None:
-        with self._lock:
-            changed = self._db.execute(
+    ) -> bool:
+        with self.transaction():
+            row = self._writer.execute(
                 "UPDATE messages SET status=?, done_at=?, code=?, reason=?, duplicate=MAX(duplicate, ?) "
-                "WHERE id=? AND status IN ('pending','inflight')",
+                "WHERE id=? AND status IN ('pending','inflight') RETURNING device_id",
                 (status, now, code, reason, int(dup), message_id),
-            ).rowcount
-            self._open -= changed
+            ).fetchone()
+            if row is not None:
+                self._open_delta -= 1
+        return row is not None
+
+    # -- retention --------------------------------------------------------------------------
+    def purge(self, *, now: float, limit: int = 5000) -> Purged:
+        """Remove delivered messages and dead letters past their age or beyond their count (at most
+        ``limit`` rows of each per call, so one call never holds the writer long)."""
+        r = self.retention
+        with self.transaction():
+            db = self._writer
+            delivered = db.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE status='delivered' "
+                "AND done_at <= ? LIMIT ?)", (now - r.delivered_age, limit)).rowcount
+            delivered += db.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE status='delivered' AND seq <= "
+                "(SELECT seq FROM messages WHERE status='delivered' ORDER BY seq DESC LIMIT 1 OFFSET ?) "
+                "ORDER BY seq LIMIT ?)", (r.delivered_max, limit)).rowcount
+            columns = _NO_BODY
+            dead = db.execute(
+                f"DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE status='dead' "
+                f"AND done_at <= ? LIMIT ?) RETURNING {columns}", (now - r.dead_age, limit)).fetchall()
+            dead += db.execute(
+                f"DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE status='dead' AND seq <= "
+                f"(SELECT seq FROM messages WHERE status='dead' ORDER BY seq DESC LIMIT 1 OFFSET ?) "
+                f"ORDER BY seq LIMIT ?) RETURNING {columns}", (r.dead_max, limit)).fetchall()
+        return Purged(delivered, [_item(row) for row in dead])
+
+    def vacuum(self, *, min_free_pages: int = 256) -> int:
+        """Give free pages back to the file system once enough have piled up; returns pages freed."""
+        with self._wlock:
+            db = self._writer
+            try:
+                free = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+                if free < min_free_pages:
+                    return 0
+                # executescript steps the pragma to its end (execute() would free a single page)
+                db.executescript("PRAGMA incremental_vacuum;")
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:
+                raise self._storage(exc) from exc
+            return free
+
+    def probe(self, size: int = 65536) -> None:
+        """A write that grows the file by about ``size`` bytes and takes it back: does storage work again?"""
+        with self.transaction():
+            self._writer.execute("INSERT INTO probe VALUES (zeroblob(?))", (size,))
+        with self.transaction():
+            self._writer.execute("DELETE FROM probe")
 
     # -- looking ----------------------------------------------------------------------------
+    def _read(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._rlock:
+            if self._rdb is None:
+                raise StorageError(f"outbox {self.path}: closed")
+            try:
+                return self._rdb.execute(query, args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._storage(exc) from exc
+
     def get(self, message_id: str) -> OutboxItem | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (message_id,)).fetchone()
-        return _item(row) if row else None
+        rows = self._read(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (message_id,))
+        return _item(rows[0]) if rows else None
 
     def devices_with_pending(self) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._db.execute("SELECT DISTINCT device_id FROM messages WHERE status='pending'")]
+        return sorted(d for d, c in self._counts.items() if c.get("pending", 0) + c.get("inflight", 0) > 0)
 
     def dead_letters(self, *, limit: int = 100, device_id: str | None = None) -> list[OutboxItem]:
         query = f"SELECT {_COLUMNS} FROM messages WHERE status='dead'"
@@ -236,35 +538,46 @@ class Outbox:
         if device_id is not None:
             query += " AND device_id=?"
             args = (device_id,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
-        return [_item(r) for r in rows]
+        return [_item(r) for r in self._read(query + " ORDER BY seq DESC LIMIT ?", (*args, limit))]
+
+    @staticmethod
+    def empty_counts() -> dict[str, int]:
+        return dict.fromkeys(_STATUSES, 0)
 
     def counts(self, device_id: str | None = None) -> dict[str, int]:
-        """Messages per status (and possible duplicates delivered), overall or for one device."""
-        where, args = ("WHERE device_id=?", (device_id,)) if device_id is not None else ("", ())
-        with self._lock:
-            rows = self._db.execute(f"SELECT status, COUNT(*) FROM messages {where} GROUP BY status", args).fetchall()
-            joiner = "AND" if where else "WHERE"
-            dups = self._db.execute(
-                f"SELECT COUNT(*) FROM messages {where} {joiner} status='delivered' AND duplicate=1", args
-            ).fetchone()[0]
-        out = {"pending": 0, "inflight": 0, "delivered": 0, "dead": 0}
-        out.update({status: n for status, n in rows})
-        out["possible_duplicates"] = int(dups)
+        """Messages per status, overall or for one device, from memory (no query). ``delivered`` and
+        ``possible_duplicates`` are totals since the file was made; the others what the store holds."""
+        out = self.empty_counts()
+        for device, per in self._counts.items():
+            if device_id is None or device == device_id:
+                for status, n in per.items():
+                    out[status] = out.get(status, 0) + n
         return out
+
+    def file_bytes(self) -> int:
+        """The file and its WAL, as they take space on disk now."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(self.path + suffix)
+        return total
 
     def __len__(self) -> int:
         return self._open
 
     def __iter__(self) -> Iterator[OutboxItem]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM messages ORDER BY seq").fetchall()
-        return iter([_item(r) for r in rows])
+        return iter([_item(r) for r in self._read(f"SELECT {_COLUMNS} FROM messages ORDER BY seq")])
+
+    def _close_connections(self) -> None:
+        for db in (self._db, self._rdb):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._db = self._rdb = None
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                self._db.close()
+        with self._wlock, self._rlock:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._close_connections()

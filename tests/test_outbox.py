@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.outbox import Outbox, OutboxFull
+from gateway.outbox import Outbox, OutboxFull, Retention
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_dead_letters_keep_the_code_and_deadlines_expire(box: Outbox) -> None:
     box.claim("d")
     box.dead_letter(a, code=413001, reason="MessageTooLarge", now=1)
     assert box.expire(now=4) == []
-    assert box.expire(now=6, code=404103) == [b]
+    assert [i.id for i in box.expire(now=6, code=404103)] == [b]
     dead = {i.id: i for i in box.dead_letters()}
     assert dead[a].code == 413001 and dead[b].code == 404103
     assert box.get(b).to_dict()["status"] == "dead"  # type: ignore[union-attr]
@@ -135,4 +136,144 @@ def test_no_message_is_ever_lost(tmp_path_factory: pytest.TempPathFactory, ops: 
     counts = box.counts()
     assert counts["pending"] + counts["inflight"] + counts["delivered"] + counts["dead"] == len(accepted)
     assert len(box) == counts["pending"] + counts["inflight"]
+    box.close()
+
+
+def _scanned(path: str) -> dict[str, dict[str, int]]:
+    """The counts as a full scan sees them (what the counts table must always agree with)."""
+    with sqlite3.connect(path) as db:
+        out: dict[str, dict[str, int]] = {}
+        for device, status, n in db.execute("SELECT device_id, status, COUNT(*) FROM messages GROUP BY 1, 2"):
+            out.setdefault(device, {})[status] = n
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "claim", "ok", "dup", "fail", "release", "expire", "replay"]),
+                          st.integers(0, 3)), max_size=40))
+def test_counts_kept_as_rows_change_agree_with_a_scan(tmp_path_factory: pytest.TempPathFactory,
+                                                       ops: list[tuple[str, int]]) -> None:
+    path = str(tmp_path_factory.mktemp("o") / "o.db")
+    box = Outbox(path, max_messages=1000)
+    inflight: list[str] = []
+    dead: list[str] = []
+    delivered = duplicates = 0
+    for t, (op, n) in enumerate(ops):
+        device = f"d{n % 2}"
+        if op == "put":
+            box.put(device, b"x", now=t, deadline=t + n if n else None)
+        elif op == "claim":
+            inflight += [i.id for i in box.claim(device, limit=n + 1)]
+        elif op in {"ok", "dup"} and inflight:
+            if box.delivered(inflight.pop(0), now=t, possible_duplicate=op == "dup"):
+                delivered += 1
+                duplicates += op == "dup"
+        elif op == "fail" and inflight:
+            mid = inflight.pop(0)
+            if box.dead_letter(mid, code=400004, reason="bad", now=t):
+                dead.append(mid)
+        elif op == "release" and inflight:
+            box.release(inflight.pop(0))
+        elif op == "expire":
+            dead += [i.id for i in box.expire(now=t)]
+        elif op == "replay" and dead:
+            box.replay(dead.pop(0), now=t)
+    scan = _scanned(path)
+    for device in ("d0", "d1"):
+        mine = box.counts(device)
+        for status in ("pending", "inflight", "dead", "delivered"):
+            assert mine[status] == scan.get(device, {}).get(status, 0), (device, status)
+    assert box.counts()["delivered"] == delivered and box.counts()["possible_duplicates"] == duplicates
+    assert len(box) == box.counts()["pending"] + box.counts()["inflight"]
+    box.close()
+    again = Outbox(path, max_messages=1000)  # and the same after a reopen (the table, not only memory)
+    assert again.counts()["delivered"] == delivered
+    assert again.counts()["pending"] == sum(c.get("pending", 0) + c.get("inflight", 0) for c in scan.values())
+    again.close()
+
+
+def test_retention_removes_delivered_and_dead_by_age_and_count(tmp_path: pathlib.Path) -> None:
+    box = Outbox(str(tmp_path / "o.db"), retention=Retention(delivered_age=100, delivered_max=3, dead_age=1000,
+                                                                dead_max=2))
+    delivered = [box.put("d", b"x", now=0) for _ in range(5)]
+    for mid in delivered:
+        box.claim("d")
+        box.delivered(mid, now=10)
+    dead = [box.put("d", b"y", now=0) for _ in range(4)]
+    for i, mid in enumerate(dead):
+        box.claim("d")
+        box.dead_letter(mid, code=400004, reason="bad", now=10 + i)
+    kept = box.put("d", b"z", now=0)
+    purged = box.purge(now=50)  # nothing old enough yet: only the counts bound applies
+    assert purged.delivered == 2 and sorted(i.id for i in purged.dead or ()) == sorted(dead[:2])
+    assert [box.get(m) is not None for m in delivered] == [False, False, True, True, True]
+    assert {i.id for i in box.dead_letters()} == set(dead[2:])
+    assert box.counts()["delivered"] == 5  # a running total: retention does not lower it
+    assert box.counts()["dead"] == 2 and box.counts()["pending"] == 1
+    purged = box.purge(now=200)  # past delivered_age: every delivered message goes; dead ones stay (1000 s)
+    assert purged.delivered == 3 and not purged.dead
+    assert box.purge(now=5000).dead and box.dead_letters() == []
+    assert box.get(kept) is not None and box.get(kept).status == "pending"  # type: ignore[union-attr]
+    box.close()
+
+
+def test_the_file_gives_space_back_after_retention(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "o.db")
+    box = Outbox(path, max_messages=10**6, retention=Retention(delivered_age=0, delivered_max=0))
+    body = os.urandom(2000)
+    for _ in range(10):
+        with box.transaction():
+            ids = [box.put("d", body, now=0) for _ in range(200)]
+        box.claim("d", limit=200)
+        with box.transaction():
+            for mid in ids:
+                box.delivered(mid, now=1)
+    full = os.path.getsize(path)
+    assert full > 2000 * 2000  # the bodies did take room
+    while box.purge(now=2).total:
+        pass
+    assert box.vacuum() > 0
+    box.close()
+    assert os.path.getsize(path) < full / 5
+    assert Outbox(path).counts()["delivered"] == 2000
+
+
+def test_replay_puts_a_dead_letter_back_with_its_id(tmp_path: pathlib.Path) -> None:
+    box = Outbox(str(tmp_path / "o.db"), max_messages=2)
+    mid = box.put("d", b"a", now=0, properties={"k": "v"})
+    box.claim("d")
+    box.dead_letter(mid, code=400004, reason="bad", now=1)
+    with pytest.raises(KeyError):
+        box.replay("no-such-id", now=2)
+    item = box.replay(mid, now=2, deadline=100)
+    assert item.id == mid and item.status == "pending" and item.code is None and item.deadline == 100
+    again = box.claim("d")[0]
+    assert again.id == mid and again.attempts == 2 and again.properties == {"k": "v"}  # a new attempt
+    with pytest.raises(KeyError):
+        box.replay(mid, now=3)  # not dead any more
+    box.dead_letter(mid, code=400004, reason="bad", now=3)
+    box.put("d", b"b", now=3)
+    box.put("d", b"c", now=3)
+    with pytest.raises(OutboxFull):
+        box.replay(mid, now=4)  # bounded like any other way in
+    box.close()
+
+
+def test_a_file_from_before_the_counts_table_is_migrated(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "o.db")
+    with sqlite3.connect(path) as db:  # the first schema, as PR 1 wrote it: no counts, no auto_vacuum
+        db.executescript("""
+            CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                device_id TEXT NOT NULL, body BLOB NOT NULL, properties TEXT NOT NULL, accepted_at REAL NOT NULL,
+                deadline REAL, status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+                duplicate INTEGER NOT NULL DEFAULT 0, done_at REAL, code INTEGER, reason TEXT);
+            INSERT INTO messages (id, device_id, body, properties, accepted_at, status, duplicate)
+                VALUES ('a', 'd', x'00', '{}', 0, 'delivered', 1), ('b', 'd', x'00', '{}', 0, 'inflight', 0),
+                       ('c', 'e', x'00', '{}', 0, 'dead', 0);
+        """)
+    box = Outbox(path)
+    assert box.recovered == 1
+    assert box.counts("d") == {"pending": 1, "inflight": 0, "delivered": 1, "dead": 0, "possible_duplicates": 1}
+    assert box.counts("e")["dead"] == 1
+    assert box._db is not None and box._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     box.close()

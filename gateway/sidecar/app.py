@@ -21,7 +21,7 @@ from aiohttp import web
 
 from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
 from gateway.errors import IoTHubError, make_error
-from gateway.outbox import OutboxFull
+from gateway.outbox import OutboxFull, StorageError
 from gateway.sidecar.metrics import CONTENT_TYPE
 from gateway.sidecar.security import RateLimiter, token_matches
 from gateway.sidecar.service import Sidecar, UnknownDevice
@@ -85,6 +85,10 @@ class Api:
         self.sidecar.metrics.message("api", "rejected", code if isinstance(code, int) else code.code)
         return api_error(code, message, retry_after=retry_after, redact=self.redact)
 
+    def storage_error(self, exc: StorageError) -> web.Response:
+        """The outbox cannot store now: 503 with the storage error's code; the app retries later."""
+        return self.error(exc.code, f"the outbox cannot store messages now ({exc.kind}): {exc}", retry_after=1)
+
     async def body(self, request: web.Request) -> bytes | web.Response:
         if request.content_length is not None and request.content_length > self.max_body:
             return self.error(_TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {self.max_body}")
@@ -128,6 +132,8 @@ class Api:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return self.error(_TOO_LARGE, f"the body is larger than the limit of {self.max_body} bytes")
+        except StorageError as exc:
+            return self.storage_error(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -173,7 +179,10 @@ class Api:
             if not math.isfinite(ttl) or ttl <= 0:
                 return self.error(_ARGUMENT, "ttl must be a positive number of seconds")
         try:
-            accepted = self.sidecar.accept(device_id, raw, properties=properties, message_id=message_id, ttl=ttl)
+            accepted = await self.sidecar.accept(device_id, raw, properties=properties, message_id=message_id,
+                                                 ttl=ttl)
+        except StorageError as exc:
+            return self.storage_error(exc)
         except OutboxFull as exc:
             return self.error(_THROTTLED, f"the outbox is full: {exc}", retry_after=1)
         except UnknownDevice:
@@ -183,7 +192,7 @@ class Api:
         return self.json(accepted, status=202, headers={"Location": f"/v1/messages/{accepted['id']}"})
 
     async def get_message(self, request: web.Request) -> web.StreamResponse:
-        item = self.sidecar.message(request.match_info["message_id"])
+        item = await self.sidecar.message(request.match_info["message_id"])
         if item is None:
             return self.error(family(404), "no message with this id")
         return self.json(item)
@@ -196,7 +205,24 @@ class Api:
         if not 1 <= limit <= 1000:
             return self.error(_ARGUMENT, "limit must be a whole number in [1, 1000]")
         device = request.query.get("device")
-        return self.json({"dead_letters": self.sidecar.dead_letters(limit=limit, device_id=device)})
+        return self.json({"dead_letters": await self.sidecar.dead_letters(limit=limit, device_id=device)})
+
+    async def dead_letter(self, request: web.Request) -> web.StreamResponse:
+        item = await self.sidecar.dead_letter(request.match_info["message_id"])
+        if item is None:
+            return self.error(family(404), "no dead letter with this id")
+        return self.json(item)
+
+    async def replay(self, request: web.Request) -> web.StreamResponse:
+        if not self.sidecar.accepting:
+            return self.error(_UNAVAILABLE, "the sidecar is shutting down; not accepting messages", retry_after=5)
+        try:
+            item = await self.sidecar.replay(request.match_info["message_id"])
+        except OutboxFull as exc:
+            return self.error(_THROTTLED, f"the outbox is full: {exc}", retry_after=1)
+        if item is None:
+            return self.error(family(404), "no dead letter with this id")
+        return self.json(item, status=202, headers={"Location": f"/v1/messages/{item['id']}"})
 
     # -- devices ---------------------------------------------------------------------------------------
 
@@ -283,9 +309,12 @@ class Api:
         return self.json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
-        if not self.sidecar.accepting:
-            return self.json({"status": "not ready", "accepting": False}, status=503)
-        return self.json({"status": "ready", "accepting": True})
+        failure = self.sidecar.storage_failure
+        storage = failure.to_dict() if failure is not None else None
+        if not self.sidecar.ready:
+            return self.json({"status": "not ready", "accepting": self.sidecar.accepting, "storage": storage},
+                             status=503)
+        return self.json({"status": "ready", "accepting": True, "storage": None})
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text=openapi_text(), content_type="application/json")
@@ -396,6 +425,8 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_get("/v1/codes/{code}", api.code, allow_head=False)
     r.add_get("/v1/events", api.events, allow_head=False)
     r.add_get("/v1/dead-letters", api.dead_letters, allow_head=False)
+    r.add_get("/v1/dead-letters/{message_id}", api.dead_letter, allow_head=False)
+    r.add_post("/v1/dead-letters/{message_id}/replay", api.replay)
     r.add_get("/v1/openapi.json", api.openapi, allow_head=False)
     r.add_get("/metrics", api.metrics, allow_head=False)
     r.add_get("/healthz", api.healthz, allow_head=False)

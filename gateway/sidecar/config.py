@@ -9,6 +9,7 @@ emulator as upstream and one device per transport, so an empty file means the sa
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -88,10 +89,14 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class OutboxConfig:
-    path: str = ""  #: empty: :func:`default_outbox_path`
+    path: str = ""  #: empty: :func:`default_outbox_path` (one per config file)
     max_messages: int = 100_000
     ttl: float = 86_400.0  #: per-message deadline after acceptance (seconds); 0 = none
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    delivered_retention: float = 3600.0  #: seconds a delivered message stays readable, then it leaves the file
+    delivered_max: int = 10_000  #: delivered messages kept at most (the newest)
+    dead_letter_retention: float = 7 * 86_400.0  #: seconds a dead letter is kept for reading and replay
+    dead_letter_max: int = 10_000  #: dead letters kept at most (the newest)
 
 
 @dataclass(frozen=True)
@@ -172,13 +177,19 @@ class SidecarConfig:
         return out
 
     def outbox_path(self) -> Path:
-        return Path(self.outbox.path).expanduser() if self.outbox.path else default_outbox_path()
+        return Path(self.outbox.path).expanduser() if self.outbox.path else default_outbox_path(self.source)
 
 
-def default_outbox_path() -> Path:
-    """``$XDG_STATE_HOME/iothub-gateway/outbox.sqlite3`` (``~/.local/state`` when unset)."""
+def default_outbox_path(source: str | None = None) -> Path:
+    """``$XDG_STATE_HOME/iothub-gateway/outbox-<hash>.sqlite3`` (``~/.local/state`` when unset), one per
+    config file (``source``): two sidecars started from different configs never share an outbox, and a
+    restart with the same config finds its pending messages again."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "iothub-gateway" / "outbox.sqlite3"
+    key = source or "<defaults>"
+    if not key.startswith("<"):
+        key = str(Path(key).expanduser().resolve())
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return Path(base) / "iothub-gateway" / f"outbox-{digest}.sqlite3"
 
 
 def default_config_path() -> Path | None:
@@ -342,7 +353,8 @@ def parse_config(
                              "(a bearer token is required to bind elsewhere)")
 
     raw = c.table(data, "outbox")
-    c.keys(raw, "[outbox]", {"path", "max_messages", "ttl", "synchronous"})
+    c.keys(raw, "[outbox]", {"path", "max_messages", "ttl", "synchronous", "delivered_retention", "delivered_max",
+                             "dead_letter_retention", "dead_letter_max"})
     o = OutboxConfig()
     opath = c.string(raw, "path", "[outbox]", "")
     outbox = OutboxConfig(
@@ -350,6 +362,10 @@ def parse_config(
         max_messages=c.number(raw, "max_messages", "[outbox]", o.max_messages, whole=True, minimum=1),
         ttl=c.number(raw, "ttl", "[outbox]", o.ttl),
         synchronous=c.string(raw, "synchronous", "[outbox]", o.synchronous, ("NORMAL", "FULL")),
+        delivered_retention=c.number(raw, "delivered_retention", "[outbox]", o.delivered_retention),
+        delivered_max=c.number(raw, "delivered_max", "[outbox]", o.delivered_max, whole=True),
+        dead_letter_retention=c.number(raw, "dead_letter_retention", "[outbox]", o.dead_letter_retention),
+        dead_letter_max=c.number(raw, "dead_letter_max", "[outbox]", o.dead_letter_max, whole=True),
     )
 
     raw = c.table(data, "delivery")

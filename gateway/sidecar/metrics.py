@@ -5,7 +5,11 @@
 - ``iothub_gateway_handler_events_total{code,transport,outcome}``: the handlers' own counters
   (``Handler.metrics()``): retries, reconnects, throttles, holds, state changes, by code.
 - ``iothub_gateway_outbox_messages{status}`` and ``iothub_gateway_queue_depth{device,transport}``: gauges
-  read from the outbox at scrape time.
+  read from the outbox's in-memory counts at scrape time (no query). ``pending``, ``inflight`` and
+  ``dead`` are held now; ``delivered`` is the total since the outbox file was made (retention does not
+  lower it).
+- ``iothub_gateway_outbox_up`` (1 while the outbox can store; 0 on disk full, I/O error, lock, corruption)
+  and ``iothub_gateway_outbox_file_bytes`` (the file and its WAL on disk: retention keeps it bounded).
 - ``iothub_gateway_connection_state{device,transport,state}``: 1 for each device's current state.
 - ``iothub_gateway_delivery_latency_seconds{transport}``: accepted -> acknowledged by the hub.
 
@@ -44,10 +48,11 @@ class _Live(Collector):
     """Reads the outbox and the handlers when scraped, so gauges are never stale."""
 
     def __init__(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
-                 states: Iterable[str]) -> None:
+                 states: Iterable[str], storage: Callable[[], tuple[bool, int]] | None = None) -> None:
         self._devices = devices
         self._outbox = outbox
         self._states = tuple(states)
+        self._storage = storage
 
     def collect(self) -> Iterator[Metric]:
         snaps = list(self._devices())
@@ -57,6 +62,12 @@ class _Live(Collector):
         for status in ("pending", "inflight", "delivered", "dead"):
             outbox.add_metric([status], counts.get(status, 0))
         yield outbox
+        if self._storage is not None:
+            up, size = self._storage()
+            yield GaugeMetricFamily("iothub_gateway_outbox_up", "1 while the outbox can store messages",
+                                    value=1 if up else 0)
+            yield GaugeMetricFamily("iothub_gateway_outbox_file_bytes", "The outbox file and its WAL on disk",
+                                    value=size)
         depth = GaugeMetricFamily("iothub_gateway_queue_depth", "Messages not yet delivered, per device",
                                   labels=["device", "transport"])
         state = GaugeMetricFamily("iothub_gateway_connection_state", "1 for the current state of each device",
@@ -88,8 +99,9 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def watch(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
-              states: Iterable[str]) -> None:
-        self.registry.register(_Live(devices, outbox, states))
+              states: Iterable[str], *, storage: Callable[[], tuple[bool, int]] | None = None) -> None:
+        """``storage`` -> (the outbox can store, its size on disk in bytes)."""
+        self.registry.register(_Live(devices, outbox, states, storage))
 
     def message(self, transport: str, outcome: str, code: int | None = None) -> None:
         self.messages.labels(transport, outcome, _code(code)).inc()

@@ -2,10 +2,10 @@
 and :func:`run` (``iothub-gateway run``) with its start-up errors and graceful shutdown.
 
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
-the emulator (if configured), the transports (a protocol missing from this build is a config error),
-the outbox and the pipelines; only then is the URL printed and ``/readyz`` ready. Shutdown (SIGTERM or
-SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline`` seconds, put the
-rest back to pending, close the handlers and the outbox, exit 0.
+the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
+from this build is a config error) and the pipelines; only then is the URL printed and ``/readyz`` ready.
+Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline``
+seconds, put the rest back to pending, close the handlers and the outbox, exit 0.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import IO, Any, Literal
 from gateway.aio import cancel_and_wait
 from gateway.codes import lookup
 from gateway.handler import State
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, OutboxItem, Retention, StorageError
+from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
@@ -67,18 +68,27 @@ class Sidecar:
         self.events = EventHub()
         self.pipelines: dict[str, DevicePipeline] = {}
         self.emulator: EmulatorHarness | None = None
-        self._outbox: Outbox | None = None
+        self._outbox: AsyncOutbox | None = None
         self._lock_file: IO[str] | None = None
         self.accepting = False
         self._stopped = False
         self._sweeper: asyncio.Task[None] | None = None
-        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State])
+        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view)
 
     @property
-    def outbox(self) -> Outbox:
+    def outbox(self) -> AsyncOutbox:
         if self._outbox is None:
             raise RuntimeError("the sidecar is not started")
         return self._outbox
+
+    @property
+    def storage_failure(self) -> StorageFailure | None:
+        """Why the outbox cannot store now (disk full, I/O error, locked, corrupt), or None."""
+        return self._outbox.failure if self._outbox is not None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting and self.storage_failure is None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -92,6 +102,8 @@ class Sidecar:
 
     async def _start(self) -> None:
         cfg = self.config
+        # The outbox first: a second sidecar on the same outbox fails before it starts anything else.
+        self._outbox = self._open_outbox()
         specs: dict[str, TransportSpec] = {}
         if cfg.upstream.kind == "emulator":
             self.emulator = EmulatorHarness(cfg.upstream.host_name, ports=cfg.upstream.ports)
@@ -116,7 +128,6 @@ class Sidecar:
                                                  tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file,
                                                  mqtt_version=device.mqtt_version)
         transports = {device_id: build_transport(spec, self.factories) for device_id, spec in specs.items()}
-        self._outbox = self._open_outbox()
         if self._outbox.recovered:
             log.warning("%d message(s) were in flight when the sidecar last stopped; they will be sent again "
                         "(flagged as possible duplicates)", self._outbox.recovered)
@@ -126,6 +137,11 @@ class Sidecar:
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor,
             )
+        legacy = self.config.outbox_path().parent / "outbox.sqlite3"
+        if not cfg.outbox.path and legacy.exists():
+            log.warning("an outbox from an earlier version is at %s; this sidecar uses %s (one per config file). "
+                        "To send what is pending there, set [outbox] path = \"%s\"", legacy,
+                        self.config.outbox_path(), legacy)
         orphans = set(self._outbox.devices_with_pending()) - set(self.pipelines)
         if orphans:
             log.warning("the outbox holds pending messages for devices no longer configured: %s",
@@ -135,39 +151,74 @@ class Sidecar:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
         self.accepting = True
 
-    def _open_outbox(self) -> Outbox:
+    def _open_outbox(self) -> AsyncOutbox:
+        """Take the outbox's lock file (two sidecars on one outbox is a start error naming the holder), then
+        open it. A file SQLite cannot use (corrupt, locked, I/O error) is not a start error: the sidecar
+        serves with /readyz 503 and POST 503 naming the cause, and opens it once the cause clears."""
         path = self.config.outbox_path()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = Path(str(path) + ".lock").open("w")  # noqa: SIM115 - held for the process's life
+            lock = Path(str(path) + ".lock").open("a+")  # noqa: SIM115 - held for the process's life
         except OSError as exc:
             raise StartError(f"cannot open the outbox at {path}: {exc.strerror or exc}") from exc
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            lock.seek(0)
+            holder = " ".join(lock.read(300).split()) or "unknown"
             lock.close()
-            raise StartError(f"the outbox {path} is in use by another process (two sidecars must not share "
-                             f"one outbox)") from exc
+            raise StartError(f"the outbox {path} is in use by another iothub-gateway ({holder}); two sidecars "
+                             f"must not share one outbox: set [outbox] path in {self.config.source} to give "
+                             f"this one its own") from exc
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, config {self.config.source}\n")
+        lock.flush()
         self._lock_file = lock
-        try:
-            return Outbox(str(path), max_messages=self.config.outbox.max_messages,
-                          synchronous=self.config.outbox.synchronous)
-        except Exception as exc:
-            raise StartError(f"cannot open the outbox at {path}: {exc}") from exc
+        o = self.config.outbox
+        retention = Retention(delivered_age=o.delivered_retention, delivered_max=o.delivered_max,
+                              dead_age=o.dead_letter_retention, dead_max=o.dead_letter_max)
+        return AsyncOutbox(lambda: Outbox(str(path), max_messages=o.max_messages, synchronous=o.synchronous,
+                                          retention=retention),
+                           on_health=self._on_storage, clock=self.clock)
+
+    def _on_storage(self, failure: StorageFailure | None) -> None:
+        """Storage failed or works again: say so on the event stream; wake the pipelines on recovery."""
+        if failure is None:
+            self.events.publish("storage", {"state": "ok", "at": self.clock()})
+            for pipeline in self.pipelines.values():
+                pipeline.notify()
+        else:
+            self.events.publish("storage", {"state": "failed", **failure.to_dict(), "at": self.clock()})
 
     async def _sweep(self) -> None:
-        """Dead-letter pending messages whose deadline passed (those the pipelines never got to)."""
+        """Once a second: probe a failed storage, dead-letter pending messages whose deadline passed (those
+        the pipelines never got to), apply retention. A failure here is logged, never ends the loop."""
         while True:
             await asyncio.sleep(1.0)
-            for mid in self.outbox.expire(now=self.clock()):
-                item = self.outbox.get(mid)
-                device = item.device_id if item is not None else "?"
-                pipeline = self.pipelines.get(device)
-                self.metrics.message(pipeline.protocol if pipeline else "unknown", "dead_letter",
-                                     item.code if item else None)
-                self.events.publish("dead_letter", {"device": device, "id": mid, "code": item.code if item else None,
-                                                    "name": lookup(item.code).name if item and item.code else None,
-                                                    "reason": "deadline passed before delivery", "at": self.clock()})
+            try:
+                await self.sweep_once()
+            except StorageError:
+                pass  # the outbox reports it (health, log); the next round tries again
+            except Exception:
+                log.exception("outbox maintenance failed; trying again in a second")
+
+    async def sweep_once(self) -> None:
+        if await self.outbox.check() is not None:
+            return
+        for item in await self.outbox.expire(now=self.clock()):
+            self._expired(item)
+        purged = await self.outbox.purge(now=self.clock())
+        if purged.dead:
+            log.info("retention removed %d dead letter(s) (oldest %s, code %s)", len(purged.dead),
+                     purged.dead[0].id, purged.dead[0].code)
+
+    def _expired(self, item: OutboxItem) -> None:
+        pipeline = self.pipelines.get(item.device_id)
+        self.metrics.message(pipeline.protocol if pipeline else "unknown", "dead_letter", item.code)
+        self.events.publish("dead_letter", {"device": item.device_id, "id": item.id, "code": item.code,
+                                            "name": lookup(item.code).name if item.code else None,
+                                            "reason": "deadline passed before delivery", "at": self.clock()})
 
     async def stop(self) -> None:
         """Stop accepting, stop the pipelines (within the shutdown deadline), close the outbox."""
@@ -183,7 +234,7 @@ class Sidecar:
             log.info("%d in-flight message(s) put back to pending; they are sent after the restart", persisted)
         self.events.close()
         if self._outbox is not None:
-            self._outbox.close()
+            await self._outbox.close()
             self._outbox = None
         if self._lock_file is not None:
             self._lock_file.close()
@@ -196,9 +247,10 @@ class Sidecar:
     def pipeline(self, device_id: str) -> DevicePipeline | None:
         return self.pipelines.get(device_id)
 
-    def accept(self, device_id: str, body: bytes, *, properties: Mapping[str, str] | None = None,
-               message_id: str | None = None, ttl: float | None = None) -> dict[str, Any]:
-        """Persist one message (durable on return). Raises OutboxFull, UnknownDevice or ValueError."""
+    async def accept(self, device_id: str, body: bytes, *, properties: Mapping[str, str] | None = None,
+                     message_id: str | None = None, ttl: float | None = None) -> dict[str, Any]:
+        """Persist one message (durable on return). Raises OutboxFull, UnknownDevice, ValueError or
+        StorageError."""
         pipeline = self.pipelines.get(device_id)
         if pipeline is None:
             raise UnknownDevice(device_id)
@@ -206,33 +258,52 @@ class Sidecar:
         ttl = ttl if ttl is not None else (self.config.outbox.ttl or None)
         deadline = now + ttl if ttl else None
         duplicate = False
-        if message_id is not None and (existing := self.outbox.get(message_id)) is not None:
+        try:
+            mid = await self.outbox.put(device_id, body, now=now, properties=properties, deadline=deadline,
+                                        message_id=message_id)
+        except ValueError:
+            # The app's id is taken: the same message posted again (idempotent while the first one is in
+            # the outbox, i.e. within [outbox] delivered_retention after delivery), or another device's.
+            existing = await self.outbox.aget(message_id) if message_id is not None else None
+            if existing is None:
+                raise
             if existing.device_id != device_id:
-                raise ValueError(f"message id {message_id!r} is already used by another device's message")
+                raise ValueError(f"message id {message_id!r} is already used by another device's message") from None
             mid, duplicate, deadline = existing.id, True, existing.deadline
         else:
-            mid = self.outbox.put(device_id, body, now=now, properties=properties, deadline=deadline,
-                                  message_id=message_id)
             self.metrics.message(pipeline.protocol, "accepted")
             pipeline.notify()
         return {"id": mid, "device_id": device_id, "status": "pending" if not duplicate else "duplicate",
                 "duplicate": duplicate, "deadline": deadline}
 
-    def message(self, message_id: str) -> dict[str, Any] | None:
-        item = self.outbox.get(message_id)
-        if item is None:
-            return None
-        data = item.to_dict()
-        data["name"] = lookup(item.code).name if item.code is not None else None
-        return data
+    async def message(self, message_id: str) -> dict[str, Any] | None:
+        item = await self.outbox.aget(message_id)
+        return _view(item) if item is not None else None
 
-    def dead_letters(self, *, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for item in self.outbox.dead_letters(limit=limit, device_id=device_id):
-            data = item.to_dict()
-            data["name"] = lookup(item.code).name if item.code is not None else None
-            out.append(data)
-        return out
+    async def dead_letters(self, *, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
+        return [_view(item) for item in await self.outbox.dead_letters(limit=limit, device_id=device_id)]
+
+    async def dead_letter(self, message_id: str) -> dict[str, Any] | None:
+        """One dead letter with its body and properties, or None (no such id, or not dead)."""
+        item = await self.outbox.aget(message_id)
+        if item is None or item.status != "dead":
+            return None
+        return _view(item, with_body=True)
+
+    async def replay(self, message_id: str) -> dict[str, Any] | None:
+        """A dead letter back to pending with the same id and a fresh deadline; None when there is no dead
+        letter with this id. Raises OutboxFull or StorageError."""
+        now = self.clock()
+        ttl = self.config.outbox.ttl
+        try:
+            item = await self.outbox.replay(message_id, now=now, deadline=now + ttl if ttl else None)
+        except KeyError:
+            return None
+        pipeline = self.pipelines.get(item.device_id)
+        if pipeline is not None:
+            self.metrics.message(pipeline.protocol, "replayed")
+            pipeline.notify()
+        return _view(item)
 
     def _snapshots(self) -> list[Any]:
         if self._outbox is None:
@@ -241,6 +312,17 @@ class Sidecar:
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
+
+    def _storage_view(self) -> tuple[bool, int]:
+        if self._outbox is None:
+            return False, 0
+        return self._outbox.failure is None, self._outbox.file_bytes()
+
+
+def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:
+    data = item.to_dict(with_body=with_body)
+    data["name"] = lookup(item.code).name if item.code is not None else None
+    return data
 
 
 # -- the process -----------------------------------------------------------------------------------------

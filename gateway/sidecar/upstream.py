@@ -26,7 +26,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,8 @@ from gateway.aio import cancel_and_wait
 from gateway.codes import Action, code_of, lookup
 from gateway.errors import IoTHubError
 from gateway.handler import Handler, State, StateChange, Undelivered
-from gateway.outbox import Outbox, OutboxItem
+from gateway.outbox import OutboxItem, StorageError
+from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
@@ -191,7 +192,7 @@ class DevicePipeline:
         device_id: str,
         protocol: str,
         transport: Transport,
-        outbox: Outbox,
+        outbox: AsyncOutbox,
         *,
         policy: Policy,
         metrics: Metrics,
@@ -261,6 +262,7 @@ class DevicePipeline:
             "queued": counts["pending"] + counts["inflight"],
             "inflight": len(self._tasks),
             "messages": counts,
+            "storage": self.outbox.failure.to_dict() if self.outbox.failure is not None else None,
         }
 
     def snapshot(self) -> DeviceSnapshot:
@@ -278,34 +280,52 @@ class DevicePipeline:
     # -- the loop --------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Claim and send until stopped. Nothing that goes wrong in one round ends the loop: a storage
+        failure (disk full, locked ...) waits and tries again, so delivery resumes by itself when it clears;
+        anything else is logged and retried too."""
+        trouble = 0
         while not self._stopping:
-            if self.handler.state in (State.STOPPED, State.CLOSED):
-                # Given up for good (credentials refused, identity conflict ...): keep the messages
-                # pending for a restart with a fixed config; the deadline sweep ends them otherwise.
-                await self._sleep_or_wake(5.0)
-                continue
-            if self._failures:
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 8)))
-                if self._stopping:
-                    return
-            free = self.max_inflight - len(self._tasks)
-            if free <= 0:
-                await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-                continue
-            self._wake.clear()
-            items = self.outbox.claim(self.device_id, limit=free)
-            if not items:
-                if self._tasks:
-                    waker = asyncio.ensure_future(self._wake.wait())
-                    await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
-                    waker.cancel()
-                else:
-                    await self._sleep_or_wake(1.0)
-                continue
-            for item in items:
-                task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            try:
+                await self._round()
+                trouble = 0
+            except StorageError:
+                trouble += 1  # the outbox reports it (health, /readyz, log); wait for it to clear
+                await self._sleep_or_wake(min(5.0, 0.1 * 2 ** min(trouble, 6)))
+            except Exception:
+                trouble += 1
+                log.exception("the delivery loop of %s failed; it goes on", self.device_id,
+                              extra={"device": self.device_id})
+                await self._sleep_or_wake(min(5.0, 0.1 * 2 ** min(trouble, 6)))
+
+    async def _round(self) -> None:
+        """One round: wait for room or work, claim what fits, start sending it."""
+        if self.handler.state in (State.STOPPED, State.CLOSED):
+            # Given up for good (credentials refused, identity conflict ...): keep the messages
+            # pending for a restart with a fixed config; the deadline sweep ends them otherwise.
+            await self._sleep_or_wake(5.0)
+            return
+        if self._failures:
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 8)))
+            if self._stopping:
+                return
+        free = self.max_inflight - len(self._tasks)
+        if free <= 0:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            return
+        self._wake.clear()
+        items = await self.outbox.claim(self.device_id, limit=free)
+        if not items:
+            if self._tasks:
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+                waker.cancel()
+            else:
+                await self._sleep_or_wake(1.0)
+            return
+        for item in items:
+            task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -317,52 +337,70 @@ class DevicePipeline:
         if item.deadline is not None:
             timeout = min(timeout, item.deadline - now)
         if timeout <= 0:
-            self._dead(item, _TIMED_OUT, "deadline passed before delivery", now)
+            await self._dead(item, _TIMED_OUT, "deadline passed before delivery", now)
             return
         message = Message(item.id, self.device_id, item.body, item.properties)
         try:
             receipt = await self.handler.send(message, timeout=timeout)
         except asyncio.CancelledError:
             # Shutdown: it may have gone out, so it comes back flagged; the same id is sent again later.
-            self.outbox.release(item.id, possible_duplicate=True)
+            # (Should this write not happen, the restart does the same: in flight at open = possible duplicate.)
             self._outcomes.pop(item.id, None)
+            with contextlib.suppress(StorageError, asyncio.CancelledError):
+                await self.outbox.release(item.id, possible_duplicate=True)
             raise
         except IoTHubError as err:
-            self._failed(item, err, self._outcomes.pop(item.id, "failed"))
+            await self._failed(item, err, self._outcomes.pop(item.id, "failed"))
             return
         except Exception:  # a bug in an adapter must not lose the message
             log.exception("sending %s failed unexpectedly", item.id, extra={"device": self.device_id})
-            self.outbox.release(item.id, possible_duplicate=True)
             self._failures += 1
+            await self._record(lambda: self.outbox.release(item.id, possible_duplicate=True))
             return
         done = self._clock()
         duplicate = receipt.possible_duplicate or item.possible_duplicate
-        self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)
-        self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
         self._failures = 0
+        self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
+        await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate))
 
-    def _failed(self, item: OutboxItem, err: IoTHubError, outcome: str) -> None:
+    async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
+        """Settle a message in the outbox. The send already happened, so while storage fails keep trying
+        (the message stays in flight in the file meanwhile: a restart sends it again, flagged as a possible
+        duplicate, never loses it). False when shutdown cut it short."""
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return True
+            except StorageError:
+                if self._stopping:
+                    return False
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+    async def _failed(self, item: OutboxItem, err: IoTHubError, outcome: str) -> None:
         now = self._clock()
         self._note_error(err)
         past_deadline = item.deadline is not None and now >= item.deadline
         if self._stopping:
-            self.outbox.release(item.id, possible_duplicate=outcome == "unknown")
+            await self._record(lambda: self.outbox.release(item.id, possible_duplicate=outcome == "unknown"))
             return
         if past_deadline:
             code = _TIMED_OUT if outcome == "unknown" else err.code
-            self._dead(item, code, f"deadline passed before delivery; last: {err}", now)
+            await self._dead(item, code, f"deadline passed before delivery; last: {err}", now)
             return
         if self.handler.state not in (State.STOPPED, State.CLOSED) and self.policy.action_for(err) in _PERMANENT:
-            self._dead(item, err.code, str(err), now)
+            await self._dead(item, err.code, str(err), now)
             return
-        self.outbox.release(item.id, possible_duplicate=outcome == "unknown")
         self.metrics.message(self.protocol, "retry_later", err.code)
         self._failures += 1
+        await self._record(lambda: self.outbox.release(item.id, possible_duplicate=outcome == "unknown"))
         self._wake.set()
 
-    def _dead(self, item: OutboxItem, code: int, reason: str, now: float) -> None:
+    async def _dead(self, item: OutboxItem, code: int, reason: str, now: float) -> None:
         reason = self._redact(reason)  # kept in the outbox file and shown by the API: no secrets
-        self.outbox.dead_letter(item.id, code=code, reason=reason, now=now)
+        if not await self._record(lambda: self.outbox.dead_letter(item.id, code=code, reason=reason, now=now)):
+            return
         self.metrics.message(self.protocol, "dead_letter", code)
         row = lookup(code)
         log.warning("message %s dead-lettered: %s %s", item.id, code, row.name,
