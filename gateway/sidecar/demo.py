@@ -31,7 +31,16 @@ from gateway.policy import History, ParkUntil, Policy, PolicyConfig, next_utc_mi
 from gateway.policy import Operation as PolicyOperation
 from gateway.sidecar.config import SidecarConfig, parse_config
 from gateway.sidecar.service import Sidecar
-from gateway.transport import Inbound, Message, Transport, TransportEvent
+from gateway.transport import (
+    Inbound,
+    InvokeMethod,
+    Message,
+    MethodCall,
+    Request,
+    RespondMethod,
+    Transport,
+    TransportEvent,
+)
 
 __all__ = ["DEMO_POLICY", "main", "run_demo"]
 
@@ -151,11 +160,19 @@ class Watched:
             self._report("send", err)
             raise
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
+    @property
+    def credential_expiry(self) -> float | None:
+        return getattr(self.inner, "credential_expiry", None)
+
+    @property
+    def ambiguous_drops(self) -> bool:
+        return bool(getattr(self.inner, "ambiguous_drops", False))
+
+    async def request(self, request: Request, *, timeout: float) -> Any:
         try:
-            return await self.inner.request(kind, payload, timeout=timeout)
+            return await self.inner.request(request, timeout=timeout)
         except IoTHubError as err:
-            self._report(kind, err)
+            self._report(type(request).__name__, err)
             raise
 
     def events(self) -> AsyncIterator[TransportEvent]:
@@ -363,8 +380,8 @@ class Demo:
         assert self.sidecar.emulator is not None
         cs = self.sidecar.emulator.register(PUMP)
         http = self.front("http")
-        service = HttpTransport(service_connection_string=http.service_connection_string, endpoint=http.url,
-                                ssl=False, presence_interval=0.3)
+        service = HttpTransport(service_connection_string=http.service_connection_string, host="127.0.0.1",
+                                port=http.port, ssl=None, presence_interval=0.3)
         caller = Handler(Watched(service, "service", self.story, self.policy), policy=self.policy,
                          identity="service")
         pump = MqttTransport(cs, host="127.0.0.1", port=self.front("mqtt").port, tls=False, subscribe=("methods",))
@@ -373,8 +390,7 @@ class Demo:
         try:
             self.story.line("service", f"POST /twins/{PUMP}/methods reboot (the device is offline)")
             call = asyncio.ensure_future(caller.request(
-                "method", {"device_id": PUMP, "method_name": "reboot", "payload": {"delay": 0},
-                           "response_timeout": 5}, device_id=PUMP, timeout=20))
+                InvokeMethod(PUMP, "reboot", {"delay": 0}, response_timeout=5), timeout=20))
             if await self.until(lambda: caller.held(PUMP) > 0, 10):
                 self.story.line("handler", f"holding {caller.held(PUMP)} call(s) for {PUMP}")
             await asyncio.sleep(1.0)
@@ -393,10 +409,9 @@ class Demo:
 
     async def _answer_methods(self, pump: Any) -> None:
         async for event in pump.events():
-            if isinstance(event, Inbound) and event.kind == "method":
-                self.story.line(PUMP, f"runs method {event.payload['name']} and answers 200")
-                await pump.request("method_response", {"rid": event.payload["rid"], "status": 200,
-                                                       "payload": {"rebooted": True}}, timeout=5)
+            if isinstance(event, Inbound) and isinstance(event.payload, MethodCall):
+                self.story.line(PUMP, f"runs method {event.payload.name} and answers 200")
+                await pump.request(RespondMethod(event.payload.rid, 200, {"rebooted": True}), timeout=5)
 
     async def quota(self) -> None:
         device = DEVICES["http"]

@@ -95,9 +95,7 @@ def _adapter(protocol: str, module: str) -> Any:
 
 def _http(spec: TransportSpec) -> Transport:
     mod = _adapter("http", "adapters.http.transport")
-    scheme = "https" if spec.tls else "http"
-    tls: ssl.SSLContext | bool = spec.ssl_context() or False
-    transport: Transport = mod.HttpTransport(spec.connection, endpoint=f"{scheme}://{spec.host}:{spec.port}", ssl=tls)
+    transport: Transport = mod.HttpTransport(spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context())
     return transport
 
 
