@@ -75,10 +75,16 @@ def _keep_prefix(match: re.Match[str]) -> str:
 
 
 def token_matches(expected: str, presented: str | None) -> bool:
-    """Constant-time comparison of a bearer token (the time does not depend on where they differ)."""
+    """Constant-time comparison of a bearer token (the time does not depend on where they differ).
+
+    A presented value that is not valid text (a lone surrogate from header bytes that were not
+    UTF-8) never raises: it is compared as bytes, and cannot equal a configured (valid UTF-8) token.
+    """
     if presented is None:
         presented = ""
-    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+    wanted = expected.encode("utf-8", "surrogatepass")
+    given = presented.encode("utf-8", "surrogatepass")  # any str encodes this way; lone surrogates never match
+    return hmac.compare_digest(wanted, given)
 
 
 class RateLimiter:
