@@ -309,6 +309,21 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MIN_TOKEN_LENGTH = 12  #: characters; a shorter bearer token is refused at start
+
+
+def _weak_token(token: str) -> str | None:
+    """Why a bearer token is refused, or None. A token guessable by a short search would let anyone who
+    reaches the port in, and a short one could not be told apart from ordinary text by the redactor."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"it has {len(token)} characters; use at least {MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 16`)"
+    if not (token.isascii() and token.isprintable()) or any(ch.isspace() for ch in token):
+        return "use printable ASCII without spaces (it travels in an HTTP header)"
+    if len(set(token)) < 4:
+        return "it repeats too few distinct characters"
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -337,6 +352,11 @@ def parse_config(
         rate_limit=c.number(raw, "rate_limit", "[api]", d.rate_limit),
         rate_burst=c.number(raw, "rate_burst", "[api]", d.rate_burst, whole=True, minimum=1),
     )
+    if api.token is not None:
+        weakness = _weak_token(api.token.reveal())
+        if weakness:
+            given = next((k for k in ("token", "token_env", "token_file") if k in raw), "token")
+            c.fail(f"[api] {given}", f"the bearer token is too weak: {weakness}")
     if not _is_loopback(api.host) and api.token is None and not any(k.startswith("token") for k in raw):
         c.fail("[api] host", f"{api.host!r} is not a loopback address: set token_env or token_file "
                              "(a bearer token is required to bind elsewhere)")

@@ -1,8 +1,10 @@
 """What keeps the sidecar's secrets in and abusive callers out.
 
 - :class:`Redactor` blanks SAS keys, SAS tokens, connection strings and bearer tokens in any text: the
-  configured secret values verbatim, and anything shaped like one (a key we were never told about, a
-  token minted from a key). Logs, API answers and the metrics page all go through it.
+  configured secret values verbatim, every token and signature the process minted (registered by
+  ``gateway.sas`` when made), and anything shaped like one (a key we were never told about, a
+  signature echoed next to ``sr=`` / ``se=``). Logs, API answers, events and the metrics page all go
+  through it.
 - :func:`token_matches` compares bearer tokens in constant time.
 - :class:`RateLimiter`: a token bucket per client address; the caller answers 429 with Retry-After.
 """
@@ -13,6 +15,9 @@ import hmac
 import re
 import time
 from collections.abc import Callable, Iterable
+from urllib.parse import unquote
+
+from gateway.sas import minted_secrets
 
 __all__ = ["MASK", "RateLimiter", "Redactor", "token_matches"]
 
@@ -33,18 +38,42 @@ _PATTERNS = (
 _TRIGGERS = ("sharedaccess", "sig=", "bearer", "password", "token", "api_key")
 _KEY_FIELD = re.compile(r"SharedAccessKey\s*=\s*([^;\s]+)", re.IGNORECASE)
 
+# The shape of a SAS signature (base64 of an HMAC-SHA256: 43 characters and one "=") and of a SharedAccessKey
+# of 32 bytes, as sent (URL-encoded: %2B %2F %3D) or decoded, standing alone (not inside a longer run).
+_SIGNATURE = re.compile(
+    r"(?<![A-Za-z0-9+/%])((?:[A-Za-z0-9+/]|%2[BbFf]){43}(?:=|%3[Dd]))(?![A-Za-z0-9+/=%])"
+)
+# A SAS token's other fields: where they show, a signature-shaped value nearby is that token's signature.
+_SAS_CONTEXT = re.compile(r"(?<![A-Za-z0-9])(?:sr|se|skn)=", re.IGNORECASE)
+
 
 class Redactor:
-    """Replaces known secret values and secret-shaped substrings with ``***``."""
+    """Replaces known secret values and secret-shaped substrings with ``***``.
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    What it blanks, in this order:
+
+    1. configured secrets verbatim (and the key inside a connection string), learnt at start or by
+       :meth:`add`; values shorter than 6 characters are not secrets (the config refuses such tokens);
+    2. every SAS token and signature the process minted (``gateway.sas`` registers each one when it
+       makes it), in any spelling: as sent (URL-encoded) or decoded, whole or echoed by a peer;
+    3. a signature-shaped value (44 characters of base64 ending in ``=``) in any text that also holds a
+       SAS token's ``sr=``, ``se=`` or ``skn=``: a token we did not mint, rebuilt from an echo;
+    4. secret shapes whatever their value: ``SharedAccessKey=...``, ``SharedAccessSignature ...``,
+       ``sig=...``, ``Bearer ...``, and ``password`` / ``token`` / ``api_key`` fields.
+    """
+
+    def __init__(self, secrets: Iterable[str] = (), *, minted: Callable[[], tuple[int, tuple[str, ...]]] | None
+                 = minted_secrets) -> None:
         self._secrets: set[str] = set()
         self._literal: re.Pattern[str] | None = None
         self._shapes = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE)
+        self._minted_source = minted
+        self._minted_version = -1
+        self._minted: frozenset[str] = frozenset()
         self.add(*secrets)
 
     def add(self, *secrets: str) -> None:
-        """Learn more secret values (e.g. a SAS token minted at run time). Short strings are ignored.
+        """Learn more secret values (e.g. a key issued at run time). Short strings are ignored.
 
         A connection string's key is learnt too, so the key alone is blanked wherever it shows up.
         """
@@ -57,13 +86,39 @@ class Redactor:
         ordered = sorted(self._secrets, key=len, reverse=True)
         self._literal = re.compile("|".join(re.escape(s) for s in ordered))
 
+    def _minted_values(self) -> frozenset[str]:
+        """The minted secrets as sent and URL-decoded; re-read only when the registry changed."""
+        if self._minted_source is None:
+            return self._minted
+        version, values = self._minted_source()
+        if version != self._minted_version:
+            self._minted = frozenset(values) | frozenset(unquote(v) for v in values)
+            self._minted_version = version
+        return self._minted
+
     def __call__(self, text: str) -> str:
         if self._literal is not None:
             text = self._literal.sub(MASK, text)
+        minted = self._minted_values()
+        if minted or _SAS_CONTEXT.search(text):
+            text = self._signatures(text, minted)
         lowered = text.lower()
         if not any(t in lowered for t in _TRIGGERS):
             return text
         return self._shapes.sub(_keep_prefix, text)
+
+    def _signatures(self, text: str, minted: frozenset[str]) -> str:
+        if "SharedAccessSignature" in text and minted:
+            # A whole minted token, in any spelling: blank it before its parts are looked at.
+            for token in (m for m in minted if m.startswith("SharedAccessSignature") and m in text):
+                text = text.replace(token, MASK)
+        in_context = _SAS_CONTEXT.search(text) is not None
+
+        def mask(match: re.Match[str]) -> str:
+            value = match.group(1)
+            return MASK if in_context or value in minted or unquote(value) in minted else value
+
+        return _SIGNATURE.sub(mask, text)
 
     def contains_secret(self, text: str) -> bool:
         return self(text) != text
