@@ -203,6 +203,8 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         raise ConfigError([f"{chosen}: cannot read: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{chosen}: not valid TOML: {exc}"]) from None
+    except ValueError as exc:  # tomllib's int(): a number over Python's 4300-digit limit
+        raise ConfigError([f"{chosen}: not usable TOML: {exc}"]) from None
     return parse_config(data, source=str(chosen), base=chosen.parent, env=env)
 
 
@@ -235,13 +237,16 @@ class _Check:
         if key not in data:
             return default
         raw = data[key]
-        ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and math.isfinite(raw)
+        # An int is finite however long (math.isfinite would overflow converting a huge one to float).
+        ok = not isinstance(raw, bool) and (isinstance(raw, int) or (isinstance(raw, float) and math.isfinite(raw)))
         if ok and whole and not isinstance(raw, int):
             ok = False
+        if ok and not whole and isinstance(raw, int) and raw.bit_length() > 1000:
+            ok = False  # no float can hold it
         if not ok or raw < minimum or (maximum is not None and raw > maximum):
             kind = "a whole number" if whole else "a number"
             bound = f" in [{minimum:g}, {maximum:g}]" if maximum is not None else f" >= {minimum:g}"
-            self.fail(f"{where} {key}", f"expected {kind}{bound}, got {raw!r}")
+            self.fail(f"{where} {key}", f"expected {kind}{bound}, got {_show(raw)}")
             return default
         return int(raw) if whole else float(raw)
 
@@ -305,7 +310,10 @@ class _Check:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
