@@ -116,12 +116,22 @@ def _errno(exc: BaseException) -> int | None:
 
 
 def _text(exc: BaseException) -> str:
-    """``str(exc)``, bounded; empty when it raises (an argument too long to print, a hostile __str__)."""
+    """``str(exc)``, bounded; empty when it raises (an argument too long to print, a hostile __str__).
+
+    An exception carrying a huge text argument is shown from its arguments' first characters, so the
+    message costs the same whatever the size of what the peer put in it.
+    """
     try:
+        args = exc.args
+        if type(args) is tuple and any(type(arg) is str and len(arg) > _MAX_TEXT for arg in args):
+            return " ".join(arg[:_MAX_TEXT] if type(arg) is str else "..." for arg in args[:4])[:_MAX_TEXT]
         text = str(exc)
     except Exception:
         return ""
-    return text[:500] if type(text) is str else ""
+    return text[:_MAX_TEXT] if type(text) is str else ""
+
+
+_MAX_TEXT = 500
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:

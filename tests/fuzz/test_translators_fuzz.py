@@ -172,7 +172,7 @@ def test_amqp_huge_ints_in_info(huge: int) -> None:
 
 infos = st.one_of(st.none(), scalars, st.dictionaries(
     st.sampled_from(["status-code", "error-code", "com.microsoft:tracking-id", "retry-after", "retry-after-ms"])
-    | st.text(max_size=10) | scalars.filter(lambda v: isinstance(v, (str, bytes, int)) and not isinstance(v, list)),
+    | st.text(max_size=10) | st.binary(max_size=10) | st.integers(),  # hostile keys: their own test above
     scalars, max_size=5))
 
 
@@ -312,3 +312,54 @@ def test_parse_code_contract(value: object) -> None:
     except ValueError:
         return
     assert 300_000 <= number <= 599_999
+
+
+# --- bounds: memory per call, and items looked at ---------------------------------------------------------
+
+def _big_text() -> str:
+    return "ErrorCode:" + "x" * 5_000_000
+
+
+def _big_body() -> bytes:
+    return b'{"errorCode": 404103, "message": "' + b"m" * 5_000_000 + b'"}'
+
+
+# Each case builds its (megabytes of) input first; only the call itself is measured.
+MEMORY_CASES = {
+    "http-body-headers": lambda: (http_translate, (500, {"Retry-After": "1" * 5_000_000, "x": "y" * 5_000_000},
+                                                   _big_body()), {}),
+    "http-text": lambda: (http_translate, (500, None, _big_text()), {}),
+    "mqtt-props": lambda: (mqtt_translate, (131,), {"protocol_version": 5, "properties": {
+        "status": "0" * 5_000_000, "reason": _big_text(), "trace-id": _big_text()}}),
+    "mqtt-topic": lambda: (translate_topic, ("$iothub/twin/res/404/?$rid=" + "1" * 60_000, _big_body()), {}),
+    "amqp": lambda: (amqp_translate, ("amqp:internal-error" + "x" * 5_000_000, _big_text(),
+                                      {"status-code": "5" * 5_000_000}), {}),
+    "cbs": lambda: (translate_cbs, (401, _big_text(), {"com.microsoft:tracking-id": _big_text()}), {}),
+    "normalize": lambda: (normalize, (OSError(5, _big_text()),), {}),
+}
+
+
+@pytest.mark.parametrize("case", MEMORY_CASES)
+def test_memory_per_call_is_bounded_whatever_the_input_size(case: str) -> None:
+    # Inputs are megabytes; what a call allocates must not grow with them (the caps are tens of kB).
+    fn, args, kwargs = MEMORY_CASES[case]()
+    assert peak_memory(lambda: fn(*args, **kwargs)) < 1_000_000
+
+
+class EndlessInfo(dict[str, object]):
+    """A mapping whose items never end: the AMQP info map is read a bounded number of entries."""
+
+    pulled = 0
+
+    def items(self) -> Any:
+        def endless() -> Any:
+            for n in itertools.count():
+                EndlessInfo.pulled += 1
+                yield f"k{n}", n
+
+        return endless()
+
+
+def test_amqp_info_is_read_a_bounded_number_of_entries() -> None:
+    assert_coded(amqp_translate("amqp:internal-error", None, EndlessInfo()))
+    assert EndlessInfo.pulled <= 65
