@@ -21,6 +21,7 @@ __all__ = [
     "ServiceCredential",
     "make_sas_token",
     "minted_secrets",
+    "minted_version",
     "parse_sas_token",
     "register_secret",
     "verify_sas_token",
@@ -176,6 +177,11 @@ def register_secret(*values: str) -> None:
 def minted_secrets() -> tuple[int, tuple[str, ...]]:
     """(version, values): every token and signature this process minted (the newest 4096 values)."""
     return _MINTED.snapshot()
+
+
+def minted_version() -> int:
+    """Grows whenever a secret is registered: a reader re-reads :func:`minted_secrets` only then (cheap)."""
+    return _MINTED.version
 
 
 def parse_sas_token(token: str) -> SasToken:

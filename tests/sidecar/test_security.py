@@ -162,7 +162,7 @@ def test_a_signature_shaped_value_next_to_sr_or_se_is_blanked_even_if_not_minted
     import base64
 
     foreign = base64.b64encode(bytes(range(32))).decode()  # 44 characters, the shape of an HMAC-SHA256
-    r = Redactor(minted=None)
+    r = Redactor(minted=False)
     out = r(f"signature {foreign} does not match sr=hub%2Fdevices%2Fd&se=2000000000")
     assert foreign not in out and MASK in out
     assert foreign in r(f"a base64 value {foreign} with no token around it")
