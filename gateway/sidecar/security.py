@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -77,7 +78,10 @@ class Redactor:
         A connection string's key is learnt too, so the key alone is blanked wherever it shows up.
         """
         keys = [m.group(1) for s in secrets for m in _KEY_FIELD.finditer(s)]
-        fresh = {s for s in (*secrets, *keys) if s and len(s) >= 6} - self._secrets
+        values = {s for s in (*secrets, *keys) if s and len(s) >= 6}
+        # As JSON spells them too: API answers, events and JSON logs are redacted after json.dumps.
+        values |= {json.dumps(s)[1:-1] for s in values}
+        fresh = values - self._secrets
         if not fresh:
             return
         self._secrets |= fresh

@@ -194,3 +194,10 @@ def test_token_compare_never_raises_on_undecodable_input():
     assert not token_matches("a-strong-token-1", "a-strong-token-1\udcff")
     assert not token_matches("a-strong-token-1", "\ud800")
     assert token_matches("a-strong-token-1", "a-strong-token-1")
+
+
+def test_a_secret_is_blanked_as_json_spells_it():
+    token = 'a-"quoted"\\token-é'
+    r = Redactor([token])
+    out = r(json.dumps({"message": f"got {token}"}))
+    assert "quoted" not in out and MASK in out
