@@ -285,7 +285,8 @@ def translate(
     ``reason_code``: an int 0-255, a paho ``ReasonCode``, ``MQTTErrorCode`` or ``ConnackCode`` (the
     last is always read as a 3.1.1 CONNACK). ``packet`` defaults to the ReasonCode's own packet type,
     else ``"connack"``. ``properties``: paho ``Properties`` or a mapping with ``status``,
-    ``trace-id``, ``reason`` (or ``user_properties`` pairs); unreadable properties are ignored.
+    ``trace-id``, ``reason`` (or ``user_properties`` pairs); unreadable properties are ignored, and
+    at most 256 entries (valid or not) are looked at, so an endless iterable costs what a short one does.
     Raises ``ValueError`` naming the input for a non-code, an int outside 0-255, an unknown
     ``protocol_version`` (3, 4, 5) or ``packet``.
     """
@@ -656,7 +657,9 @@ def translate_topic(topic: object, payload: object = None) -> IoTHubError | None
     ``$iothub/twin/res/{status}/?$rid=..``: the body's six-digit ``errorCode`` when present and valid,
     else the status family (inexact). ``$iothub/methods/res/{status}/?$rid=..`` is a device's own
     answer: its status family, the body (the device's payload) is not read. Raises ``ValueError``
-    naming the topic when it is not one of these or its status is not three digits in 100-599.
+    naming the topic when it is not one of these or its status is not three digits in 100-599, and
+    for a topic over MQTT's own limit of 65535 (refused before any scan). A body over :data:`MAX_BODY`
+    is not parsed.
     """
     if _is(topic, (bytes, bytearray, memoryview)):
         raw = memoryview(topic)  # type: ignore[arg-type]

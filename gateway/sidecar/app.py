@@ -2,7 +2,10 @@
 
 The API's own errors are catalog errors too: the body is the error's ``to_dict()`` plus IoT Hub's
 ``errorCode`` key (and the ``iothub-errorcode`` header), so the package's own HTTP translator reads
-them back exactly. Every JSON answer, event and the metrics page pass through the redactor.
+them back exactly. That holds for every error the process sends: a bug in a route (500 500001),
+malformed JSON at any depth (400 400004), a bad bearer header in any encoding (401 401002), and the
+requests aiohttp refuses before routing (see :class:`_CodedErrorHandler`). Every JSON answer, event and
+the metrics page pass through the redactor.
 """
 
 from __future__ import annotations
