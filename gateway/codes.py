@@ -10,7 +10,8 @@ and a few ``x9xx`` codes for failures that are not protocol answers at all (a re
 TLS verification). IoT Hub never uses the ``900``-``999`` range, so they cannot collide with its codes.
 
 A six-digit code in ``300000``-``599999`` that is not in the table still resolves, to its status's
-family, flagged ``known=False``. Anything else is a ``ValueError``.
+family row (its ``status * 1000`` code), flagged ``known=False``: an error never carries an unlisted
+code (see :func:`lookup`). Anything else is a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -402,23 +403,34 @@ def all_codes() -> Iterator[CodeInfo]:
 def parse_code(value: object) -> int:
     """Validate a six-digit code (int or digit string) of the form ``status * 1000 + n``.
 
-    Raises ``ValueError`` naming the input when it is not one. Statuses 100-299 are not errors, so
-    their codes are rejected too.
+    Raises ``ValueError`` naming the input (a bounded repr) when it is not one. Statuses 100-299 are
+    not errors, so their codes are rejected too. Hostile input (a str or int subclass whose methods
+    raise, an int too long to print) gets the same ``ValueError``: only the real type is looked at.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"not a six-digit IoT Hub error code: {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
+    kind = type(value)
+    if issubclass(kind, str):
+        text = str.__str__(value).strip()  # type: ignore[arg-type]
         if not (len(text) == 6 and text.isascii() and text.isdigit()):
-            raise ValueError(f"not a six-digit IoT Hub error code: {value!r}")
+            raise ValueError(f"not a six-digit IoT Hub error code: {_show(text)}")
         number = int(text)
-    elif isinstance(value, int):
-        number = value
+    elif issubclass(kind, int) and not issubclass(kind, bool):
+        number = int.__int__(value)  # type: ignore[arg-type]
     else:
-        raise ValueError(f"not a six-digit IoT Hub error code: {value!r}")
+        raise ValueError(f"not a six-digit IoT Hub error code: {_show(value)}")
     if not 300_000 <= number <= 599_999:
-        raise ValueError(f"not a six-digit IoT Hub error code (status 300-599 * 1000 + n): {value!r}")
+        raise ValueError(f"not a six-digit IoT Hub error code (status 300-599 * 1000 + n): {_show(value)}")
     return number
+
+
+def _show(value: object) -> str:
+    """A bounded repr that never raises (a hostile ``__repr__``, an int too long to print)."""
+    try:
+        text = repr(value)
+        if type(text) is not str:
+            raise TypeError("__repr__ returned a non-str")
+    except Exception:
+        return f"<unprintable {type(value).__name__[:40]}>"
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 def family(status: int) -> CodeInfo:
@@ -443,9 +455,17 @@ def family(status: int) -> CodeInfo:
 
 
 def lookup(value: object) -> CodeInfo:
-    """The catalog row for a code or alias number; an unknown code resolves to its status family.
+    """The catalog row for a code or alias number; an unlisted code resolves to its status family's row.
 
-    A family result has ``known=False`` and keeps the asked-for number as its ``code``.
+    An error never carries a code the catalog does not list. A six-digit number in ``300000``-``599999``
+    that is neither a code nor an alias (``429999``) stands for its status's generic code: the result
+    is the family row (``code`` ``429000``, its name and action) flagged ``known=False``, and every
+    translator that builds an error from it marks the error inexact and keeps the number it was given in
+    ``native``. Why: the catalog is the one table (``/v1/codes`` lists every code a caller can see, and
+    a consumer's ``switch`` on codes stays complete); the action would be the family's anyway; and an
+    upstream that invents codes cannot grow the set of codes (metric labels, outbox values) past one
+    per status. Like an alias number, the asked-for number is therefore not the result's ``code``.
+    Raises ``ValueError`` for anything :func:`parse_code` refuses.
     """
     number = parse_code(value)
     row = _TABLE.get(number)
@@ -455,15 +475,7 @@ def lookup(value: object) -> CodeInfo:
     if canonical is not None:
         return _TABLE[canonical]
     base = family(number // 1000)
-    return replace(
-        base,
-        code=number,
-        name=f"{base.name}Family",
-        description=f"Unlisted code in the {number // 1000} family; treated as {base.name}.",
-        aliases=(),
-        alias_codes=(),
-        known=False,
-    )
+    return base if not base.known else replace(base, known=False)
 
 
 def code_of(name: str) -> int:

@@ -66,19 +66,72 @@ def normalize(exc: BaseException, *, transport: str = "network", device_id: str 
 
     A dropped connection with no reason is retryable (reconnect); a TLS verification failure is not.
     The result carries the original on ``__cause__`` so the full chain stays inspectable.
+
+    Anything that is not an exception raises ``TypeError`` (an unknown ``transport``, ``ValueError``).
+    Otherwise it never raises, whatever the exception holds: an ``errno`` that is huge, unhashable or a
+    property that raises, a ``__str__`` that raises or cannot print its argument. What cannot be read
+    is left out and the class alone decides (``UnclassifiedTransportError`` when nothing matches).
     """
+    if not issubclass(type(exc), BaseException):  # the real type: a hostile __class__ is never asked
+        raise TypeError(f"normalize() needs an exception, not {type(exc).__name__[:80]}")
     if isinstance(exc, IoTHubError):
         return exc
-    code, reason = _classify(exc)
-    native: dict[str, Any] = {"exception": f"{type(exc).__module__}.{type(exc).__qualname__}", "reason": reason}
-    err_no = getattr(exc, "errno", None)
-    if isinstance(err_no, int):
+    try:
+        code, reason = _classify(exc)
+    except Exception:  # a hostile exception (a property that raises, a __bool__ that raises ...)
+        code, reason = _UNCLASSIFIED, f"unclassified {_type_name(exc)}"
+    native: dict[str, Any] = {"exception": _qualified(exc), "reason": reason}
+    err_no = _errno(exc)
+    if err_no is not None:
         native["errno"] = err_no
-    text = str(exc) or type(exc).__name__
+    text = _text(exc) or _type_name(exc)
     err = make_error(code, transport=transport, message=f"{reason}: {text}"[:500], exact=False, native=native,
                      device_id=device_id)
     err.__cause__ = exc
     return err
+
+
+def _type_name(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return name[:100] if type(name) is str else "exception"
+
+
+def _qualified(exc: BaseException) -> str:
+    module = getattr(type(exc), "__module__", None)
+    qualname = getattr(type(exc), "__qualname__", None)
+    if type(module) is not str or type(qualname) is not str:
+        return _type_name(exc)
+    return f"{module[:100]}.{qualname[:100]}"
+
+
+def _errno(exc: BaseException) -> int | None:
+    """``exc.errno`` when it is a plain, printable int; None when absent, unreadable or anything else."""
+    try:
+        value = getattr(exc, "errno", None)
+    except Exception:  # a property that raises
+        return None
+    if type(value) is int and value.bit_length() <= 64:
+        return value
+    return None
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, bounded; empty when it raises (an argument too long to print, a hostile __str__).
+
+    An exception carrying a huge text argument is shown from its arguments' first characters, so the
+    message costs the same whatever the size of what the peer put in it.
+    """
+    try:
+        args = exc.args
+        if type(args) is tuple and any(type(arg) is str and len(arg) > _MAX_TEXT for arg in args):
+            return " ".join(arg[:_MAX_TEXT] if type(arg) is str else "..." for arg in args[:4])[:_MAX_TEXT]
+        text = str(exc)
+    except Exception:
+        return ""
+    return text[:_MAX_TEXT] if type(text) is str else ""
+
+
+_MAX_TEXT = 500
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
@@ -88,13 +141,14 @@ def _classify(exc: BaseException) -> tuple[int, str]:
             return _TLS_VERIFY, "TLS certificate verification failed"
     for cls in type(exc).__mro__:
         code = _BY_CLASS_NAME.get(cls.__name__)
-        if code is not None and cls.__module__.split(".")[0] in {"aiohttp", "paho", "proton"}:
-            return code, f"{cls.__module__.split('.')[0]} {cls.__name__}"
+        module = cls.__module__
+        if code is not None and type(module) is str and module.split(".")[0] in {"aiohttp", "paho", "proton"}:
+            return code, f"{module.split('.')[0]} {cls.__name__}"
     for candidate in _chain(exc):
         found = _classify_builtin(candidate)
         if found is not None:
             return found
-    return _UNCLASSIFIED, f"unclassified {type(exc).__name__}"
+    return _UNCLASSIFIED, f"unclassified {_type_name(exc)}"
 
 
 def _classify_builtin(exc: BaseException) -> tuple[int, str] | None:
@@ -110,12 +164,13 @@ def _classify_builtin(exc: BaseException) -> tuple[int, str] | None:
         return _TIMEOUT, "timed out"
     if isinstance(exc, EOFError):
         return _CLOSED, "connection closed by the peer"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        if exc.errno in _UNREACHABLE_ERRNOS:
+    err_no = _errno(exc) if isinstance(exc, OSError) else None  # a plain int, or not looked at
+    if err_no is not None:
+        if err_no in _UNREACHABLE_ERRNOS:
             return _UNREACHABLE, "network unreachable"
-        if exc.errno in _CLOSED_ERRNOS:
+        if err_no in _CLOSED_ERRNOS:
             return _CLOSED, "connection closed"
-        if exc.errno == errno.ECONNREFUSED:
+        if err_no == errno.ECONNREFUSED:
             return _REFUSED, "connection refused"
     if isinstance(exc, ConnectionError):
         return _CLOSED, "connection lost"
@@ -125,12 +180,18 @@ def _classify_builtin(exc: BaseException) -> tuple[int, str] | None:
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (at most 16, no cycles); a link that cannot be read ends the chain."""
     seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and len(seen) < 16 and all(current is not s for s in seen):
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-        os_error = getattr(seen[-1], "os_error", None)  # aiohttp keeps the OSError here
-        if current is None and isinstance(os_error, BaseException) and os_error is not seen[-1]:
-            current = os_error
+    current: object = exc
+    while issubclass(type(current), BaseException) and len(seen) < 16 and all(current is not s for s in seen):
+        seen.append(current)  # type: ignore[arg-type]
+        try:
+            cause = current.__cause__  # type: ignore[attr-defined]
+            current = cause if cause is not None else current.__context__  # type: ignore[attr-defined]
+            if current is None:
+                os_error = getattr(seen[-1], "os_error", None)  # aiohttp keeps the OSError here
+                if issubclass(type(os_error), BaseException) and os_error is not seen[-1]:
+                    current = os_error
+        except Exception:  # a property that raises
+            break
     return seen

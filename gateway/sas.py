@@ -11,10 +11,21 @@ import base64
 import binascii
 import hashlib
 import hmac
+import threading
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, quote_plus
 
-__all__ = ["ConnectionString", "SasToken", "ServiceCredential", "make_sas_token", "parse_sas_token", "verify_sas_token"]
+__all__ = [
+    "ConnectionString",
+    "SasToken",
+    "ServiceCredential",
+    "make_sas_token",
+    "minted_secrets",
+    "minted_version",
+    "parse_sas_token",
+    "register_secret",
+    "verify_sas_token",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +124,64 @@ def _sign(resource_uri: str, key: str, expiry: int) -> str:
 
 
 def make_sas_token(resource_uri: str, key: str, expiry: int, key_name: str | None = None) -> str:
-    token = (
-        f"SharedAccessSignature sr={quote_plus(resource_uri)}&sig={quote(_sign(resource_uri, key, expiry), safe='')}"
-        f"&se={expiry}"
-    )
-    return token + (f"&skn={quote_plus(key_name)}" if key_name else "")
+    """A SAS token; the token and its signature (as sent and as decoded) are registered as minted secrets.
+
+    Registering here, where every token of the process is made, means no caller has to remember to:
+    a redactor (``gateway.sidecar.security.Redactor``) reads :func:`minted_secrets` and blanks them in
+    any text, including a peer's error message that echoes the request's signature.
+    """
+    signature = _sign(resource_uri, key, expiry)
+    quoted = quote(signature, safe="")
+    token = f"SharedAccessSignature sr={quote_plus(resource_uri)}&sig={quoted}&se={expiry}"
+    token += f"&skn={quote_plus(key_name)}" if key_name else ""
+    _MINTED.add(token, signature, quoted, quote_plus(signature))
+    return token
+
+
+class _MintedSecrets:
+    """The secrets this process minted at run time, newest last; bounded, thread-safe, versioned.
+
+    Bounded because a long-lived process mints a token per device per renewal: the oldest (long
+    expired, with a one-hour default lifetime) are forgotten first. Readers compare :attr:`version`
+    to rebuild their matchers only when something was added.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._values: dict[str, None] = {}  # insertion-ordered set
+        self._lock = threading.Lock()
+        self.version = 0
+
+    def add(self, *values: str) -> None:
+        with self._lock:
+            for value in values:
+                if value and value not in self._values:
+                    self._values[value] = None
+                    if len(self._values) > self._limit:
+                        del self._values[next(iter(self._values))]
+            self.version += 1
+
+    def snapshot(self) -> tuple[int, tuple[str, ...]]:
+        with self._lock:
+            return self.version, tuple(self._values)
+
+
+_MINTED = _MintedSecrets(limit=4096)
+
+
+def register_secret(*values: str) -> None:
+    """Register secrets minted outside :func:`make_sas_token` (a token from elsewhere, a derived key)."""
+    _MINTED.add(*(v for v in values if isinstance(v, str)))
+
+
+def minted_secrets() -> tuple[int, tuple[str, ...]]:
+    """(version, values): every token and signature this process minted (the newest 4096 values)."""
+    return _MINTED.snapshot()
+
+
+def minted_version() -> int:
+    """Grows whenever a secret is registered: a reader re-reads :func:`minted_secrets` only then (cheap)."""
+    return _MINTED.version
 
 
 def parse_sas_token(token: str) -> SasToken:

@@ -78,12 +78,45 @@ def test_generic_status_codes_exist_for_iothub_and_gateway() -> None:
 
 
 def test_families_resolve_unknown_codes_inexactly() -> None:
+    # An unlisted code is never carried as itself: it stands for its status family's listed code.
     internal = lookup(500123)
-    assert (internal.code, internal.known, internal.transient, internal.http_status) == (500123, False, True, 500)
+    assert (internal.code, internal.known, internal.transient, internal.http_status) == (500000, False, True, 500)
+    assert internal.name == codes.CATALOG[500000].name
     unavailable = lookup("503999")
-    assert unavailable.known is False and unavailable.transient
+    assert (unavailable.code, unavailable.known) == (503000, False) and unavailable.transient
     bad = lookup(400999)
-    assert bad.known is False and not bad.transient
+    assert (bad.code, bad.known) == (400000, False) and not bad.transient
+    # A status no table names (420): its synthesized family, also unlisted.
+    odd = lookup(420123)
+    assert (odd.code, odd.known) == (420000, False)
+
+
+@given(st.integers(300_000, 599_999))
+def test_every_code_lookup_returns_is_a_listed_code_or_its_family(number: int) -> None:
+    info = lookup(number)
+    if number in codes.CATALOG:
+        assert info is codes.CATALOG[number]
+    elif info.known:
+        assert number in info.alias_codes  # an alias number: the canonical row
+    else:
+        assert info.code == number // 1000 * 1000
+        assert info.code in codes.CATALOG or number // 1000 not in {c // 1000 for c in codes.CATALOG}
+        assert lookup(info.code).code == info.code
+
+
+class _Hostile(str):
+    def strip(self, *args: object) -> str:
+        raise RuntimeError("strip")
+
+    def __len__(self) -> int:
+        raise RuntimeError("len")
+
+
+def test_parse_code_refuses_hostile_input_with_value_error() -> None:
+    assert parse_code(_Hostile("429001")) == 429001
+    for bad in (10**5000, -(10**5000), _Hostile("x" * 100), object(), 4.29e5, True):
+        with pytest.raises(ValueError):
+            parse_code(bad)
 
 
 def test_every_status_300_599_has_a_family() -> None:
@@ -108,7 +141,9 @@ def test_lookup_returns_a_row_or_raises_value_error(value: object) -> None:
     except ValueError:
         return
     assert 300000 <= row.code <= 599999
-    assert row.code == parse_code(value) or row.alias_codes
+    number = parse_code(value)
+    # the row itself, an alias's canonical row, or (unlisted) its family's row, flagged unknown
+    assert row.code == number or number in row.alias_codes or (not row.known and row.code == number // 1000 * 1000)
 
 
 def test_transient_follows_the_action() -> None:

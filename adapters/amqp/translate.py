@@ -14,6 +14,10 @@ info map. The condition alone is coarse, so finer facts win, most explicit first
 5. the condition table below; an unknown condition is ``UnclassifiedTransportError`` (or its
    status's family), inexact. ``exact`` is True only where one condition means one code.
 
+A six-digit code the catalog does not list (``429999``), in info or the description, says no more
+than its status family (``codes.lookup``): it refines the condition as a 3-digit ``status-code`` would
+(step 4), inexact; the number itself stays in ``native``.
+
 A few conditions are raised by proton itself, not by the peer, and their description tells them
 apart: TLS failures arrive as ``amqp:connection:framing-error`` "SSL Failure: ...", and proton's own
 keep-alive expiry as ``amqp:resource-limit-exceeded`` "local-idle-timeout expired" (which must not
@@ -73,8 +77,10 @@ _ROWS: Final[tuple[tuple[str, str, bool], ...]] = (
     ("amqp:not-allowed", "InvalidOperation", False),
     ("amqp:invalid-field", "ArgumentInvalid", False),
     ("amqp:not-implemented", "InvalidOperation", False),
-    # A re-attach colliding with our own stale link: exactly what the 409002 docs describe.
-    ("amqp:resource-locked", "LinkCreationConflict", False),
+    # Another link holds the entity for now (often our own stale one, re-attached too soon). Not an
+    # identity conflict: C# reads it as a transient resource fault and Java as retryable
+    # (peer-sdks.md §2.3, §3), so it is the AMQP form of HTTP 423 Locked: retry with backoff.
+    ("amqp:resource-locked", "GenericLocked", False),
     ("amqp:resource-deleted", "DeviceNotFound", False),
     ("amqp:precondition-failed", "PreconditionFailed", False),
     ("amqp:illegal-state", "InvalidOperation", False),
@@ -156,6 +162,7 @@ _MAX_INFO_ITEMS = 64  # info entries looked at (a real peer sends a handful)
 _MAX_NATIVE_ITEMS = 32
 _MAX_TEXT_VALUE = 200
 _MAX_TRACKING_ID = 256
+_MAX_SCALAR = 1024  # characters (bytes) of an info value kept for reading its facts
 
 # "ErrorCode:ThrottlingException;...", "ErrorCode:429001", '"errorCode":429001', 'errorCode\":"429001"'.
 _ERROR_CODE_RE: Final = re.compile(
@@ -278,6 +285,9 @@ def _translate(
         explicit = _as_code(status_code)
     if explicit is None and desc is not None:
         explicit = _scan_description(desc)
+    if explicit is not None and not explicit.known:
+        # An unlisted code says no more than its status family would: it refines like a status-code.
+        status_code, explicit = explicit.code // 1000, None
     if explicit is not None:
         row, exact = explicit, True
     elif status_code is not None and 300 <= status_code <= 599 and (unknown or row.code // 1000 != status_code):
@@ -331,6 +341,10 @@ def translate_cbs(
     tracking_id, retry_after, explicit, _, native_info = _read_info(info)
     if explicit is None and desc is not None:
         explicit = _scan_description(desc)
+    if explicit is not None and not explicit.known:  # unlisted: no more than its family says
+        if explicit.code // 1000 != row.code // 1000:
+            row = explicit
+        explicit = None
     if explicit is not None:
         row, exact = explicit, True
     short = desc[:_MAX_DESCRIPTION] if desc is not None else None
@@ -397,22 +411,28 @@ _EXACT_FORMS, _GENERIC_BY_STATUS = _build_render_tables()
 
 
 def _unpack(condition: object, description: object, info: object) -> tuple[str, object, object]:
-    """(condition text, description, info) from whatever form the condition came in."""
-    if isinstance(condition, str):
-        return condition, description, info
+    """(condition text, description, info) from whatever form the condition came in.
+
+    str and bytes subclasses (``proton.symbol`` is one) are copied out as plain values by their real
+    type, so a subclass's own methods (which may raise) are never called.
+    """
+    if _is(condition, str):
+        return _plain(condition)[: _MAX_CONDITION + 1], description, info  # type: ignore[arg-type]
     if condition is None:
         return "", description, info
-    if isinstance(condition, (bytes, bytearray)):  # uamqp / pyamqp spell symbols as bytes
-        return bytes(condition[: _MAX_CONDITION + 1]).decode("utf-8", "replace"), description, info
+    if _is(condition, (bytes, bytearray)):  # uamqp / pyamqp spell symbols as bytes
+        return _decoded(condition, _MAX_CONDITION + 1), description, info
     try:
         name = condition.name  # type: ignore[attr-defined]
     except Exception as exc:  # AttributeError, or a hostile property
         raise ValueError(f"not an AMQP condition (str, symbol or Condition): {_show(condition)}") from exc
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name[: _MAX_CONDITION + 1]).decode("utf-8", "replace")
+    if _is(name, (bytes, bytearray)):
+        name = _decoded(name, _MAX_CONDITION + 1)
     elif name is None:
         name = ""
-    elif not isinstance(name, str):
+    elif _is(name, str):
+        name = _plain(name)[: _MAX_CONDITION + 1]
+    else:
         raise ValueError(f"AMQP condition name is not a str: {_show(name)} in {_show(condition)}")
     if description is None:
         description = _attribute(condition, "description")
@@ -452,18 +472,18 @@ def _read_info(
     """
     if info is None:
         return None, None, None, None, None
-    if not isinstance(info, (dict, Mapping)):
+    if not _is(info, (dict, Mapping)):
         return None, None, None, None, _show(info)
     facts: dict[str, object] = {}
     native: dict[str, str] = {}
     try:
-        for count, (k, v) in enumerate(info.items()):
+        for count, (k, v) in enumerate(info.items()):  # type: ignore[attr-defined]
             if count >= _MAX_INFO_ITEMS:
                 break
-            if isinstance(k, str):
-                key = k
-            elif isinstance(k, bytes):
-                key = k.decode("utf-8", "replace")
+            if _is(k, str):
+                key = _plain(k)[:_MAX_TEXT_VALUE]
+            elif _is(k, (bytes, bytearray)):
+                key = _decoded(k, _MAX_TEXT_VALUE)
             else:
                 key = _show(k)
             if count < _MAX_NATIVE_ITEMS:
@@ -471,7 +491,7 @@ def _read_info(
             if len(key) <= 64:
                 fact = _INFO_KEYS.get(key.strip().lower())
                 if fact is not None and fact not in facts:
-                    facts[fact] = v
+                    facts[fact] = _scalar(v)
     except Exception:  # a hostile mapping: keep what was read
         pass
     if not facts:
@@ -498,11 +518,32 @@ def _read_info(
 
 
 def _value_text(value: object) -> str:
-    if isinstance(value, str):
-        return value[:_MAX_TEXT_VALUE]
+    if _is(value, str):
+        return _plain(value)[:_MAX_TEXT_VALUE]  # type: ignore[arg-type]
     if type(value) is int and value.bit_length() <= 128:  # longer ints may be too long to print
         return str(value)
     return _show(value)
+
+
+def _scalar(value: object) -> object:
+    """An info value as a plain, bounded str / bytes / int / float / bool, or None for anything else.
+
+    Done once where the value is read, so no later step calls a hostile subclass's methods.
+    """
+    kind = type(value)
+    if kind in (str, bytes, int, float, bool):
+        return value[:_MAX_SCALAR] if kind in (str, bytes) else value  # type: ignore[index]
+    if issubclass(kind, str):
+        return _plain(value)[:_MAX_SCALAR]  # type: ignore[arg-type]
+    if issubclass(kind, (bytes, bytearray)):
+        return memoryview(value)[:_MAX_SCALAR].tobytes()  # type: ignore[arg-type]
+    if issubclass(kind, bool):
+        return bool.__bool__(value)  # type: ignore[arg-type]
+    if issubclass(kind, int):
+        return int.__int__(value)  # type: ignore[arg-type]
+    if issubclass(kind, float):
+        return float.__float__(value)  # type: ignore[arg-type]
+    return None
 
 
 def _as_code(value: object) -> CodeInfo | None:
@@ -573,19 +614,36 @@ def _number(value: object) -> float | None:
 
 
 def _cbs_status(value: object) -> int:
-    status = _integer(value) if not isinstance(value, float) else None
+    status = _integer(_scalar(value)) if not _is(value, float) else None
     if status is None or not 100 <= status <= 599:
         raise ValueError(f"not a CBS status code (an integer 100-599): {_show(value)}")
     return status
 
 
 def _text(value: object) -> str | None:
-    """A description as text: str as is, bytes decoded, anything else as a bounded repr."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value[: _SCAN_DESCRIPTION]).decode("utf-8", "replace")
+    """A description as text: str as is (a subclass copied out), bytes decoded, else a bounded repr."""
+    if value is None:
+        return None
+    if _is(value, str):
+        return _plain(value)  # type: ignore[arg-type]
+    if _is(value, (bytes, bytearray)):
+        return _decoded(value, _SCAN_DESCRIPTION)
     return _show(value)
+
+
+def _is(value: object, types: type | tuple[type, ...]) -> bool:
+    """``isinstance`` by the real type only: never asks a hostile object for its ``__class__``."""
+    return issubclass(type(value), types)
+
+
+def _plain(text: str) -> str:
+    """A plain ``str`` copy of a str or str subclass, made without calling the subclass's methods."""
+    return text if type(text) is str else str.__str__(text)
+
+
+def _decoded(data: object, limit: int) -> str:
+    """The first ``limit`` bytes of a bytes-like value as text (read through the buffer, no methods)."""
+    return memoryview(data)[:limit].tobytes().decode("utf-8", "replace")  # type: ignore[arg-type]
 
 
 def _show(value: object) -> str:

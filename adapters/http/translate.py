@@ -18,7 +18,9 @@ IoT Hub says which error it means in several places, and the SDKs each read only
 4. the bare status, as its generic ``status * 1000`` family (``exact=False``).
 
 A code the body or header gives that is not a six-digit error code is ignored, never raised: the next
-source decides. Only the status itself is validated (``ValueError`` outside 100-599).
+source decides. A six-digit code the catalog does not list (``429999``) stands for its family's code
+(``429000``, inexact; ``codes.lookup``): it is used only when no later source names a listed code, and
+the number itself stays in ``native``. Only the status itself is validated (``ValueError`` outside 100-599).
 
 Work is capped so a hostile response costs little: only the first :data:`BODY_LIMIT` bytes of a body are
 read, at most :data:`HEADER_LIMIT` header fields are examined, and every scan is linear in what it reads
@@ -123,6 +125,22 @@ _TRACKING_VALUE: Final = re.compile(r'[^\r\n;,"]{0,256}')  # likewise
 # What json.loads runs underneath (the C scanner when available), minus its Python wrappers.
 _SCAN_ONCE: Final = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 
+class _Shown:
+    """Wraps a value for a bounded repr that never raises (a hostile ``__repr__``, a huge int)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        try:
+            text = _REPR.repr(self.value)
+        except Exception:
+            return f"<unprintable {type(self.value).__name__[:40]}>"
+        return text if type(text) is str else "<unprintable>"
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 80, 40
 
@@ -145,17 +163,19 @@ def translate(
     degrades to what the status alone says.
     """
     if type(status) is not int:
-        if isinstance(status, bool) or not isinstance(status, int):
-            raise ValueError(f"not an HTTP status (an int 100-599): {status!r}")
-        status = int(status)
+        kind = type(status)  # the real type: a hostile object is never asked for its __class__
+        if issubclass(kind, bool) or not issubclass(kind, int):
+            raise ValueError(f"not an HTTP status (an int 100-599): {_Shown(status)!r}")
+        status = int.__int__(status)  # a subclass's own __int__ is never called
     if status < 300 or status > 599:
         if 100 <= status < 300:
             return None
-        raise ValueError(f"not an HTTP status (100-599): {status!r}")
+        raise ValueError(f"not an HTTP status (100-599): {_Shown(status)!r}")
     if now is not None:
-        if isinstance(now, bool) or not isinstance(now, (int, float)):
-            raise TypeError(f"now must be epoch seconds (int or float), not {now!r}")
-        now = _finite(now)
+        now_type: type = type(now)
+        if issubclass(now_type, bool) or not issubclass(now_type, (int, float)):
+            raise TypeError(f"now must be epoch seconds (int or float), not {_Shown(now)!r}")
+        now = _finite(int.__int__(now) if issubclass(now_type, int) else float.__float__(now))  # type: ignore[arg-type]
 
     native: dict[str, Any] = {"status": status}
     found = _headers(headers) if headers is not None else _NO_HEADERS
@@ -166,6 +186,10 @@ def translate(
     tracking: str | None = None
     if body is not None:
         info, message, tracking = _body(body, native)
+    unlisted: CodeInfo | None = None
+    if info is not None and not info.known:
+        # An unlisted code says no more than its family: a listed code from a header still wins.
+        unlisted, info = info, None
     if info is None and found:
         if _ERRORCODE in found:
             info = _resolve(found[_ERRORCODE])
@@ -174,7 +198,7 @@ def translate(
             if sub.isascii() and sub.isdigit() and len(sub) <= 3 and 1 <= int(sub) <= 999:
                 info = _ROWS.get(status * 1000 + int(sub))
     if info is None:
-        info = _FAMILIES[status]
+        info = unlisted or _FAMILIES[status]
         exact = False
     else:
         exact = info.known

@@ -16,12 +16,15 @@ How a reason code is read (``exact`` is True only when the hub said the code, no
 - MQTT 5: < 0x80 is success; >= 0x80 by ``_V5`` below. Only 0x80 depends on the packet (a DISCONNECT
   "Unspecified error" is a dropped connection, elsewhere a server fault). A code that MQTT 5 does not
   allow on the packet is still read by value: peers misbehave (mosquitto sends 149 on a PUBACK).
-- IoT Hub's MQTT 5 ``status`` user property, when known, wins over the reason code and is exact
-  (151 is throttling with ``0501`` and the daily quota with ``0502``). It is looked up as the full
+- IoT Hub's MQTT 5 ``status`` user property, when known, wins over the reason code (151 is
+  throttling with ``0501`` and the daily quota with ``0502``). It is exact only where the hub's own
+  meaning of the status is one catalog code (see ``_STATUSES``); a status that names a class
+  ("Conflict", "Server Busy") maps to our reading of it, inexact. It is looked up as the full
   two-byte value, *not* with the retryable bit masked: ``0101`` (not authorized) and ``0501``
   (throttled) differ only in that bit. A success status never clears a failure reason code, so a
   contradictory packet still reports its failure. An unknown status falls back to the reason code.
-  A six-digit code string (``"429001"``) is also accepted as ``status`` (an extension of ours).
+  A six-digit code string (``"429001"``) is also accepted as ``status`` (an extension of ours): exact
+  when the catalog lists it; an unlisted one reads as its family's code, inexact (``codes.lookup``).
 - paho's ``MQTTErrorCode`` (``publish().rc`` and friends) are local library outcomes: always inexact.
 
 The same tables drive :func:`render`, the inverse the emulator uses: a code -> the wire forms that
@@ -34,6 +37,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
+from itertools import islice
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
@@ -62,7 +66,10 @@ _PACKET_TYPES: Final = MappingProxyType(
 _VERSION_NAMES: Final = MappingProxyType({3: "3.1", 4: "3.1.1", 5: "5"})
 _MAX_TEXT = 500  # cap on human text carried into messages
 _MAX_ID = 256  # cap on ids (trace-id, $rid) carried into the error
-_MAX_PAIRS = 256  # user properties read per packet; the rest is ignored
+_MAX_PAIRS = 256  # user properties (or property entries) looked at per packet; the rest is ignored
+_MAX_KEY = 64  # longer property names are none of IoT Hub's
+_MAX_INT_BITS = 64  # ints longer than this are no code, status or id (and str() of a huge int raises)
+_MAX_TOPIC = 65535  # MQTT's own limit on a topic name (bytes); longer is refused unread
 MAX_BODY: Final = 64 * 1024  # response bodies larger than this are not parsed
 
 
@@ -175,11 +182,13 @@ _V3_SUBACK: Final[Mapping[int, _V3]] = MappingProxyType({
 
 
 class _Status(NamedTuple):
-    """An IoT Hub MQTT 5 ``status`` value: its name, our code (None: success), the reason code it rides on."""
+    """An IoT Hub MQTT 5 ``status`` value: its name, our code (None: success), the reason code it rides
+    on, and whether the hub's own meaning of it is exactly that one code."""
 
     name: str
     code: int | None
     reason_code: int
+    exact: bool = False
 
 
 def _hex(text: str) -> int:
@@ -187,22 +196,27 @@ def _hex(text: str) -> int:
 
 
 # IoT Hub's MQTT 5 ``status`` user property (two bytes: flags, code), from the preview reference.
+# ``exact`` only where the hub's description names exactly one catalog code: throttling (0501) and the
+# daily quota (0502), which the hub tells apart on reason code 151 for this very reason, a failed
+# precondition (412001 is IoT Hub's only one), and a method target that is not online (404103) or did
+# not answer in time (504101). The rest are classes ("Bad Request", "Conflict", "Server Busy"): the code
+# is our reading of the nearest catalog row, so it is inexact (peer-sdks.md, MQTT 5 preview table).
 _STATUSES: Final[Mapping[int, _Status]] = MappingProxyType({
     _hex("0001"): _Status("Not Modified", None, 0x00),
     _hex("0100"): _Status("Bad Request", _ARGUMENT, 0x83),
-    _hex("0101"): _Status("Not Authorized", _UNAUTHORIZED, 0x87),
+    _hex("0101"): _Status("Not Authorized", _UNAUTHORIZED, 0x87),  # 401002 or 401003: the hub does not say
     _hex("0102"): _Status("Not Allowed", code_of("OperationNotAvailableInCurrentTier"), 0x83),
     _hex("0103"): _Status("Conflict", code_of("GenericConflict"), 0x83),
-    _hex("0104"): _Status("Precondition Failed", code_of("PreconditionFailed"), 0x83),
-    _hex("0501"): _Status("Throttled", _THROTTLED, 0x97),
-    _hex("0502"): _Status("Quota Exceeded", code_of("IotHubQuotaExceeded"), 0x97),
+    _hex("0104"): _Status("Precondition Failed", code_of("PreconditionFailed"), 0x83, exact=True),
+    _hex("0501"): _Status("Throttled", _THROTTLED, 0x97, exact=True),
+    _hex("0502"): _Status("Quota Exceeded", code_of("IotHubQuotaExceeded"), 0x97, exact=True),
     _hex("0503"): _Status("Resource Exhausted", _THROTTLED, 0x83),
     _hex("0504"): _Status("Not Found", code_of("GenericNotFound"), 0x83),
     _hex("0601"): _Status("Server Error", _SERVER, 0x83),
     _hex("0602"): _Status("Timeout", code_of("GenericTimeout"), 0x83),
     _hex("0603"): _Status("Server Busy", code_of("ServerBusy"), 0x83),
-    _hex("06A0"): _Status("Target Unavailable", code_of("DeviceNotOnline"), 0x83),
-    _hex("06A1"): _Status("Target Timeout", code_of("GatewayTimeout"), 0x83),
+    _hex("06A0"): _Status("Target Unavailable", code_of("DeviceNotOnline"), 0x83, exact=True),
+    _hex("06A1"): _Status("Target Timeout", code_of("GatewayTimeout"), 0x83, exact=True),
     _hex("06A2"): _Status("Target Failed", code_of("GenericBadGateway"), 0x83),
 })
 
@@ -271,7 +285,8 @@ def translate(
     ``reason_code``: an int 0-255, a paho ``ReasonCode``, ``MQTTErrorCode`` or ``ConnackCode`` (the
     last is always read as a 3.1.1 CONNACK). ``packet`` defaults to the ReasonCode's own packet type,
     else ``"connack"``. ``properties``: paho ``Properties`` or a mapping with ``status``,
-    ``trace-id``, ``reason`` (or ``user_properties`` pairs); unreadable properties are ignored.
+    ``trace-id``, ``reason`` (or ``user_properties`` pairs); unreadable properties are ignored, and
+    at most 256 entries (valid or not) are looked at, so an endless iterable costs what a short one does.
     Raises ``ValueError`` naming the input for a non-code, an int outside 0-255, an unknown
     ``protocol_version`` (3, 4, 5) or ``packet``.
     """
@@ -350,11 +365,11 @@ def _decide(
     status_note = ""
     if status is not None:
         native["status"] = status_text
-        known, status_code, status_name = _read_status(status)
+        known, status_code, status_exact, status_name = _read_status(status)
         if known:
             status_note = f", status {status_text} {status_name}"
             if status_code is not None:  # a success status never clears a failure reason code
-                code, exact = status_code, True
+                code, exact = status_code, status_exact
         else:
             status_note = f", unknown status {status_text}"
     label = "return code" if version < 5 and pkt == _CONNACK and value < 0x80 else "reason code"
@@ -408,30 +423,44 @@ def _from_mqtt_error(value: int, name: str | None, version: int, props: _Props) 
 
 
 def _check_version(protocol_version: object) -> int:
-    if isinstance(protocol_version, int) and not isinstance(protocol_version, bool) and protocol_version in (3, 4, 5):
-        return int(protocol_version)
-    raise ValueError(f"unknown MQTT protocol_version {protocol_version!r} (3, 4 or 5)")
+    if _is_int(protocol_version):
+        version = _plain_int(protocol_version)  # type: ignore[arg-type]
+        if version in (3, 4, 5):
+            return version
+    raise ValueError(f"unknown MQTT protocol_version {_short(protocol_version)} (3, 4 or 5)")
 
 
 def _check_packet(packet: object) -> str | None:
     if packet is None:
         return None
-    if isinstance(packet, str) and packet.lower() in PACKETS:
-        return packet.lower()
-    raise ValueError(f"unknown MQTT packet {packet!r} (one of {', '.join(PACKETS)})")
+    if _is(packet, str):
+        text = _plain(packet)  # type: ignore[arg-type]  # a str subclass's own methods are never called
+        if len(text) <= 16 and text.lower() in PACKETS:
+            return text.lower()
+    raise ValueError(f"unknown MQTT packet {_short(packet)} (one of {', '.join(PACKETS)})")
+
+
+def _plain(text: str) -> str:
+    """A plain ``str`` copy of a str or str subclass, made without calling the subclass's methods."""
+    return text if type(text) is str else str.__str__(text)
+
+
+def _plain_int(value: object) -> int:
+    """A plain ``int`` copy of an int or int subclass, made without calling the subclass's methods."""
+    return value if type(value) is int else int.__int__(value)  # type: ignore[arg-type]
 
 
 def _unwrap(reason_code: object) -> tuple[str, int, str | None, str | None]:
     """(kind, value, paho's name, packet of a ReasonCode). Kinds: "reason", "error", "connack3"."""
     cls = type(reason_code)
     module = getattr(cls, "__module__", None)
-    from_paho = isinstance(module, str) and module.startswith("paho.")
-    if from_paho and cls.__name__ in ("MQTTErrorCode", "ConnackCode") and isinstance(reason_code, int):
+    from_paho = _is(module, str) and str.__str__(module).startswith("paho.")  # type: ignore[arg-type]
+    if from_paho and cls.__name__ in ("MQTTErrorCode", "ConnackCode") and _is(reason_code, int):
         name = getattr(reason_code, "name", None)
         kind = "error" if cls.__name__ == "MQTTErrorCode" else "connack3"
-        return kind, _byte(int(reason_code), reason_code, allow_negative=kind == "error"), _text(name), None
-    if isinstance(reason_code, int) and not isinstance(reason_code, bool):
-        return "reason", _byte(int(reason_code), reason_code), None, None
+        return kind, _byte(_plain_int(reason_code), reason_code, allow_negative=kind == "error"), _text(name), None
+    if _is_int(reason_code):
+        return "reason", _byte(_plain_int(reason_code), reason_code), None, None  # type: ignore[arg-type]
     # A paho ReasonCode, by shape: .value (int) and .getName().
     try:
         value = getattr(reason_code, "value", None)
@@ -439,14 +468,14 @@ def _unwrap(reason_code: object) -> tuple[str, int, str | None, str | None]:
         packet_type = getattr(reason_code, "packetType", None)
     except Exception as exc:
         raise ValueError(f"not an MQTT reason code: {_short(reason_code)}") from exc
-    if not (isinstance(value, int) and not isinstance(value, bool) and callable(get_name)):
+    if not (_is_int(value) and callable(get_name)):
         raise ValueError(f"not an MQTT reason code: {_short(reason_code)}")
-    number = _byte(int(value), reason_code)
+    number = _byte(_plain_int(value), reason_code)
     try:
         name = _text(get_name())
     except Exception:  # paho raises for a value its table does not know on that packet
         name = None
-    packet = _PACKET_TYPES.get(packet_type) if isinstance(packet_type, int) else None
+    packet = _PACKET_TYPES.get(_plain_int(packet_type)) if _is_int(packet_type) else None  # type: ignore[arg-type]
     return "reason", number, name, packet
 
 
@@ -457,8 +486,11 @@ def _byte(value: int, original: object, *, allow_negative: bool = False) -> int:
 
 
 def _short(value: object) -> str:
+    """A bounded repr that never raises (a hostile ``__repr__``, an int too long to print)."""
     try:
         text = repr(value)
+        if type(text) is not str:
+            raise TypeError("__repr__ returned a non-str")
     except Exception:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= 200 else text[:200] + "..."
@@ -489,99 +521,127 @@ def _read_properties(properties: object) -> _Props:
         if isinstance(properties, Mapping):
             direct: list[tuple[object, object]] = []
             nested: list[tuple[object, object]] = []
-            for count, (key, value) in enumerate(properties.items()):
-                if count >= _MAX_PAIRS:
-                    break
-                if not isinstance(key, str):
+            for key, value in islice(properties.items(), _MAX_PAIRS):
+                if not _is(key, str) or len(name := _plain(key)) > _MAX_KEY:
                     continue
-                low = key.lower()
+                low = name.lower()
                 if low in ("user_properties", "userproperty", "user_property"):
                     nested.extend(_pairs(value))
                 elif low in ("reasonstring", "reason_string"):
                     reason_string = value
                 else:
-                    direct.append((key, value))
+                    direct.append((name, value))
             _collect(found, direct + nested)  # a direct key wins over the same key among the pairs
         else:
             _collect(found, _pairs(getattr(properties, "UserProperty", None)))
             reason_string = getattr(properties, "ReasonString", None)
-    except Exception:  # a hostile mapping or attribute: the reason code alone still decides
+        status = found.get("status")
+        if _is(status, (str, bytes, bytearray)) or _is_int(status):
+            status = _copy(status)  # type: ignore[arg-type]
+            if type(status) is int and status.bit_length() > _MAX_INT_BITS:
+                status = None  # a number no status or code can be: unreadable, so ignored
+        else:
+            status = None  # no IoT Hub status is anything else; an exotic object is never looked at again
+        return _Props(
+            status=status,
+            status_text=_text(status, _MAX_ID) if status is not None else None,
+            trace_id=_text(found.get("trace-id"), _MAX_ID) or None,
+            reason=_text(found.get("reason"), _MAX_TEXT) or None,
+            reason_string=_text(reason_string, _MAX_TEXT) or None,
+        )
+    except Exception:  # a hostile mapping, attribute or value: the reason code alone still decides
         return _EMPTY
-    status = found.get("status")
-    return _Props(
-        status=status,
-        status_text=_text(status, _MAX_ID) if status is not None else None,
-        trace_id=_text(found.get("trace-id"), _MAX_ID) or None,
-        reason=_text(found.get("reason"), _MAX_TEXT) or None,
-        reason_string=_text(reason_string, _MAX_TEXT) or None,
-    )
+
+
+def _is(value: object, types: type | tuple[type, ...]) -> bool:
+    """``isinstance`` by the real type only: never asks a hostile object for its ``__class__``."""
+    return issubclass(type(value), types)
+
+
+def _is_int(value: object) -> bool:
+    return issubclass(type(value), int) and not issubclass(type(value), bool)
 
 
 def _pairs(value: object) -> list[tuple[object, object]]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    """At most ``_MAX_PAIRS`` items are *looked at*, valid or not: an endless or huge iterable costs
+    the same as a short one."""
+    if _is(value, (str, bytes, bytearray)) or not _is(value, Iterable):
         return []
     out: list[tuple[object, object]] = []
-    for item in value:
-        if len(out) >= _MAX_PAIRS:
-            break
-        if isinstance(item, (tuple, list)) and len(item) == 2:
-            out.append((item[0], item[1]))
+    for item in islice(value, _MAX_PAIRS):  # type: ignore[call-overload]
+        # Read through the base type's own methods: a subclass's __len__ / __getitem__ never run.
+        base: Any = tuple if _is(item, tuple) else list if _is(item, list) else None
+        if base is not None and base.__len__(item) == 2:
+            out.append((base.__getitem__(item, 0), base.__getitem__(item, 1)))
     return out
 
 
 def _collect(found: dict[str, object], pairs: Iterable[tuple[object, object]]) -> None:
     """First occurrence wins for each of the keys IoT Hub sends."""
     for key, value in pairs:
-        if isinstance(key, str):
-            low = key.strip().lower()
+        if _is(key, str):
+            low = _plain(key)[: _MAX_KEY + 1].strip().lower()  # type: ignore[arg-type]
             if low in ("status", "trace-id", "reason") and low not in found:
                 found[low] = value
 
 
+def _copy(value: str | bytes | bytearray | int) -> str | bytes | int:
+    """A plain, bounded copy of a property value (str / bytes / int subclasses' methods are never called)."""
+    if _is(value, str):
+        return str.__str__(value)[:_MAX_TEXT]  # type: ignore[arg-type]
+    if _is(value, (bytes, bytearray)):
+        return memoryview(value)[:_MAX_TEXT].tobytes()  # type: ignore[arg-type]
+    return _plain_int(value)  # type: ignore[arg-type]
+
+
 def _text(value: object, limit: int = _MAX_TEXT) -> str | None:
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value[: limit * 4]).decode("utf-8", "replace")
-    if isinstance(value, bool) or value is None:
+    """Bounded text of a property value; None for anything that is not text, bytes or a printable int."""
+    if value is None:
         return None
-    if isinstance(value, int):
-        value = str(value)
-    if not isinstance(value, str):
+    if _is(value, (bytes, bytearray)):
+        return memoryview(value)[: limit * 4].tobytes().decode("utf-8", "replace")[:limit]  # type: ignore[arg-type]
+    if _is_int(value):
+        number = _plain_int(value)  # type: ignore[arg-type]
+        return str(number)[:limit] if number.bit_length() <= _MAX_INT_BITS else None
+    if not _is(value, str):
         return None
-    return value[:limit]
+    return str.__str__(value)[:limit]  # type: ignore[arg-type]
 
 
 _HEX4 = re.compile(r"(?:0[xX])?([0-9A-Fa-f]{4})")
 _DIGITS6 = re.compile(r"[0-9]{6}")
 
 
-def _read_status(status: object) -> tuple[bool, int | None, str]:
-    """(known, code or None for success, name) of a ``status`` property value."""
+def _read_status(status: object) -> tuple[bool, int | None, bool, str]:
+    """(known, code or None for success, exact, name) of a ``status`` property value."""
     if isinstance(status, (bytes, bytearray)):
-        status = bytes(status[:16]).decode("ascii", "replace")
+        status = memoryview(status)[:16].tobytes().decode("ascii", "replace")
     if isinstance(status, int) and not isinstance(status, bool):
+        status = _plain_int(status)
         if 0 <= status <= 0xFFFF:
             row = _STATUSES.get(status)
-            return (True, row.code, row.name) if row else (False, None, "")
-        return _six_digit(status)
-    if not isinstance(status, str):
-        return False, None, ""
-    text = status.strip()
+            return (True, row.code, row.exact, row.name) if row else (False, None, False, "")
+        return _six_digit(status) if status.bit_length() <= _MAX_INT_BITS else (False, None, False, "")
+    if not isinstance(status, str) or len(status) > 64:
+        return False, None, False, ""
+    text = _plain(status).strip()
     if _DIGITS6.fullmatch(text):
         return _six_digit(text)
     match = _HEX4.fullmatch(text)
     if match:
         row = _STATUSES.get(int(match.group(1), 16))
         if row is not None:
-            return True, row.code, row.name
-    return False, None, ""
+            return True, row.code, row.exact, row.name
+    return False, None, False, ""
 
 
-def _six_digit(value: object) -> tuple[bool, int | None, str]:
+def _six_digit(value: object) -> tuple[bool, int | None, bool, str]:
+    """A six-digit code as ``status`` (our extension): it names the code, so it is exact when listed."""
     try:
         info = lookup(parse_code(value))
     except ValueError:
-        return False, None, ""
-    return True, info.code, info.name
+        return False, None, False, ""
+    return True, info.code, info.known, info.name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,15 +657,23 @@ def translate_topic(topic: object, payload: object = None) -> IoTHubError | None
     ``$iothub/twin/res/{status}/?$rid=..``: the body's six-digit ``errorCode`` when present and valid,
     else the status family (inexact). ``$iothub/methods/res/{status}/?$rid=..`` is a device's own
     answer: its status family, the body (the device's payload) is not read. Raises ``ValueError``
-    naming the topic when it is not one of these or its status is not three digits in 100-599.
+    naming the topic when it is not one of these or its status is not three digits in 100-599, and
+    for a topic over MQTT's own limit of 65535 (refused before any scan). A body over :data:`MAX_BODY`
+    is not parsed.
     """
-    if isinstance(topic, (bytes, bytearray, memoryview)):
+    if _is(topic, (bytes, bytearray, memoryview)):
+        raw = memoryview(topic)  # type: ignore[arg-type]
+        if raw.nbytes > _MAX_TOPIC:
+            raise ValueError(f"not an IoT Hub response topic (over {_MAX_TOPIC} bytes)")
         try:
-            topic = bytes(topic).decode("utf-8")
+            topic = raw.tobytes().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"not an IoT Hub response topic (not UTF-8): {_short(topic)}") from exc
-    if not isinstance(topic, str):
+    if not _is(topic, str):
         raise ValueError(f"not an IoT Hub response topic: {_short(topic)}")
+    topic = _plain(topic)  # type: ignore[arg-type]
+    if len(topic) > _MAX_TOPIC:  # MQTT cannot carry it: refused before any scan
+        raise ValueError(f"not an IoT Hub response topic (over {_MAX_TOPIC} characters)")
     match = _RESPONSE_TOPIC.fullmatch(topic)
     if match is None:
         raise ValueError(f"not an IoT Hub response topic: {_short(topic)}")
@@ -628,7 +696,9 @@ def translate_topic(topic: object, payload: object = None) -> IoTHubError | None
             if code_value is not None and not isinstance(code_value, bool) and isinstance(code_value, (int, str)):
                 native["error_code"] = _text(code_value, 32)
                 with contextlib.suppress(ValueError):  # not a six-digit code: the status decides
-                    info, exact = lookup(parse_code(code_value)), True
+                    listed = lookup(parse_code(code_value))
+                    # An unlisted code says no more than its family (inexact, codes.lookup).
+                    info, exact = listed, listed.known
             tracking_id = _text(_field(body, "trackingid"), _MAX_ID) or None
             text = _text(_field(body, "message"), _MAX_TEXT)
             if text:
@@ -648,15 +718,24 @@ def _query(query: str) -> dict[str, str]:
 
 
 def _body(payload: object) -> Mapping[str, Any] | None:
-    if isinstance(payload, memoryview):
-        payload = payload.tobytes()
-    if not isinstance(payload, (bytes, bytearray, str)) or not payload or len(payload) > MAX_BODY:
+    if _is(payload, (bytes, bytearray, memoryview)):
+        raw = memoryview(payload)  # type: ignore[arg-type]
+        if raw.nbytes > MAX_BODY:
+            return None
+        payload = raw.tobytes()
+    elif _is(payload, str):
+        payload = _plain(payload)  # type: ignore[arg-type]
+        if len(payload) > MAX_BODY:
+            return None
+    else:
+        return None
+    if not payload:
         return None
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):  # broken JSON, bad encoding, a 5000-digit number, deep nesting
         return None
-    return data if isinstance(data, dict) else None
+    return data if type(data) is dict else None
 
 
 def _field(body: Mapping[str, Any], low_key: str) -> object:
@@ -704,7 +783,7 @@ def render(code: int | str, protocol_version: int = 5, *, extended: bool = False
             continue
         for pkt in (_PUBACK, _DISCONNECT):
             if pkt in _V5[row.reason_code].packets:
-                forms.append(WireForm(pkt, row.reason_code, f"{status_value:04X}", True))
+                forms.append(WireForm(pkt, row.reason_code, f"{status_value:04X}", row.exact))
     for value, rc in _V5.items():
         for pkt in PACKETS:
             if pkt in rc.packets:

@@ -2,7 +2,10 @@
 
 The API's own errors are catalog errors too: the body is the error's ``to_dict()`` plus IoT Hub's
 ``errorCode`` key (and the ``iothub-errorcode`` header), so the package's own HTTP translator reads
-them back exactly. Every JSON answer, event and the metrics page pass through the redactor.
+them back exactly. That holds for every error the process sends: a bug in a route (500 500001),
+malformed JSON at any depth (400 400004), a bad bearer header in any encoding (401 401002), and the
+requests aiohttp refuses before routing (see :class:`_CodedErrorHandler`). Every JSON answer, event and
+the metrics page pass through the redactor.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
 from gateway.errors import IoTHubError, make_error
@@ -108,6 +113,8 @@ class Api:
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             return self.error(_ARGUMENT, f"the body is not valid JSON: {exc}")
+        except RecursionError:
+            return self.error(_ARGUMENT, "the body is not valid JSON: nested too deeply")
         if not isinstance(data, dict):
             return self.error(_ARGUMENT, "the body must be a JSON object")
         return data
@@ -121,10 +128,7 @@ class Api:
             wait = self.limiter.take(request.remote or "?")
             if wait > 0:
                 return self.error(_THROTTLED, "too many requests from this client", retry_after=wait)
-            if self.token is not None:
-                header = request.headers.get("Authorization", "")
-                scheme, _, presented = header.partition(" ")
-                if scheme.lower() != "bearer" or not token_matches(self.token, presented.strip()):
+            if self.token is not None and not self._authorized(request):
                     response = self.error(_UNAUTHORIZED, "missing or wrong bearer token")
                     response.headers["WWW-Authenticate"] = 'Bearer realm="iothub-gateway"'
                     return response
@@ -144,6 +148,18 @@ class Api:
             log.exception("%s %s failed", request.method, request.path)
             return self.error(_SERVER, "internal error in the sidecar; see its log")
 
+    def _authorized(self, request: web.Request) -> bool:
+        """The bearer token matches. Any malformed header (non-UTF-8 bytes included) is simply not it."""
+        assert self.token is not None
+        try:
+            header = request.headers.get("Authorization", "")
+            scheme, _, presented = header.partition(" ")
+            presented = presented.strip()
+        except Exception:  # aiohttp decodes headers leniently; nothing here may answer 500
+            scheme, presented = "", ""
+        matches = token_matches(self.token, presented)  # always compared: no timing hint either way
+        return scheme.lower() == "bearer" and matches
+
     # -- messages --------------------------------------------------------------------------------------
 
     async def post_message(self, request: web.Request) -> web.StreamResponse:
@@ -161,6 +177,8 @@ class Api:
                 json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 return self.error(_ARGUMENT, f"Content-Type is application/json but the body is not valid JSON: {exc}")
+            except RecursionError:
+                return self.error(_ARGUMENT, "Content-Type is application/json but the body is nested too deeply")
         message_id = request.headers.get("iothub-messageid")
         if message_id is not None and not _MESSAGE_ID.fullmatch(message_id):
             return self.error(_ARGUMENT, "iothub-messageid must be 1-128 printable ASCII characters without spaces")
@@ -245,7 +263,9 @@ class Api:
         try:
             err = classify(data)
         except (ValueError, TypeError) as exc:
-            return self.error(_ARGUMENT, str(exc))
+            return self.error(_ARGUMENT, str(exc)[:500])
+        except RecursionError:  # re-serializing a deeply nested body or payload
+            return self.error(_ARGUMENT, "the body is nested too deeply")
         return self.json(err.to_dict() if err is not None else {"error": None})
 
     async def codes(self, request: web.Request) -> web.StreamResponse:
@@ -408,12 +428,70 @@ async def status_page(request: web.Request) -> web.StreamResponse:
                                  "X-Content-Type-Options": "nosniff"})
 
 
+class _CodedErrorHandler(RequestHandler):
+    """aiohttp's connection handler, except that the errors it answers itself carry the catalog's body.
+
+    aiohttp answers a request its parser refuses (a URL or header line over 8190 bytes, a malformed
+    request line, bad framing) and an error that escapes every middleware from here, as text/plain,
+    without running the application. The answer says what failed, never what was sent: a refused
+    request may carry a secret.
+    """
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # the answer has started: aiohttp's own path raises
+            return super().handle_error(request, status, exc, message)
+        if status >= 500:
+            self.log_exception("error handling a request from %s", request.remote, exc_info=exc)
+            code: int | CodeInfo = _SERVER
+            text = "internal error in the sidecar; see its log"
+        else:
+            log.debug("refused an unparsable request from %s: %s", request.remote, type(exc).__name__)
+            code = family(status) if 300 <= status <= 599 else _ARGUMENT
+            text = _PARSER_REFUSALS.get(status, "the request could not be parsed (refused before routing)")
+        response = api_error(code, text)
+        response.force_close()
+        return response
+
+
+_PARSER_REFUSALS = {
+    400: "the request could not be parsed: malformed, or a line (URL or header) over 8190 bytes",
+    413: "the request is larger than the limit",
+    414: "the URL is longer than 8190 bytes",
+    431: "the request's header fields are too large",
+}
+
+
+class _CodedServer(web.Server):
+    """Makes :class:`_CodedErrorHandler` connection handlers (no other change)."""
+
+    def __call__(self) -> RequestHandler:
+        return _CodedErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+def _with_coded_errors(app: web.Application) -> None:
+    """Have ``app``'s server (made by whichever runner starts it) answer its own errors with codes.
+
+    aiohttp has no public hook for the errors it answers before routing, so the server the app makes
+    is given the subclass above; nothing else about it changes.
+    """
+    make_handler = app._make_handler
+
+    def make(**kwargs: Any) -> web.Server:
+        server = make_handler(**kwargs)
+        server.__class__ = _CodedServer
+        return server
+
+    app._make_handler = make  # type: ignore[method-assign]
+
+
 def make_app(sidecar: Sidecar) -> web.Application:
     """The aiohttp application for ``sidecar`` (not yet listening)."""
     api = Api(sidecar)
     # aiohttp checks the size itself too (it raises 413 while reading); a little above ours so our check,
     # with its clearer message, usually answers first.
     app = web.Application(middlewares=[api.guard], client_max_size=api.max_body + 1)
+    _with_coded_errors(app)
     app[API_KEY] = api
     r = app.router
     r.add_post("/v1/devices/{device_id}/messages", api.post_message)

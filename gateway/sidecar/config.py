@@ -214,6 +214,8 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         raise ConfigError([f"{chosen}: cannot read: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{chosen}: not valid TOML: {exc}"]) from None
+    except ValueError as exc:  # tomllib's int(): a number over Python's 4300-digit limit
+        raise ConfigError([f"{chosen}: not usable TOML: {exc}"]) from None
     return parse_config(data, source=str(chosen), base=chosen.parent, env=env)
 
 
@@ -246,13 +248,16 @@ class _Check:
         if key not in data:
             return default
         raw = data[key]
-        ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and math.isfinite(raw)
+        # An int is finite however long (math.isfinite would overflow converting a huge one to float).
+        ok = not isinstance(raw, bool) and (isinstance(raw, int) or (isinstance(raw, float) and math.isfinite(raw)))
         if ok and whole and not isinstance(raw, int):
             ok = False
+        if ok and not whole and isinstance(raw, int) and raw.bit_length() > 1000:
+            ok = False  # no float can hold it
         if not ok or raw < minimum or (maximum is not None and raw > maximum):
             kind = "a whole number" if whole else "a number"
             bound = f" in [{minimum:g}, {maximum:g}]" if maximum is not None else f" >= {minimum:g}"
-            self.fail(f"{where} {key}", f"expected {kind}{bound}, got {raw!r}")
+            self.fail(f"{where} {key}", f"expected {kind}{bound}, got {_show(raw)}")
             return default
         return int(raw) if whole else float(raw)
 
@@ -316,8 +321,26 @@ class _Check:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<a {type(value).__name__} too long to show>"
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+MIN_TOKEN_LENGTH = 12  #: characters; a shorter bearer token is refused at start
+
+
+def _weak_token(token: str) -> str | None:
+    """Why a bearer token is refused, or None. A token guessable by a short search would let anyone who
+    reaches the port in, and a short one could not be told apart from ordinary text by the redactor."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"it has {len(token)} characters; use at least {MIN_TOKEN_LENGTH} (e.g. `openssl rand -hex 16`)"
+    if not (token.isascii() and token.isprintable()) or any(ch.isspace() for ch in token):
+        return "use printable ASCII without spaces (it travels in an HTTP header)"
+    if len(set(token)) < 4:
+        return "it repeats too few distinct characters"
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -348,6 +371,11 @@ def parse_config(
         rate_limit=c.number(raw, "rate_limit", "[api]", d.rate_limit),
         rate_burst=c.number(raw, "rate_burst", "[api]", d.rate_burst, whole=True, minimum=1),
     )
+    if api.token is not None:
+        weakness = _weak_token(api.token.reveal())
+        if weakness:
+            given = next((k for k in ("token", "token_env", "token_file") if k in raw), "token")
+            c.fail(f"[api] {given}", f"the bearer token is too weak: {weakness}")
     if not _is_loopback(api.host) and api.token is None and not any(k.startswith("token") for k in raw):
         c.fail("[api] host", f"{api.host!r} is not a loopback address: set token_env or token_file "
                              "(a bearer token is required to bind elsewhere)")

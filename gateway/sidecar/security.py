@@ -1,8 +1,10 @@
 """What keeps the sidecar's secrets in and abusive callers out.
 
 - :class:`Redactor` blanks SAS keys, SAS tokens, connection strings and bearer tokens in any text: the
-  configured secret values verbatim, and anything shaped like one (a key we were never told about, a
-  token minted from a key). Logs, API answers and the metrics page all go through it.
+  configured secret values verbatim, every token and signature the process minted (registered by
+  ``gateway.sas`` when made), and anything shaped like one (a key we were never told about, a
+  signature echoed next to ``sr=`` / ``se=``). Logs, API answers, events and the metrics page all go
+  through it.
 - :func:`token_matches` compares bearer tokens in constant time.
 - :class:`RateLimiter`: a token bucket per client address; the caller answers 429 with Retry-After.
 """
@@ -10,9 +12,13 @@
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
+from urllib.parse import unquote
+
+from gateway.sas import minted_secrets, minted_version
 
 __all__ = ["MASK", "RateLimiter", "Redactor", "token_matches"]
 
@@ -33,23 +39,49 @@ _PATTERNS = (
 _TRIGGERS = ("sharedaccess", "sig=", "bearer", "password", "token", "api_key")
 _KEY_FIELD = re.compile(r"SharedAccessKey\s*=\s*([^;\s]+)", re.IGNORECASE)
 
+# The shape of a SAS signature (base64 of an HMAC-SHA256: 43 characters and one "=") and of a SharedAccessKey
+# of 32 bytes, as sent (URL-encoded: %2B %2F %3D) or decoded, standing alone (not inside a longer run).
+_SIGNATURE = re.compile(
+    r"(?<![A-Za-z0-9+/%])((?:[A-Za-z0-9+/]|%2[BbFf]){43}(?:=|%3[Dd]))(?![A-Za-z0-9+/=%])"
+)
+# A SAS token's other fields: where they show, a signature-shaped value nearby is that token's signature.
+_SAS_CONTEXT = re.compile(r"(?<![A-Za-z0-9])(?:sr|se|skn)=", re.IGNORECASE)
+
 
 class Redactor:
-    """Replaces known secret values and secret-shaped substrings with ``***``."""
+    """Replaces known secret values and secret-shaped substrings with ``***``.
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    What it blanks, in this order:
+
+    1. configured secrets verbatim (and the key inside a connection string), learnt at start or by
+       :meth:`add`; values shorter than 6 characters are not secrets (the config refuses such tokens);
+    2. every SAS token and signature the process minted (``gateway.sas`` registers each one when it
+       makes it), in any spelling: as sent (URL-encoded) or decoded, whole or echoed by a peer;
+    3. a signature-shaped value (44 characters of base64 ending in ``=``) in any text that also holds a
+       SAS token's ``sr=``, ``se=`` or ``skn=``: a token we did not mint, rebuilt from an echo;
+    4. secret shapes whatever their value: ``SharedAccessKey=...``, ``SharedAccessSignature ...``,
+       ``sig=...``, ``Bearer ...``, and ``password`` / ``token`` / ``api_key`` fields.
+    """
+
+    def __init__(self, secrets: Iterable[str] = (), *, minted: bool = True) -> None:
         self._secrets: set[str] = set()
         self._literal: re.Pattern[str] | None = None
         self._shapes = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE)
+        self._read_minted = minted  #: False: only configured secrets and shapes (tests of the shapes)
+        self._minted_version = -1
+        self._minted: frozenset[str] = frozenset()
         self.add(*secrets)
 
     def add(self, *secrets: str) -> None:
-        """Learn more secret values (e.g. a SAS token minted at run time). Short strings are ignored.
+        """Learn more secret values (e.g. a key issued at run time). Short strings are ignored.
 
         A connection string's key is learnt too, so the key alone is blanked wherever it shows up.
         """
         keys = [m.group(1) for s in secrets for m in _KEY_FIELD.finditer(s)]
-        fresh = {s for s in (*secrets, *keys) if s and len(s) >= 6} - self._secrets
+        values = {s for s in (*secrets, *keys) if s and len(s) >= 6}
+        # As JSON spells them too: API answers, events and JSON logs are redacted after json.dumps.
+        values |= {json.dumps(s)[1:-1] for s in values}
+        fresh = values - self._secrets
         if not fresh:
             return
         self._secrets |= fresh
@@ -57,13 +89,38 @@ class Redactor:
         ordered = sorted(self._secrets, key=len, reverse=True)
         self._literal = re.compile("|".join(re.escape(s) for s in ordered))
 
+    def _minted_values(self) -> frozenset[str]:
+        """The minted secrets as sent and URL-decoded; re-read only when the registry changed."""
+        if self._read_minted and minted_version() != self._minted_version:
+            version, values = minted_secrets()
+            self._minted = frozenset(values) | frozenset(unquote(v) for v in values)
+            self._minted_version = version
+        return self._minted
+
     def __call__(self, text: str) -> str:
         if self._literal is not None:
             text = self._literal.sub(MASK, text)
+        minted = self._minted_values()
+        # Every signature ends in "=" (or "%3D" as sent): text without either holds none.
+        if ("=" in text or "%3" in text) and (minted or _SAS_CONTEXT.search(text)):
+            text = self._signatures(text, minted)
         lowered = text.lower()
         if not any(t in lowered for t in _TRIGGERS):
             return text
         return self._shapes.sub(_keep_prefix, text)
+
+    def _signatures(self, text: str, minted: frozenset[str]) -> str:
+        if "SharedAccessSignature" in text and minted:
+            # A whole minted token, in any spelling: blank it before its parts are looked at.
+            for token in (m for m in minted if m.startswith("SharedAccessSignature") and m in text):
+                text = text.replace(token, MASK)
+        in_context = _SAS_CONTEXT.search(text) is not None
+
+        def mask(match: re.Match[str]) -> str:
+            value = match.group(1)
+            return MASK if in_context or value in minted or unquote(value) in minted else value
+
+        return _SIGNATURE.sub(mask, text)
 
     def contains_secret(self, text: str) -> bool:
         return self(text) != text
@@ -75,10 +132,16 @@ def _keep_prefix(match: re.Match[str]) -> str:
 
 
 def token_matches(expected: str, presented: str | None) -> bool:
-    """Constant-time comparison of a bearer token (the time does not depend on where they differ)."""
+    """Constant-time comparison of a bearer token (the time does not depend on where they differ).
+
+    A presented value that is not valid text (a lone surrogate from header bytes that were not
+    UTF-8) never raises: it is compared as bytes, and cannot equal a configured (valid UTF-8) token.
+    """
     if presented is None:
         presented = ""
-    return hmac.compare_digest(expected.encode("utf-8"), presented.encode("utf-8"))
+    wanted = expected.encode("utf-8", "surrogatepass")
+    given = presented.encode("utf-8", "surrogatepass")  # any str encodes this way; lone surrogates never match
+    return hmac.compare_digest(wanted, given)
 
 
 class RateLimiter:

@@ -42,7 +42,7 @@ TABLE: list[tuple[str, int, bool]] = [
     ("amqp:not-allowed", 400003, False),
     ("amqp:invalid-field", 400004, False),
     ("amqp:not-implemented", 400003, False),
-    ("amqp:resource-locked", 409002, False),
+    ("amqp:resource-locked", 423000, False),  # transient (C#, Java): retry, never an identity conflict
     ("amqp:resource-deleted", 404001, False),
     ("amqp:precondition-failed", 412001, False),
     ("amqp:illegal-state", 400003, False),
@@ -219,7 +219,9 @@ def test_tracking_id_forms(value: object, expected: str | None) -> None:
         # a six-digit status is the code itself
         ("amqp:resource-limit-exceeded", 403004, 403004, True),
         ("amqp:internal-error", "404103", 404103, True),
-        ("amqp:internal-error", 500123, 500123, False),  # unlisted: its family, so not exact
+        ("amqp:internal-error", 500123, 500001, False),  # unlisted: refines like status 500, same family
+        ("amqp:link:stolen", 429999, 429000, False),  # unlisted, another family: that family, inexact
+        ("amqp:link:stolen", "500123", 500000, False),
         # not an error status, not a code: ignored
         ("amqp:link:stolen", 200, 409002, True),
         ("amqp:link:stolen", 42, 409002, True),
@@ -564,8 +566,8 @@ def test_render_generic_form_alone_reads_as_the_right_family() -> None:
 
 def test_render_alias_and_unlisted_codes() -> None:
     assert translate(*render(404102)[0]).code == 404103  # an alias renders its canonical code
-    err = translate(*render(500123)[0])
-    assert (err.code, err.exact) == (500123, False)
+    err = translate(*render(500123)[0])  # an unlisted code is its family's: rendered and read back as such
+    assert (err.code, err.exact) == (500000, True)
     assert render(lookup(429001))[0].condition == "com.microsoft:device-container-throttled"
     with pytest.raises(ValueError, match="six-digit"):
         render(42)

@@ -195,11 +195,17 @@ def test_body_code_wins_even_when_its_status_differs() -> None:
 
 
 def test_unknown_six_digit_body_code_resolves_to_its_family_not_exact() -> None:
+    # An unlisted code is never carried as itself: it stands for its family's code, inexact ...
+    err = must(translate(400, None, top_level(429999)))
+    assert (err.code, err.exact) == (429000, False)
+    assert err.action is lookup(429000).action
+    assert err.native["body_error_code"] == 429999
+    # ... and a header naming a listed code says more than it does.
     err = must(translate(404, {"iothub-errorcode": "DeviceNotFound"}, top_level(404999)))
-    assert err.code == 404999
-    assert err.exact is False
-    assert err.action is lookup(404000).action
+    assert (err.code, err.exact) == (404001, True)
     assert err.native["body_error_code"] == 404999
+    header_only = must(translate(429, {"iothub-errorcode": "429999"}))
+    assert (header_only.code, header_only.exact) == (429000, False)
 
 
 @pytest.mark.parametrize("bad", [0, 123, 999999, 100000, 299999, 4041030, -404103, "40410", "x", None, True, 404103.5])

@@ -141,3 +141,63 @@ async def test_rate_limit_answers_429_with_retry_after(tmp_path: Path, start_sid
     limited = await run.client.get("/v1/devices")
     assert limited.status == 429 and (await limited.json())["errorCode"] == 429001
     assert int(limited.headers["Retry-After"]) >= 1
+
+
+# --- minted tokens, echoed signatures, weak tokens (issue 13) ------------------------------------------
+
+
+def test_every_minted_token_and_signature_is_blanked_in_any_spelling():
+    from urllib.parse import quote, quote_plus, unquote
+
+    token = make_sas_token(f"{HUB}/devices/minted", PLANTED_KEY, 2_100_000_000)
+    sig = unquote(token.split("sig=")[1].split("&")[0])
+    r = Redactor()  # told nothing: the registry in gateway.sas knows what was minted
+    for form in (sig, quote(sig, safe=""), quote_plus(sig), token):
+        out = r(f"the hub said: bad signature '{form}' here")
+        assert form not in out and MASK in out, form
+    assert r("an unrelated message") == "an unrelated message"
+
+
+def test_a_signature_shaped_value_next_to_sr_or_se_is_blanked_even_if_not_minted():
+    import base64
+
+    foreign = base64.b64encode(bytes(range(32))).decode()  # 44 characters, the shape of an HMAC-SHA256
+    r = Redactor(minted=False)
+    out = r(f"signature {foreign} does not match sr=hub%2Fdevices%2Fd&se=2000000000")
+    assert foreign not in out and MASK in out
+    assert foreign in r(f"a base64 value {foreign} with no token around it")
+
+
+def test_the_minted_registry_is_bounded():
+    from gateway import sas
+
+    registry = sas._MintedSecrets(limit=3)
+    for n in range(10):
+        registry.add(f"value-{n}")
+    version, values = registry.snapshot()
+    assert values == ("value-7", "value-8", "value-9") and version == 10
+
+
+@pytest.mark.parametrize("token", ["", "short", "s3cret", "elevenchars", "aaaaaaaaaaaaaaaa", "has space inside",
+                                   "non-ascii-tökenvalue"])
+def test_weak_bearer_tokens_are_refused_at_start(token: str):
+    from gateway.sidecar.config import ConfigError, parse_config
+
+    if not token:
+        return  # an empty value is refused as missing already
+    with pytest.raises(ConfigError, match="too weak"):
+        parse_config({"api": {"token_env": "TOK"}}, env={"TOK": token})
+    assert parse_config({"api": {"token_env": "TOK"}}, env={"TOK": "a-strong-token-1"}).api.token is not None
+
+
+def test_token_compare_never_raises_on_undecodable_input():
+    assert not token_matches("a-strong-token-1", "a-strong-token-1\udcff")
+    assert not token_matches("a-strong-token-1", "\ud800")
+    assert token_matches("a-strong-token-1", "a-strong-token-1")
+
+
+def test_a_secret_is_blanked_as_json_spells_it():
+    token = 'a-"quoted"\\token-é'
+    r = Redactor([token])
+    out = r(json.dumps({"message": f"got {token}"}))
+    assert "quoted" not in out and MASK in out
