@@ -148,8 +148,10 @@ def test_throttle_codes_use_the_throttle_curve(code: int) -> None:
 
 
 def test_unlisted_code_follows_its_family() -> None:
-    d = POLICY.decide(make_error(429999, transport="http"), HIST, now=NOW, rand=0.5, op=op())
-    assert isinstance(d, RetryAfter) and d.throttled and d.code == 429999
+    err = make_error(429999, transport="http")
+    assert err.code == code_of("GenericTooManyRequests")  # an unlisted code is carried as its family's
+    d = POLICY.decide(err, HIST, now=NOW, rand=0.5, op=op())
+    assert isinstance(d, RetryAfter) and d.throttled and d.code == err.code
 
 
 # -- backoff -----------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ async def test_no_planted_or_minted_secret_reaches_any_output(
             assert resp.status == 202, await resp.text()
             ids.append((await resp.json())["id"])
         async with asyncio.timeout(30):
-            while len(sidecar.dead_letters(limit=10)) < len(ids):
+            while len(await sidecar.dead_letters(limit=10)) < len(ids):
                 await asyncio.sleep(0.05)
         # Planted secrets in requests the API answers about (echoed back in its errors).
         for body in (
