@@ -10,7 +10,11 @@ The adapter never retries and never reconnects (``reconnect=False``): every fail
 reported as an ``IoTHubError`` built by :mod:`adapters.amqp.translate`, with the proton condition
 chained as ``__cause__`` (:class:`AmqpRemoteError`). Nothing waits forever: connects, sends and
 settlements all have deadlines, and a closed link fails its pending sends at once (proton itself
-would leave them unsettled for ever).
+would leave them unsettled for ever). A peer that goes silent while keeping the socket (a half-open
+link) is found by the AMQP idle timeout, on by default, and reported as a lost connection.
+
+Once the proton thread has ended, its wake-up pipe is closed and ``post`` writes nothing any more: the
+descriptor numbers may already belong to another socket of the process.
 
 ``import adapters.amqp.transport`` does not import proton; ``connect()`` does.
 """
@@ -65,7 +69,6 @@ _NOT_CONNECTED: Final = code_of("NotConnected")
 _TIMED_OUT: Final = code_of("OperationTimedOut")
 _CLOSED: Final = code_of("DeviceConnectionClosedRemotely")
 _PROTOCOL: Final = code_of("ProtocolViolation")
-_ARGUMENT: Final = code_of("ArgumentInvalid")
 _LOCK_LOST: Final = "com.microsoft:message-lock-lost"
 _CBS: Final = "$cbs"
 
