@@ -125,12 +125,12 @@ async def test_post_after_the_thread_ended_writes_into_no_reused_descriptor(hub:
                 peer = b if a.fileno() == write_fd else a
                 break
         assert peer is not None, "the descriptor number was not reused"
-        assert bridge.post(lambda: None) is False  # e.g. the twin request's finally: forget_twin
-        assert bridge.post(lambda: bridge.forget_twin("late")) is False
+        posted = [bridge.post(lambda: None), bridge.post(lambda: bridge.forget_twin("late"))]  # a twin's finally
         bridge.shutdown()
         peer.setblocking(False)
         with pytest.raises(BlockingIOError):
             peer.recv(16)  # nothing was written into the socket that now owns the number
+        assert posted == [False, False]  # dropped, and the caller is told
     finally:
         for s in socks:
             s.close()
