@@ -462,6 +462,8 @@ class AmqpTransport:
     async def _method_response(self, request: RespondMethod, timeout: float) -> None:
         if not isinstance(request.status, int) or isinstance(request.status, bool):
             raise TypeError(f"RespondMethod.status must be an int, not {type(request.status).__name__}")
+        if not -(2**31) <= request.status < 2**31:  # IoThub-status is an AMQP int
+            raise ValueError(f"RespondMethod.status {request.status} does not fit a 32-bit int")
         body = json.dumps(request.payload).encode()  # a payload JSON cannot carry is the caller's TypeError
         bridge = self._live()
         fut: asyncio.Future[None] = bridge.loop.create_future()

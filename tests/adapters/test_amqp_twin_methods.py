@@ -326,6 +326,9 @@ async def test_malformed_requests_raise_type_errors_before_anything_is_sent(hub:
             with pytest.raises(TypeError) as info:
                 await asyncio.wait_for(t.request(bad, timeout=STEP), STEP)
             assert not isinstance(info.value, IoTHubError)
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(t.request(RespondMethod("1", 2**40), timeout=STEP), STEP)
+        assert t.connected  # none of them reached the proton thread, let alone the wire
         assert hub.device("d1").twin_version == 1  # type: ignore[union-attr]
     finally:
         await t.close()
