@@ -370,3 +370,22 @@ async def test_reserved_property_names_are_refused_before_sending(hub: Hub, fron
         assert hub.received_ids("d1") == ["ok"]
     finally:
         await t.close()
+
+
+async def test_the_handler_rides_out_a_half_open_link(hub: Hub, front: AmqpFront) -> None:
+    """Through the shared handler: the frozen link is dropped, a new one made, the held send delivered."""
+    from gateway.handler import Handler
+    from gateway.policy import Backoff, Policy, PolicyConfig
+
+    quick = Backoff(initial=0.02, multiplier=2.0, cap=0.1, jitter=0.0, max_attempts=0, max_elapsed=0.0)
+    policy = Policy(PolicyConfig(retry=quick, reconnect=quick))
+    async with TcpProxy("127.0.0.1", front.port) as proxy:
+        t = make(hub, proxy.port, idle_timeout=1.5, send_timeout=60.0)  # only the idle timer may find it
+        async with Handler(t, policy=policy, identity="d1") as handler:
+            await handler.wait_connected(STEP)
+            await asyncio.wait_for(handler.send(Message("before", "d1", b"x"), timeout=STEP), STEP)
+            proxy.freeze()
+            receipt = await asyncio.wait_for(handler.send(Message("across", "d1", b"x"), timeout=STEP * 3), STEP * 3)
+            assert receipt.id == "across"
+        assert proxy.accepted == 2  # one reconnect, through the same proxy
+    assert hub.received_ids("d1")[-1] == "across"
