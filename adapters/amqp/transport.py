@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -535,7 +536,7 @@ class _Bridge:
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
         self.token_expiry: float | None = None  # epoch expiry of the token last put on $cbs
-        self.tls_files: list[str] = []  # private CA bundle written for proton, removed when the thread ends
+        self.tls_files: list[str] = []  # CA bundles this connection holds (_CA_BUNDLES), released at its end
         # cross-thread queues
         self._cmd_lock = threading.Lock()
         self._cmds: deque[Callable[[], None]] = deque()
@@ -615,8 +616,7 @@ class _Bridge:
             self._call(self._on_thread_end)
             self._close_pipe()
             for path in self.tls_files:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                _CA_BUNDLES.release(path)
             self.finished.set()
             # The last act: joined() waits for this on the loop, without holding an executor thread.
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
@@ -902,10 +902,8 @@ class _Bridge:
         if not ders:
             paths = _ssl.get_default_verify_paths()
             return paths.cafile or paths.capath
-        fd, path = tempfile.mkstemp(prefix="amqp-ca-", suffix=".pem")  # mode 0600: ours alone
+        path = _CA_BUNDLES.acquire(ders)
         self.tls_files.append(path)
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(_ssl.DER_cert_to_PEM_cert(der) for der in ders)
         return path
 
     def on_connection_opened(self) -> None:
@@ -1222,6 +1220,44 @@ class _Bridge:
         # This container serves one connection and it is over: end run() now rather than after the
         # reactor's next idle select (up to ~3 s when the peer keeps its socket open).
         self.container.stop()
+
+
+class _Bundles:
+    """PEM files of trusted CAs for proton, one per distinct CA set, shared and reference-counted.
+
+    Proton reads trust only from files; a thousand devices with the same context share one private
+    (mode 0600) file, removed when the last connection using it ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[str, int]] = {}  # digest of the DER list -> (path, users)
+
+    def acquire(self, ders: list[bytes]) -> str:
+        digest = hashlib.sha256(b"".join(ders)).hexdigest()
+        with self._lock:
+            path, users = self._files.get(digest, ("", 0))
+            if not users:
+                fd, path = tempfile.mkstemp(prefix="amqp-ca-", suffix=".pem")
+                with os.fdopen(fd, "w") as fh:
+                    fh.writelines(_ssl.DER_cert_to_PEM_cert(der) for der in ders)
+            self._files[digest] = (path, users + 1)
+            return path
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            for digest, (known, users) in self._files.items():
+                if known == path:
+                    if users > 1:
+                        self._files[digest] = (known, users - 1)
+                    else:
+                        del self._files[digest]
+                        with contextlib.suppress(OSError):
+                            os.unlink(known)
+                    return
+
+
+_CA_BUNDLES: Final = _Bundles()
 
 
 def _is_ip_address(host: str) -> bool:

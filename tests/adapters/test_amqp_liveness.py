@@ -255,6 +255,21 @@ async def test_a_ca_file_with_an_ip_address_as_host(hub: Hub, tls_front: AmqpFro
     assert not os.path.exists(bundle)
 
 
+async def test_devices_with_one_context_share_one_ca_file(hub: Hub, tls_front: AmqpFront, tls_files: Any) -> None:
+    context = client_context(str(tls_files.ca_pem))
+    one, two = make(hub, tls_front.port, "d1", ssl=context), make(hub, tls_front.port, "d2", ssl=context)
+    await asyncio.wait_for(one.connect(), STEP)
+    await asyncio.wait_for(two.connect(), STEP)
+    assert one._bridge is not None and two._bridge is not None
+    bundle = one._bridge.tls_files[0]
+    assert two._bridge.tls_files == [bundle]  # a thousand devices: one file, not a thousand copies
+    await one.close()
+    assert os.path.exists(bundle)  # still in use by the other connection
+    await asyncio.wait_for(two.send(Message("shared", "d2", b"x")), STEP)
+    await two.close()
+    assert not os.path.exists(bundle)
+
+
 async def test_the_chain_is_still_verified_for_an_ip_address(hub: Hub, tls_front: AmqpFront) -> None:
     t = make(hub, tls_front.port, ssl=client_context(check_hostname=False))  # system trust: not our CA
     with pytest.raises(IoTHubError) as info:
