@@ -93,7 +93,7 @@ def raw_proton(port: int, token: str, audience: str, hub_host: str, device: str,
 
 
 async def adapter(port: int, connection_string: str, count: int, concurrency: int) -> float:
-    t = AmqpTransport.from_connection_string(connection_string, host="127.0.0.1", port=port, tls=False,
+    t = AmqpTransport.from_connection_string(connection_string, host="127.0.0.1", port=port, ssl=None,
                                              receive_c2d=False)
     await t.connect()
     try:

@@ -10,7 +10,11 @@ The adapter never retries and never reconnects (``reconnect=False``): every fail
 reported as an ``IoTHubError`` built by :mod:`adapters.amqp.translate`, with the proton condition
 chained as ``__cause__`` (:class:`AmqpRemoteError`). Nothing waits forever: connects, sends and
 settlements all have deadlines, and a closed link fails its pending sends at once (proton itself
-would leave them unsettled for ever).
+would leave them unsettled for ever). A peer that goes silent while keeping the socket (a half-open
+link) is found by the AMQP idle timeout, on by default, and reported as a lost connection.
+
+Once the proton thread has ended, its wake-up pipe is closed and ``post`` writes nothing any more: the
+descriptor numbers may already belong to another socket of the process.
 
 ``import adapters.amqp.transport`` does not import proton; ``connect()`` does.
 """
@@ -19,15 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ipaddress
 import json
 import logging
 import os
+import ssl as _ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Literal, cast
 
 from adapters.amqp.translate import translate, translate_cbs
@@ -35,9 +42,26 @@ from gateway.codes import Action, code_of
 from gateway.errors import IoTHubError, make_error
 from gateway.normalize import normalize
 from gateway.sas import ConnectionString, parse_sas_token
-from gateway.transport import Disconnected, Inbound, Message, TransportEvent
+from gateway.tls import default_port, resolve
+from gateway.transport import (
+    C2DMessage,
+    DesiredPatch,
+    Disconnected,
+    GetTwin,
+    Inbound,
+    Message,
+    MethodCall,
+    PatchReported,
+    Request,
+    RespondMethod,
+    SettleC2D,
+    SettleOutcome,
+    TransportEvent,
+    UnsupportedRequest,
+    check_properties,
+)
 
-__all__ = ["API_VERSION", "REQUEST_KINDS", "AmqpRemoteError", "AmqpTransport", "C2DMessage", "Outcome"]
+__all__ = ["API_VERSION", "DEFAULT_IDLE_TIMEOUT", "AmqpRemoteError", "AmqpTransport", "C2DMessage", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +70,21 @@ _NOT_CONNECTED: Final = code_of("NotConnected")
 _TIMED_OUT: Final = code_of("OperationTimedOut")
 _CLOSED: Final = code_of("DeviceConnectionClosedRemotely")
 _PROTOCOL: Final = code_of("ProtocolViolation")
-_ARGUMENT: Final = code_of("ArgumentInvalid")
 _LOCK_LOST: Final = "com.microsoft:message-lock-lost"
 _CBS: Final = "$cbs"
 
-Outcome = Literal["accept", "reject", "abandon"]
-_SETTLE_KINDS: Final[dict[str, Outcome]] = {"c2d_accept": "accept", "c2d_reject": "reject", "c2d_abandon": "abandon"}
-REQUEST_KINDS: Final = ("twin_get", "twin_patch", "method_response", *_SETTLE_KINDS)
+#: How a C2D settlement goes on the wire: complete -> accepted, reject -> rejected, abandon -> released.
+Outcome = SettleOutcome
+_DISPOSITIONS: Final[dict[str, str]] = {"complete": "ACCEPTED", "reject": "REJECTED", "abandon": "RELEASED"}
+
+#: Seconds without a frame from the peer before the link counts as dead (AMQP idle-time-out; proton
+#: advertises it and sends its own empty frames to keep the peer's timer happy). A half-open link is
+#: otherwise found only when the kernel gives up (~15 min). The value is the Azure C# device SDK's:
+#: ``IotHubClientAmqpSettings.IdleTimeout`` / the provisioning client's ``IdleTimeout`` default to
+#: 2 minutes (the C SDK keeps a 240 s service-side keep-alive and pings at half of it).
+DEFAULT_IDLE_TIMEOUT: Final = 120.0
+# What proton says when its idle timer fires: a dead peer, not a resource limit.
+_IDLE_EXPIRED: Final = "local-idle-timeout expired"
 
 API_VERSION: Final = "2021-04-12"
 # Twin and method links: IoT Hub pairs a link's two directions by the channel correlation id given at attach.
@@ -83,27 +115,44 @@ class AmqpRemoteError(Exception):
         self.info = dict(info) if info else {}
 
 
-@dataclass(frozen=True, slots=True)
-class C2DMessage:
-    """A cloud-to-device message. Settle it with :meth:`AmqpTransport.settle` and ``lock_token``."""
-
-    lock_token: str
-    id: str | None
-    body: bytes
-    properties: Mapping[str, Any] = field(default_factory=dict)
-    correlation_id: str | None = None
-
-
 def _error_from_condition(where: str, cond: Any, device_id: str | None = None) -> IoTHubError:
     """Translate a proton ``Condition`` (or None) and chain the raw facts as ``__cause__``."""
     name = getattr(cond, "name", None) if cond is not None else None
     desc = getattr(cond, "description", None) if cond is not None else None
     info = getattr(cond, "info", None) if cond is not None else None
-    err = translate(name, desc, info if isinstance(info, Mapping) else None)
+    if where == "transport" and isinstance(desc, str) and _IDLE_EXPIRED in desc:
+        # proton's own idle timer fired (a silent peer, a half-open link): the connection is lost,
+        # whatever the condition name (resource-limit-exceeded) would say about a hub's refusal
+        err = make_error(_CLOSED, transport=TRANSPORT, exact=False, device_id=device_id,
+                         message="no frame from the peer within the idle timeout: the link is half-open or dead")
+    else:
+        err = translate(name, desc, info if isinstance(info, Mapping) else None)
     if device_id is not None and err.device_id is None:
         err.device_id = device_id
     err.__cause__ = AmqpRemoteError(where, name, desc, info if isinstance(info, Mapping) else None)
     return err
+
+
+def _to_error(exc: BaseException, device_id: str | None) -> IoTHubError:
+    """What proton, OpenSSL or the OS raised, as an ``IoTHubError`` (one classification: ``normalize``)."""
+    if isinstance(exc, IoTHubError):
+        return exc
+    return normalize(exc, transport=TRANSPORT, device_id=device_id)
+
+
+@contextlib.contextmanager
+def _mapped(device_id: str | None) -> Iterator[None]:
+    """The adapter's one exception-mapping point on the loop side (httpx's ``map_exceptions``).
+
+    ``TypeError`` / ``ValueError`` (``UnsupportedRequest`` among them) pass through untouched: they are
+    mistakes in the calling code, which a retry cannot fix.
+    """
+    try:
+        yield
+    except (IoTHubError, TypeError, ValueError):
+        raise
+    except Exception as exc:
+        raise _to_error(exc, device_id) from exc
 
 
 def _in_flight_error(cause: IoTHubError) -> IoTHubError:
@@ -178,28 +227,36 @@ def _twin_error(status: object, body: bytes) -> IoTHubError | None:
 class AmqpTransport:
     """One device's AMQP connection to IoT Hub (or any AMQP 1.0 peer), for the shared ``Handler``.
 
-    With ``cbs=True`` (IoT Hub) the SAS token is put on ``$cbs`` after SASL ANONYMOUS and renewed
-    before it expires when ``token`` is a callable. Set ``cbs=False`` with ``user``/``password``
-    (SASL PLAIN) and explicit addresses to talk to a plain broker.
+    With ``cbs=True`` (IoT Hub) the SAS token is put on ``$cbs`` after SASL ANONYMOUS and, when
+    ``token`` is a callable, renewed on the live connection before it expires (so ``credential_expiry``
+    is None: the handler never has to reconnect for a new token). Set ``cbs=False`` with
+    ``user``/``password`` (SASL PLAIN) and explicit addresses to talk to a plain broker.
+
+    ``ssl``: an ``ssl.SSLContext``, True (system trust, the default) or None/False (plain TCP, loopback
+    peers only); see :mod:`gateway.tls`. Proton does its own TLS, so the context is read, not used:
+    its verify mode, ``check_hostname`` and trusted CAs are mapped onto a proton ``SSLDomain``.
 
     ``subscribe`` names what to listen to from connect on: ``"methods"`` (direct-method links) and
     ``"twin"`` (twin links plus desired-property notifications). The twin links are also attached on
-    the first ``twin_get`` / ``twin_patch`` when not subscribed.
+    the first ``GetTwin`` / ``PatchReported`` when not subscribed.
+
+    ``idle_timeout`` (seconds, None to turn it off) is the AMQP idle-time-out: with no frame from the
+    peer for that long the connection is reported lost (``Disconnected``), which finds a half-open link.
     """
 
     name = TRANSPORT
+    #: AMQP answers every refusal with a condition; it never refuses by silently closing the socket.
+    ambiguous_drops = False
 
     def __init__(
         self,
         *,
         host: str,
         device_id: str,
-        port: int = 5671,
+        port: int | None = None,
+        ssl: _ssl.SSLContext | bool | None = True,
         hub_host: str | None = None,
         token: str | Callable[[], str] | None = None,
-        tls: bool = True,
-        ca_file: str | None = None,
-        verify: bool = True,
         user: str | None = None,
         password: str | None = None,
         cbs: bool = True,
@@ -209,7 +266,7 @@ class AmqpTransport:
         send_timeout: float = 30.0,
         connect_timeout: float = 30.0,
         settle_timeout: float = 30.0,
-        heartbeat: float | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
         renew_margin: float = 0.2,
         prefetch: int = 10,
         close_timeout: float = 5.0,
@@ -218,18 +275,20 @@ class AmqpTransport:
         api_version: str = API_VERSION,
     ) -> None:
         self.host = host
-        self.port = port
+        self.ssl_context = resolve(ssl)
+        self.port = port if port is not None else default_port(TRANSPORT, self.ssl_context)
         self.device_id = device_id
         self.hub_host = hub_host or host
         self._token = token
-        self.tls = tls
-        self.ca_file = ca_file
-        self.verify = verify
         self.user = user
         self.password = password
         self.cbs = cbs
         if cbs and token is None:
             raise ValueError("cbs=True needs a token (a SAS token string or a callable returning one)")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError("idle_timeout must be positive (or None to turn the idle check off)")
+        if not 0.0 < renew_margin < 1.0:
+            raise ValueError("renew_margin is the fraction of the token's lifetime left at renewal: 0 < x < 1")
         self.events_address = events_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/events"
         self.c2d_address = c2d_address or f"amqps://{self.hub_host}/devices/{device_id}/messages/devicebound"
         self.twin_address = f"amqps://{self.hub_host}/devices/{device_id}/twin"
@@ -243,7 +302,7 @@ class AmqpTransport:
         self.send_timeout = send_timeout
         self.connect_timeout = connect_timeout
         self.settle_timeout = settle_timeout
-        self.heartbeat = heartbeat
+        self.idle_timeout = idle_timeout
         self.renew_margin = renew_margin  #: renew the token when this fraction of its lifetime is left
         self.prefetch = prefetch
         self.close_timeout = close_timeout
@@ -254,17 +313,21 @@ class AmqpTransport:
 
     @classmethod
     def from_connection_string(
-        cls, connection_string: str | ConnectionString, *, host: str | None = None, token_ttl: float = 3600.0,
-        **kwargs: Any,
+        cls, connection_string: str | ConnectionString, *, host: str | None = None, port: int | None = None,
+        ssl: _ssl.SSLContext | bool | None = True, token_ttl: float = 3600.0, **kwargs: Any,
     ) -> AmqpTransport:
-        """An IoT Hub device from its connection string; ``host`` overrides where the socket goes."""
+        """An IoT Hub device from its connection string; ``host`` overrides where the socket goes.
+
+        The token is minted per put-token, so CBS renews it on the live connection.
+        """
         cs = connection_string if isinstance(connection_string, ConnectionString) else \
             ConnectionString.parse(connection_string)
 
         def token() -> str:
-            return cs.token(int(time.time() + token_ttl))
+            return cs.token(int(time.time() + token_ttl))  # an epoch expiry: the wall clock is right here
 
-        return cls(host=host or cs.host_name, device_id=cs.device_id, hub_host=cs.host_name, token=token, **kwargs)
+        return cls(host=host or cs.host_name, port=port, ssl=ssl, device_id=cs.device_id, hub_host=cs.host_name,
+                   token=token, **kwargs)
 
     # -- Transport protocol -------------------------------------------------------------------------
 
@@ -272,6 +335,21 @@ class AmqpTransport:
     def connected(self) -> bool:
         bridge = self._bridge
         return bridge is not None and bridge.ready_done and not bridge.dead
+
+    @property
+    def credential_expiry(self) -> float | None:
+        """Epoch seconds when the current connection's credential expires, if only a reconnect renews it.
+
+        None when CBS renews the token on the live connection (a token callable), and for SASL PLAIN.
+        """
+        if not self.cbs or callable(self._token):
+            return None
+        bridge = self._bridge
+        expiry = bridge.token_expiry if bridge is not None else None
+        if expiry is None and isinstance(self._token, str):
+            with contextlib.suppress(ValueError):
+                expiry = float(parse_sas_token(self._token).expiry)
+        return expiry
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -286,10 +364,12 @@ class AmqpTransport:
         bridge = _Bridge(self, loop)
         self._bridge = bridge
         try:
-            bridge.start()
-        except Exception as exc:
+            with _mapped(self.device_id):
+                bridge.start()
+        except BaseException:
             self._bridge = None
-            raise normalize(exc, transport=TRANSPORT, device_id=self.device_id) from exc
+            bridge.discard()
+            raise
         try:
             await bridge.wait(bridge.ready, self.connect_timeout, "connect")
         except BaseException:
@@ -304,45 +384,57 @@ class AmqpTransport:
 
     async def send(self, message: Message) -> None:
         """Send one telemetry message and wait until the peer settles it (accepted)."""
+        check_properties(message, TRANSPORT)
         bridge = self._live()
         fut = bridge.loop.create_future()
         bridge.post(lambda: bridge.do_send(message, fut))
         bridge.send_deadline(fut, self.send_timeout)
         await fut
 
-    async def settle(self, lock_token: str, outcome: Outcome = "accept", *, timeout: float | None = None) -> None:
-        """Complete (accept), reject or abandon a cloud-to-device message.
+    async def settle(self, lock_token: str, outcome: SettleOutcome = "complete", *,
+                     timeout: float | None = None) -> None:
+        """Complete (accepted), reject (rejected: dead-letter) or abandon (released: redeliver) a C2D message.
 
-        Waits for the hub's own settlement: a late one comes back as ``DeviceMessageLockLost``.
+        Waits for the hub's own settlement: a late one comes back as ``DeviceMessageLockLost``. An
+        unknown ``outcome`` raises ``ValueError`` at once (a programming error, never retried).
         """
-        if outcome not in ("accept", "reject", "abandon"):
-            raise ValueError(f"unknown outcome {outcome!r}")
+        if outcome not in _DISPOSITIONS:
+            raise ValueError(f"unknown settle outcome {outcome!r}: complete, reject or abandon")
         bridge = self._live()
         fut = bridge.loop.create_future()
         bridge.post(lambda: bridge.do_settle(lock_token, outcome, fut))
         await bridge.wait(fut, timeout if timeout is not None else self.settle_timeout, "settle")
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        """The same kinds as MQTT: ``twin_get`` -> the twin; ``twin_patch`` (reported properties) ->
-        ``{"version": n}``; ``method_response`` (``{"rid", "status", "payload"}``) -> None once the hub
-        accepted it. Also ``c2d_accept`` / ``c2d_reject`` / ``c2d_abandon`` with a lock token (or a
-        ``C2DMessage``). A twin answer with an error status raises its body's ``errorCode`` (exact),
-        else its status family.
-        """
-        outcome = _SETTLE_KINDS.get(kind)
-        if outcome is not None:
-            token = payload.lock_token if isinstance(payload, C2DMessage) else str(payload)
-            await self.settle(token, outcome, timeout=timeout)
-            return None
-        if kind in ("twin_get", "twin_patch"):
-            return await self._twin(kind, payload, timeout)
-        if kind == "method_response":
-            await self._method_response(payload, timeout)
-            return None
-        raise ValueError(f"the AMQP adapter does not implement request kind {kind!r} "
-                         f"(one of {', '.join(REQUEST_KINDS)})")
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        """``GetTwin()`` -> the twin (dict); ``PatchReported`` -> the new reported ``$version`` (int or None);
+        ``RespondMethod`` -> None once the hub accepted it; ``SettleC2D`` -> None once the hub confirmed.
 
-    async def _twin(self, kind: str, payload: Any, timeout: float) -> Any:
+        Anything else (the service-side requests, ``ReceiveC2D``: AMQP pushes C2D as ``Inbound``, another
+        device's twin) raises :class:`UnsupportedRequest` at once. A twin answer with an error status
+        raises its body's ``errorCode`` (exact), else its status family.
+        """
+        if isinstance(request, SettleC2D):
+            await self.settle(request.lock_token, request.outcome, timeout=timeout)
+            return None
+        if isinstance(request, GetTwin) and request.device_id in (None, self.device_id):
+            return await self._twin(request, timeout)
+        if isinstance(request, PatchReported):
+            if not isinstance(request.patch, Mapping):
+                raise TypeError(f"PatchReported.patch must be a mapping, not {type(request.patch).__name__}")
+            return await self._twin(request, timeout)
+        if isinstance(request, RespondMethod):
+            await self._method_response(request, timeout)
+            return None
+        if isinstance(request, GetTwin):
+            raise UnsupportedRequest(f"an AMQP device link reads only its own twin, not {request.device_id!r}")
+        raise UnsupportedRequest(f"the AMQP device transport has no {type(request).__name__} request "
+                                 "(it answers GetTwin, PatchReported, RespondMethod and SettleC2D)")
+
+    async def _twin(self, request: GetTwin | PatchReported, timeout: float) -> Any:
+        if isinstance(request, PatchReported):
+            operation, resource, body = "PATCH", _TWIN_REPORTED, json.dumps(dict(request.patch)).encode()
+        else:
+            operation, resource, body = "GET", None, b" "  # an empty data section, as the C SDK sends
         bridge = self._live()
         loop = bridge.loop
         deadline = loop.time() + timeout
@@ -351,46 +443,38 @@ class AmqpTransport:
             bridge.post(lambda: bridge.do_attach("twin", attached))
             await bridge.wait(attached, timeout, "twin link attach")
             bridge.attached.add("twin")
-        if kind == "twin_get":
-            operation, resource, body = "GET", None, b" "  # an empty data section, as the C SDK sends
-        else:
-            operation, resource, body = "PATCH", _TWIN_REPORTED, json.dumps(payload).encode()
         corr = str(uuid.uuid4())
         fut: asyncio.Future[tuple[object, object, bytes]] = loop.create_future()
         bridge.post(lambda: bridge.do_twin(operation, resource, body, corr, fut))
         try:
             status, version, answer = await bridge.wait(fut, max(0.0, deadline - loop.time()), f"twin {operation}",
-                                                        in_flight=kind == "twin_patch")
+                                                        in_flight=operation == "PATCH")
         finally:
             if not fut.done() or fut.cancelled():
-                bridge.post(lambda: bridge.forget_twin(corr))
+                bridge.post(lambda: bridge.forget_twin(corr))  # a no-op once the connection is gone
         err = _twin_error(status, answer)
         if err is not None:
             err.device_id = err.device_id or self.device_id
             raise err
-        if kind == "twin_patch":
-            return {"version": version if isinstance(version, int) and not isinstance(version, bool) else None}
+        if operation == "PATCH":
+            return version if isinstance(version, int) and not isinstance(version, bool) else None
         return _json(answer)
 
-    async def _method_response(self, payload: Any, timeout: float) -> None:
-        if not isinstance(payload, Mapping) or "rid" not in payload:
-            raise make_error(_ARGUMENT, transport=TRANSPORT, device_id=self.device_id,
-                             message="method_response needs {'rid', 'status'}")
-        try:
-            status = int(payload.get("status", 200))
-        except (TypeError, ValueError):
-            raise make_error(_ARGUMENT, transport=TRANSPORT, device_id=self.device_id,
-                             message=f"method_response status is not an integer: {payload.get('status')!r}") from None
-        body = json.dumps(payload.get("payload")).encode()
+    async def _method_response(self, request: RespondMethod, timeout: float) -> None:
+        if not isinstance(request.status, int) or isinstance(request.status, bool):
+            raise TypeError(f"RespondMethod.status must be an int, not {type(request.status).__name__}")
+        if not -(2**31) <= request.status < 2**31:  # IoThub-status is an AMQP int
+            raise ValueError(f"RespondMethod.status {request.status} does not fit a 32-bit int")
+        body = json.dumps(request.payload).encode()  # a payload JSON cannot carry is the caller's TypeError
         bridge = self._live()
         fut: asyncio.Future[None] = bridge.loop.create_future()
-        rid = str(payload["rid"])
+        rid, status = str(request.rid), request.status
         bridge.post(lambda: bridge.do_method_response(rid, status, body, fut))
         await bridge.wait(fut, timeout, "method response", in_flight=True)
 
     async def events(self) -> AsyncIterator[TransportEvent]:
-        """``Inbound("c2d", C2DMessage)``, ``Inbound("method", {"name", "rid", "payload"})`` and
-        ``Inbound("twin_desired", {"patch", "version"})``, then ``Disconnected``."""
+        """``Inbound("c2d", C2DMessage)``, ``Inbound("method", MethodCall)`` and
+        ``Inbound("twin_desired", DesiredPatch)``, then ``Disconnected``."""
         bridge = self._bridge
         if bridge is None:
             return
@@ -444,19 +528,20 @@ class _Bridge:
         self.ready: asyncio.Future[None] = loop.create_future()
         self.events: asyncio.Queue[TransportEvent | None] = asyncio.Queue()
         self.waiters: set[asyncio.Future[Any]] = set()
-        # sends share one timeout, so their deadlines come in order: one timer for all of them
-        self._deadlines: deque[tuple[float, asyncio.Future[None], float]] = deque()
-        self._sweeper: asyncio.TimerHandle | None = None
+        self.ended: asyncio.Future[None] = loop.create_future()  # resolved by the proton thread's last act
         self.ready_done = False
         self.attached: set[str] = set()  # link pairs ("twin", "methods") known open, loop side
         self.dead = False  # set on the loop thread once the connection is gone
         self.error: IoTHubError | None = None
         self.thread: threading.Thread | None = None
         self.finished = threading.Event()
+        self.token_expiry: float | None = None  # epoch expiry of the token last put on $cbs
+        self.tls_files: list[str] = []  # CA bundles this connection holds (_CA_BUNDLES), released at its end
         # cross-thread queues
         self._cmd_lock = threading.Lock()
         self._cmds: deque[Callable[[], None]] = deque()
         self._cmd_signalled = False
+        self._pipe_closed = False  # under _cmd_lock: the injector's descriptors are closed, never write
         self._out_lock = threading.Lock()
         self._out: list[Callable[[], None]] = []
         self._out_scheduled = False
@@ -483,6 +568,8 @@ class _Bridge:
         self.listen = set(owner.subscriptions)
         self.desired_sent = False
         self.renew_task: Any = None
+        self.pending_expiry: float | None = None  # proton side: the token awaiting its CBS answer
+        self.renew_expiry: float | None = None  # proton side: the token in force
         self.proton: Any = None
         self._outgoing: Any = None
 
@@ -497,6 +584,21 @@ class _Bridge:
         self.thread = threading.Thread(target=self._run, name=f"amqp-{self.device_id}", daemon=True)
         self.thread.start()
 
+    def discard(self) -> None:
+        """The thread never started: release the injector's pipe."""
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        """Close the injector's descriptors, under the command lock so that no ``post`` writes after."""
+        with self._cmd_lock:
+            if self._pipe_closed or self.injector is None:
+                self._pipe_closed = True
+                return
+            self._pipe_closed = True
+            for fd in self.injector.pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     def _run(self) -> None:
         try:
             # Built here, not on the loop: a Container sets up OpenSSL contexts (tens of milliseconds).
@@ -506,25 +608,27 @@ class _Bridge:
         except BaseException as exc:  # a bug in a callback must not leave callers waiting
             log.exception("proton container failed")
             with contextlib.suppress(Exception):
-                self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+                self.fail(_to_error(exc, self.device_id))
         finally:
             if not self._stopped:
                 self.fail(make_error(_CLOSED, transport=TRANSPORT, device_id=self.device_id, exact=False,
                                      message="the AMQP connection ended"))
             self._call(self._on_thread_end)
-            for fd in self.injector.pipe:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            self._close_pipe()
+            for path in self.tls_files:
+                _CA_BUNDLES.release(path)
             self.finished.set()
+            # The last act: joined() waits for this on the loop, without holding an executor thread.
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                self.loop.call_soon_threadsafe(self._mark_ended)
+
+    def _mark_ended(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def _on_thread_end(self) -> None:
         self.dead = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        futures = list(self.waiters) + [fut for _, fut, _ in self._deadlines]
-        self._deadlines.clear()
-        for fut in futures:
+        for fut in list(self.waiters):
             if not fut.done():
                 fut.set_exception(self._gone_error())
         self.events.put_nowait(None)
@@ -536,16 +640,20 @@ class _Bridge:
         self.post(self.do_close)
 
     async def joined(self) -> None:
+        """Wait for the proton thread's end on the loop (no executor thread is tied up meanwhile)."""
         thread = self.thread
         if thread is None:
             return
         # the thread ends once the close handshake is done or the socket is gone; cap the wait
-        await asyncio.get_running_loop().run_in_executor(None, thread.join, self.owner.close_timeout)
-        if thread.is_alive():  # the peer never answered our close: cut the socket
+        try:
+            await asyncio.wait_for(asyncio.shield(self.ended), self.owner.close_timeout)
+        except TimeoutError:  # the peer never answered our close: cut the socket
             self.post(self.do_abort)
-            await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
-        await asyncio.sleep(0)  # let the last batched results land
-        self._flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.ended), 5.0)
+        if self.ended.done():
+            thread.join(1.0)  # its last statement ran: this returns at once
+        self._flush()  # the last batched results land now
 
     # -- waiting (loop thread) ----------------------------------------------------------------------
 
@@ -567,29 +675,22 @@ class _Bridge:
             self.waiters.discard(fut)
 
     def send_deadline(self, fut: asyncio.Future[None], timeout: float) -> None:
-        """Fail ``fut`` with OperationTimedOut (outcome unknown) if unsettled after ``timeout`` seconds.
+        """Fail ``fut`` with OperationTimedOut (outcome unknown) if unsettled after ``timeout`` (loop clock)."""
 
-        Cheaper than an ``asyncio.timeout`` per send (a timer handle and heap entry each).
-        """
-        queue = self._deadlines
-        while queue and queue[0][1].done():
-            queue.popleft()
-        queue.append((self.loop.time() + timeout, fut, timeout))
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_at(queue[0][0], self._sweep)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = self.loop.time()
-        queue = self._deadlines
-        while queue and (queue[0][1].done() or queue[0][0] <= now):
-            _, fut, timeout = queue.popleft()
+        def expire() -> None:
             if not fut.done():
                 fut.set_exception(make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
                                              message=f"AMQP send got no settlement within {timeout:g}s "
-                                                     f"(outcome unknown)"))
-        if queue:
-            self._sweeper = self.loop.call_at(queue[0][0], self._sweep)
+                                                     "(outcome unknown)"))
+
+        timer = self.loop.call_at(self.loop.time() + timeout, expire)
+        self.waiters.add(fut)  # failed at once if the thread ends first
+
+        def settled(done: asyncio.Future[None]) -> None:
+            timer.cancel()
+            self.waiters.discard(done)
+
+        fut.add_done_callback(settled)
 
     def _gone_error(self) -> IoTHubError:
         cause = self.error
@@ -600,15 +701,22 @@ class _Bridge:
 
     # -- cross-thread plumbing ----------------------------------------------------------------------
 
-    def post(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the proton thread (any thread). One injector wake-up per batch."""
+    def post(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` on the proton thread (any thread). One injector wake-up per batch.
+
+        Once the thread has ended the injector's descriptors are closed (and their numbers may already
+        belong to another socket): ``fn`` is then dropped, nothing is written, and False comes back.
+        The wake-up is written under the lock that guards the close, so the two cannot interleave.
+        """
         with self._cmd_lock:
+            if self._pipe_closed:
+                return False
             self._cmds.append(fn)
-            if self._cmd_signalled:
-                return
-            self._cmd_signalled = True
-        with contextlib.suppress(OSError):  # the pipe is gone: the thread has ended
-            self.injector.trigger(self.proton.reactor.ApplicationEvent("amqp_cmd"))
+            if not self._cmd_signalled:
+                self._cmd_signalled = True
+                with contextlib.suppress(OSError):
+                    self.injector.trigger(self.proton.reactor.ApplicationEvent("amqp_cmd"))
+            return True
 
     def run_commands(self) -> None:
         while True:
@@ -623,7 +731,7 @@ class _Bridge:
                     fn()
                 except Exception as exc:
                     log.exception("AMQP command failed")
-                    self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+                    self.fail(_to_error(exc, self.device_id))
 
     def _call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread (from the proton thread). One loop wake-up per batch."""
@@ -677,16 +785,14 @@ class _Bridge:
         pmsg.properties = cast(Any, dict(message.properties) if message.properties else None)
         self.pending[sender.send(pmsg)] = fut
 
-    def do_settle(self, token: str, outcome: Outcome, fut: asyncio.Future[None]) -> None:
+    def do_settle(self, token: str, outcome: SettleOutcome, fut: asyncio.Future[None]) -> None:
         dlv = self.c2d.pop(token, None)
         if dlv is None or self._stopped:
             err = translate(_LOCK_LOST, f"lock token {token!r} is not held on this connection")
             err.device_id = self.device_id
             self.resolve(fut, exc=err)
             return
-        delivery = self.proton.Delivery
-        state = {"accept": delivery.ACCEPTED, "reject": delivery.REJECTED, "abandon": delivery.RELEASED}[outcome]
-        dlv.update(state)
+        dlv.update(getattr(self.proton.Delivery, _DISPOSITIONS[outcome]))
         if dlv.link.remote_rcv_settle_mode == self.proton.Link.RCV_SECOND:
             self.settling[dlv] = (fut, outcome)  # the hub settles; a late settlement is rejected
         else:
@@ -749,33 +855,56 @@ class _Bridge:
     # -- connection setup (proton thread) -----------------------------------------------------------
 
     def on_start(self, container: Any) -> None:
-        proton = self.proton
         owner = self.owner
         container.selectable(self.injector)
-        scheme = "amqps" if owner.tls else "amqp"
+        tls = owner.ssl_context is not None
         kwargs: dict[str, Any] = {
             "reconnect": False,
             "virtual_host": owner.hub_host,
             # TLS names are checked against where the socket goes (the hub itself, or a local stand-in)
-            "sni": owner.host if owner.tls else None,
+            "sni": owner.host if tls and not _is_ip_address(owner.host) else None,
             "allow_insecure_mechs": True,
         }
         if owner.user is not None:
             kwargs.update(user=owner.user, password=owner.password or "", allowed_mechs="PLAIN")
         else:
             kwargs["allowed_mechs"] = "ANONYMOUS"
-        if owner.tls:
-            domain = proton.SSLDomain(proton.SSLDomain.MODE_CLIENT)
-            if owner.ca_file:
-                domain.set_trusted_ca_db(owner.ca_file)
-            if owner.verify:
-                domain.set_peer_authentication(proton.SSLDomain.VERIFY_PEER_NAME, owner.ca_file)
-            else:
-                domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)
-            kwargs["ssl_domain"] = domain
-        if owner.heartbeat:
-            kwargs["heartbeat"] = owner.heartbeat
-        self.conn = container.connect(f"{scheme}://{owner.host}:{owner.port}", **kwargs)
+        if owner.ssl_context is not None:
+            kwargs["ssl_domain"] = self.ssl_domain(owner.ssl_context)
+        if owner.idle_timeout:
+            kwargs["heartbeat"] = owner.idle_timeout  # proton: our idle-time-out, advertised and enforced
+        self.conn = container.connect(f"{'amqps' if tls else 'amqp'}://{owner.host}:{owner.port}", **kwargs)
+
+    def ssl_domain(self, context: _ssl.SSLContext) -> Any:
+        """The ``SSLContext``'s verification settings as a proton ``SSLDomain`` (proton has its own OpenSSL).
+
+        CERT_NONE -> no verification. Otherwise the context's trusted CAs (written to a private PEM file,
+        removed when the thread ends; the system's default paths if the context lists none) verify the
+        chain, and ``check_hostname`` adds proton's name check against ``host``. Proton matches DNS names
+        only (never an IP address SAN), so for an IP address as ``host`` the chain alone is verified, as
+        ``check_hostname=False`` does: trust a private CA for such a peer, not the system store.
+        """
+        domain_cls = self.proton.SSLDomain
+        domain = domain_cls(domain_cls.MODE_CLIENT)
+        if context.verify_mode == _ssl.CERT_NONE:
+            domain.set_peer_authentication(domain_cls.ANONYMOUS_PEER)
+            return domain
+        ca = self.ca_bundle(context)
+        if ca is not None:
+            domain.set_trusted_ca_db(ca)
+        by_name = context.check_hostname and not _is_ip_address(self.owner.host)
+        mode = domain_cls.VERIFY_PEER_NAME if by_name else domain_cls.VERIFY_PEER
+        domain.set_peer_authentication(mode, ca)
+        return domain
+
+    def ca_bundle(self, context: _ssl.SSLContext) -> str | None:
+        ders = context.get_ca_certs(binary_form=True)
+        if not ders:
+            paths = _ssl.get_default_verify_paths()
+            return paths.cafile or paths.capath
+        path = _CA_BUNDLES.acquire(ders)
+        self.tls_files.append(path)
+        return path
 
     def on_connection_opened(self) -> None:
         if self.owner.cbs:
@@ -791,7 +920,7 @@ class _Bridge:
         try:
             token = self.owner.next_token()
         except Exception as exc:
-            self.fail(normalize(exc, transport=TRANSPORT, device_id=self.device_id))
+            self.fail(_to_error(exc, self.device_id))
             return
         msg_id = str(uuid.uuid4())
         audience = f"{self.owner.hub_host}/devices/{self.device_id}"
@@ -802,7 +931,7 @@ class _Bridge:
         except ValueError:
             expiry = None
         self.cbs_pending = msg_id
-        self._token_expiry = expiry
+        self.pending_expiry = expiry
         self.cbs_sender.send(msg)
 
     def on_cbs_answer(self, message: Any) -> None:
@@ -823,13 +952,15 @@ class _Bridge:
             err.__cause__ = AmqpRemoteError("cbs", str(status), desc if isinstance(desc, str) else None, props)
             self.fail(err)
             return
+        self.renew_expiry = expiry = self.pending_expiry
+        self._call(lambda: setattr(self, "token_expiry", expiry))
         if not self.cbs_done:
             self.cbs_done = True
             self.attach_device_links()
         self.schedule_renewal()
 
     def schedule_renewal(self) -> None:
-        expiry = getattr(self, "_token_expiry", None)
+        expiry = self.renew_expiry
         if expiry is None or not callable(self.owner._token):
             return
         lifetime = expiry - time.time()
@@ -928,8 +1059,10 @@ class _Bridge:
             body = repr(body).encode()
         msg_id = message.id
         corr = message.correlation_id
-        c2d = C2DMessage(token, str(msg_id) if msg_id is not None else None, body, dict(message.properties or {}),
-                         str(corr) if corr is not None else None)
+        count = message.delivery_count
+        c2d = C2DMessage(self.device_id, token, str(msg_id) if msg_id is not None else None, body,
+                         {str(k): str(v) for k, v in (message.properties or {}).items()},
+                         count if isinstance(count, int) else 0, str(corr) if corr is not None else None)
         self.emit(Inbound("c2d", c2d, self.device_id))
 
     def on_twin_message(self, message: Any) -> None:
@@ -954,7 +1087,14 @@ class _Bridge:
                     log.warning("%s: desired-property subscription refused: %s", self.device_id, err)
             return
         if key is None and body.strip():
-            self.emit(Inbound("twin_desired", {"patch": _json(body), "version": version}, self.device_id))
+            patch = _json(body)
+            if not isinstance(patch, dict):
+                log.warning("%s: desired-properties notification that is not a JSON object, dropped", self.device_id)
+                return
+            version = version if isinstance(version, int) and not isinstance(version, bool) else None
+            if version is None and isinstance(patch.get("$version"), int):
+                version = patch["$version"]
+            self.emit(Inbound("twin_desired", DesiredPatch(patch, version), self.device_id))
 
     def on_method_request(self, message: Any) -> None:
         name = (message.properties or {}).get(_METHOD_NAME)
@@ -963,9 +1103,8 @@ class _Bridge:
         self.method_corr[rid] = corr
         while len(self.method_corr) > 1024:  # requests never answered: forget the oldest
             del self.method_corr[next(iter(self.method_corr))]
-        payload = {"name": str(name) if name is not None else "", "rid": rid,
-                   "payload": _json(_body_bytes(message.body))}
-        self.emit(Inbound("method", payload, self.device_id))
+        call = MethodCall(str(name) if name is not None else "", rid, _json(_body_bytes(message.body)))
+        self.emit(Inbound("method", call, self.device_id))
 
     def on_outcome(self, delivery: Any) -> None:
         """A sent delivery got its outcome (sender side)."""
@@ -1081,6 +1220,52 @@ class _Bridge:
         # This container serves one connection and it is over: end run() now rather than after the
         # reactor's next idle select (up to ~3 s when the peer keeps its socket open).
         self.container.stop()
+
+
+class _Bundles:
+    """PEM files of trusted CAs for proton, one per distinct CA set, shared and reference-counted.
+
+    Proton reads trust only from files; a thousand devices with the same context share one private
+    (mode 0600) file, removed when the last connection using it ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[str, int]] = {}  # digest of the DER list -> (path, users)
+
+    def acquire(self, ders: list[bytes]) -> str:
+        digest = hashlib.sha256(b"".join(ders)).hexdigest()
+        with self._lock:
+            path, users = self._files.get(digest, ("", 0))
+            if not users:
+                fd, path = tempfile.mkstemp(prefix="amqp-ca-", suffix=".pem")
+                with os.fdopen(fd, "w") as fh:
+                    fh.writelines(_ssl.DER_cert_to_PEM_cert(der) for der in ders)
+            self._files[digest] = (path, users + 1)
+            return path
+
+    def release(self, path: str) -> None:
+        with self._lock:
+            for digest, (known, users) in self._files.items():
+                if known == path:
+                    if users > 1:
+                        self._files[digest] = (known, users - 1)
+                    else:
+                        del self._files[digest]
+                        with contextlib.suppress(OSError):
+                            os.unlink(known)
+                    return
+
+
+_CA_BUNDLES: Final = _Bundles()
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _is_active(link: Any, proton: Any) -> bool:

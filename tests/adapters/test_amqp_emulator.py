@@ -30,7 +30,7 @@ def front(amqp_front: AmqpFront) -> AmqpFront:
 
 def adapter(hub: Hub, front: AmqpFront, **kw: Any) -> AmqpTransport:
     return AmqpTransport.from_connection_string(hub.connection_string("d1"), host="127.0.0.1", port=front.port,
-                                                tls=False, connect_timeout=STEP, send_timeout=STEP, **kw)
+                                                ssl=None, connect_timeout=STEP, send_timeout=STEP, **kw)
 
 
 def put_token(port: int, audience: str, token: str, *, operation: str = "put-token") -> dict[str, Any]:
@@ -85,7 +85,7 @@ async def test_cbs_answers_on_the_wire(hub: Hub, front: AmqpFront) -> None:
 
 
 async def test_attach_without_a_token_is_unauthorized(hub: Hub, front: AmqpFront) -> None:
-    t = AmqpTransport(host="127.0.0.1", port=front.port, device_id="d1", hub_host=hub.host_name, tls=False,
+    t = AmqpTransport(host="127.0.0.1", port=front.port, device_id="d1", hub_host=hub.host_name, ssl=None,
                       cbs=False, connect_timeout=STEP)
     with pytest.raises(IoTHubError) as info:
         await asyncio.wait_for(_connect_and_send(t), STEP)
@@ -153,7 +153,7 @@ async def test_drop_all_cuts_every_connection(hub: Hub, front: AmqpFront) -> Non
     hub.add_device("d2")
     one = adapter(hub, front)
     two = AmqpTransport.from_connection_string(hub.connection_string("d2"), host="127.0.0.1", port=front.port,
-                                               tls=False, connect_timeout=STEP)
+                                               ssl=None, connect_timeout=STEP)
     await asyncio.wait_for(one.connect(), STEP)
     await asyncio.wait_for(two.connect(), STEP)
     try:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from adapters.amqp.transport import AmqpRemoteError, AmqpTransport, C2DMessage
+from adapters.amqp.transport import AmqpRemoteError, AmqpTransport
 from gateway.errors import ConnectionLostError, IoTHubError
-from gateway.transport import Disconnected, Inbound, Message
+from gateway.transport import C2DMessage, Disconnected, Inbound, Message
 from tests.peers.rabbitmq import RabbitNode
 
 pytestmark = pytest.mark.rabbitmq
@@ -39,7 +39,7 @@ def broker(node: RabbitNode, *, queue: str | None = None, password: str | None =
     q = queue or f"q-{uuid.uuid4().hex[:8]}"
     kw.setdefault("receive_c2d", False)
     kw.setdefault("settle_mode", "first")  # RabbitMQ refuses rcv-settle-mode second (amqp:not-implemented)
-    return AmqpTransport(host="127.0.0.1", port=node.port, device_id="rabbit", tls=False, cbs=False,
+    return AmqpTransport(host="127.0.0.1", port=node.port, device_id="rabbit", ssl=None, cbs=False,
                          user=node.user, password=node.password if password is None else password,
                          events_address=f"/queue/{q}", c2d_address=f"/queue/{q}",
                          connect_timeout=STEP, send_timeout=STEP, close_timeout=3.0, **kw)
@@ -60,7 +60,7 @@ async def test_send_and_receive_round_trip(rabbitmq: RabbitNode) -> None:
 
         event = await asyncio.wait_for(first(), STEP)
         assert isinstance(event, Inbound) and isinstance(event.payload, C2DMessage)
-        assert event.payload.id == "r-1" and event.payload.body == b"over rabbit"
+        assert event.payload.message_id == "r-1" and event.payload.body == b"over rabbit"
         assert event.payload.properties == {"k": "v"}
         await asyncio.wait_for(receiver.settle(event.payload.lock_token), STEP)
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from adapters.amqp.emulator import AmqpFront
 from adapters.amqp.translate import render
-from adapters.amqp.transport import AmqpRemoteError, AmqpTransport, C2DMessage
+from adapters.amqp.transport import AmqpRemoteError, AmqpTransport
 from gateway.codes import all_codes
 from gateway.emulator import Hub
 from gateway.emulator.front import FrontConfig
@@ -21,7 +21,8 @@ from gateway.errors import ConnectionLostError, IdentityConflictError, IoTHubErr
 from gateway.handler import Handler, State
 from gateway.policy import Backoff, IdentityBackoff, Policy, PolicyConfig, ThrottleBackoff
 from gateway.sas import make_sas_token
-from gateway.transport import Disconnected, Inbound, Message, Transport
+from gateway.tls import client_context
+from gateway.transport import C2DMessage, Disconnected, Inbound, Message, SettleC2D, Transport
 from tests.peers.emulator import amqp_threads
 
 AMQP_CODES = [row.code for row in all_codes() if "amqp" in row.transports]
@@ -41,7 +42,7 @@ def make(hub: Hub, front: AmqpFront, device: str = "d1", **kw: Any) -> AmqpTrans
     kw.setdefault("connect_timeout", STEP)
     kw.setdefault("close_timeout", 2.0)
     return AmqpTransport.from_connection_string(hub.connection_string(device), host="127.0.0.1", port=front.port,
-                                                tls=False, **kw)
+                                                ssl=None, **kw)
 
 
 async def connected(hub: Hub, front: AmqpFront, device: str = "d1", **kw: Any) -> AmqpTransport:
@@ -105,7 +106,7 @@ async def test_send_when_not_connected_is_not_connected(hub: Hub, front: AmqpFro
 async def test_connection_refused(hub: Hub) -> None:
     with socket_port() as port:
         pass  # closed again: nothing listens there
-    t = AmqpTransport.from_connection_string(hub.connection_string("d1"), host="127.0.0.1", port=port, tls=False,
+    t = AmqpTransport.from_connection_string(hub.connection_string("d1"), host="127.0.0.1", port=port, ssl=None,
                                              connect_timeout=STEP)
     with pytest.raises(IoTHubError) as info:
         await asyncio.wait_for(t.connect(), STEP * 2)
@@ -204,7 +205,7 @@ async def test_cbs_refusals(hub: Hub, front: AmqpFront, setup: str, expected: st
         hub.device("d1").enabled = False  # type: ignore[union-attr]
         token = hub.token("d1", 4_000_000_000)
     t = AmqpTransport(host="127.0.0.1", port=front.port, device_id=device, hub_host=hub.host_name, token=token,
-                      tls=False, connect_timeout=STEP)
+                      ssl=None, connect_timeout=STEP)
     with pytest.raises(IoTHubError) as info:
         await asyncio.wait_for(t.connect(), STEP * 2)
     assert info.value.name == expected
@@ -223,7 +224,7 @@ async def test_token_is_renewed_on_cbs_before_it_expires(hub: Hub, front: AmqpFr
         return hub.token("d1", expiry)
 
     t = AmqpTransport(host="127.0.0.1", port=front.port, device_id="d1", hub_host=hub.host_name, token=token,
-                      tls=False, connect_timeout=STEP, renew_margin=0.5)
+                      ssl=None, connect_timeout=STEP, renew_margin=0.5)
     await asyncio.wait_for(t.connect(), STEP)
     try:
         async with asyncio.timeout(STEP):
@@ -326,8 +327,9 @@ async def test_c2d_receive_and_complete(hub: Hub, front: AmqpFront) -> None:
         event = await next_event(t)
         assert isinstance(event, Inbound) and event.kind == "c2d"
         msg = event.payload
-        assert isinstance(msg, C2DMessage) and msg.id == "c-1" and msg.body == b"cloud"
-        await asyncio.wait_for(t.request("c2d_accept", msg, timeout=STEP), STEP)
+        assert isinstance(msg, C2DMessage) and msg.message_id == "c-1" and msg.body == b"cloud"
+        assert msg.device_id == "d1" and msg.delivery_count == 0
+        await asyncio.wait_for(t.request(SettleC2D.of(msg), timeout=STEP), STEP)
         # settling the same lock twice: the hub no longer holds it
         with pytest.raises(IoTHubError) as info:
             await asyncio.wait_for(t.settle(msg.lock_token), STEP)
@@ -350,7 +352,7 @@ async def test_c2d_settlement_after_the_lock_expired(hub: Hub) -> None:
         assert info.value.name == "DeviceMessageLockLost" and info.value.code == 412002
         assert info.value.__cause__.condition == "com.microsoft:message-lock-lost"  # type: ignore[union-attr]
         again = await next_event(t)  # the hub delivers it again
-        assert isinstance(again, Inbound) and again.payload.id == "c-1"
+        assert isinstance(again, Inbound) and again.payload.message_id == "c-1"
         await asyncio.wait_for(t.settle(again.payload.lock_token), STEP)
     finally:
         await t.close()
@@ -364,7 +366,7 @@ async def test_c2d_abandon_redelivers_and_settle_fault_is_rendered(hub: Hub, fro
         first = await next_event(t)
         await asyncio.wait_for(t.settle(first.payload.lock_token, "abandon"), STEP)
         second = await next_event(t)
-        assert second.payload.id == "c-1"
+        assert second.payload.message_id == "c-1"
         hub.plan.add("c2d_settle", 503001, device="d1")
         with pytest.raises(IoTHubError) as info:
             await asyncio.wait_for(t.settle(second.payload.lock_token, "reject"), STEP)
@@ -381,10 +383,9 @@ async def test_tls_front_and_adapter(hub: Hub, tls_files: Any) -> None:
                       cert_file=str(tls_files.cert_pem), key_file=str(tls_files.key_pem))
     await asyncio.wait_for(front.start(), STEP)
     good = AmqpTransport.from_connection_string(hub.connection_string("d1"), host="localhost", port=front.port,
-                                                ca_file=str(tls_files.ca_pem), connect_timeout=STEP)
+                                                ssl=client_context(str(tls_files.ca_pem)), connect_timeout=STEP)
     untrusted = AmqpTransport.from_connection_string(hub.connection_string("d2"), host="localhost",
-                                                     port=front.port, ca_file=str(tls_files.key_pem.parent / "none"),
-                                                     connect_timeout=STEP)
+                                                     port=front.port, ssl=True, connect_timeout=STEP)
     try:
         await asyncio.wait_for(good.connect(), STEP)
         await asyncio.wait_for(good.send(Message("tls-1", "d1", b"x")), STEP)

@@ -22,7 +22,19 @@ from adapters.http.emulator import HttpFront
 from adapters.http.transport import HttpTransport, MethodResult
 from gateway.emulator import Hub
 from gateway.errors import IoTHubError
-from gateway.transport import Disconnected, Inbound, Message
+from gateway.transport import (
+    Disconnected,
+    GetTwin,
+    Inbound,
+    InvokeMethod,
+    Message,
+    MethodCall,
+    PatchReported,
+    ReceiveC2D,
+    Request,
+    RespondMethod,
+    UnsupportedRequest,
+)
 
 STEP = 5.0
 
@@ -53,14 +65,14 @@ async def connected(hub: Hub, front: AmqpFront, device: str = "d1", **kw: Any) -
     kw.setdefault("connect_timeout", STEP)
     kw.setdefault("close_timeout", 2.0)
     t = AmqpTransport.from_connection_string(hub.connection_string(device), host="127.0.0.1", port=front.port,
-                                             tls=False, **kw)
+                                             ssl=None, **kw)
     await asyncio.wait_for(t.connect(), STEP)
     return t
 
 
-async def twin_error(t: AmqpTransport, kind: str, payload: Any = None) -> IoTHubError:
+async def twin_error(t: AmqpTransport, request: Request) -> IoTHubError:
     with pytest.raises(IoTHubError) as info:
-        await asyncio.wait_for(t.request(kind, payload, timeout=STEP), STEP * 2)
+        await asyncio.wait_for(t.request(request, timeout=STEP), STEP * 2)
     return info.value
 
 
@@ -71,14 +83,14 @@ async def until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-async def answer_methods(t: AmqpTransport, seen: list[dict[str, Any]], status: int = 200) -> None:
+async def answer_methods(t: AmqpTransport, seen: list[MethodCall], status: int = 200) -> None:
     """The device side: answer every method call with its payload echoed (``seen`` once the hub took it)."""
     async for event in t.events():
         if isinstance(event, Inbound) and event.kind == "method":
-            await t.request("method_response", {"rid": event.payload["rid"], "status": status,
-                                                "payload": {"echo": event.payload["payload"],
-                                                            "name": event.payload["name"]}}, timeout=STEP)
-            seen.append(event.payload)
+            call = event.payload
+            assert isinstance(call, MethodCall)
+            await t.request(RespondMethod(call.rid, status, {"echo": call.payload, "name": call.name}), timeout=STEP)
+            seen.append(call)
 
 
 # -- twin --------------------------------------------------------------------------------------------
@@ -90,15 +102,15 @@ async def test_twin_get_and_patch_round_trip_with_version(hub: Hub, front: AmqpF
     device.twin_desired["fan"] = "on"
     t = await connected(hub, front)  # default: no twin links until a twin request asks for them
     try:
-        twin = await asyncio.wait_for(t.request("twin_get", None, timeout=STEP), STEP)
+        twin = await asyncio.wait_for(t.request(GetTwin(), timeout=STEP), STEP)
         assert twin["desired"] == {"fan": "on", "$version": 1}
         assert twin["reported"] == {"$version": 1}
-        answer = await asyncio.wait_for(t.request("twin_patch", {"temp": 21.5, "mode": "eco"}, timeout=STEP), STEP)
-        assert answer == {"version": 2}
+        answer = await asyncio.wait_for(t.request(PatchReported({"temp": 21.5, "mode": "eco"}), timeout=STEP), STEP)
+        assert answer == 2
         assert device.twin_reported == {"temp": 21.5, "mode": "eco"}
-        answer = await asyncio.wait_for(t.request("twin_patch", {"mode": None}, timeout=STEP), STEP)
-        assert answer == {"version": 3} and device.twin_reported == {"temp": 21.5}
-        twin = await asyncio.wait_for(t.request("twin_get", None, timeout=STEP), STEP)
+        answer = await asyncio.wait_for(t.request(PatchReported({"mode": None}), timeout=STEP), STEP)
+        assert answer == 3 and device.twin_reported == {"temp": 21.5}
+        twin = await asyncio.wait_for(t.request(GetTwin(), timeout=STEP), STEP)
         assert twin["reported"] == {"temp": 21.5, "$version": 3}
         # telemetry still flows beside the twin links
         await asyncio.wait_for(t.send(Message("m-1", "d1", b"x")), STEP)
@@ -111,7 +123,7 @@ async def test_twin_subscription_attaches_at_connect(hub: Hub, front: AmqpFront)
     t = await connected(hub, front, subscribe=("twin", "methods"))
     try:
         assert t._bridge is not None and t._bridge.attached == {"twin", "methods"}
-        assert await asyncio.wait_for(t.request("twin_patch", {"a": 1}, timeout=STEP), STEP) == {"version": 2}
+        assert await asyncio.wait_for(t.request(PatchReported({"a": 1}), timeout=STEP), STEP) == 2
     finally:
         await t.close()
 
@@ -122,13 +134,13 @@ async def test_twin_errors_come_back_exact(hub: Hub, front: AmqpFront, code: int
     hub.plan.add("twin_patch", code, device="d1", transport="amqp")
     t = await connected(hub, front)
     try:
-        for kind, payload in (("twin_get", None), ("twin_patch", {"x": 1})):
-            err = await twin_error(t, kind, payload)
+        for request in (GetTwin(), PatchReported({"x": 1})):
+            err = await twin_error(t, request)
             assert (err.code, err.exact, err.transport, err.device_id) == (code, True, "amqp", "d1")
             assert isinstance(err.__cause__, AmqpRemoteError) and err.__cause__.where == "twin"
             assert err.tracking_id is not None and err.tracking_id.startswith("emu-")
         # the connection is fine afterwards: the fault was used up
-        assert await asyncio.wait_for(t.request("twin_patch", {"x": 2}, timeout=STEP), STEP) == {"version": 2}
+        assert await asyncio.wait_for(t.request(PatchReported({"x": 2}), timeout=STEP), STEP) == 2
     finally:
         await t.close()
 
@@ -165,7 +177,7 @@ async def test_twin_fault_on_the_link_disconnects_with_that_code(hub: Hub, front
     hub.plan.add("twin_get", 429001, device="d1", transport="amqp", form="link")
     t = await connected(hub, front)
     try:
-        err = await twin_error(t, "twin_get")
+        err = await twin_error(t, GetTwin())
         # in flight when the link went: outcome unknown, with the link's condition as the cause
         assert err.name == "DeviceConnectionClosedRemotely" and isinstance(err.__cause__, IoTHubError)
         assert err.__cause__.code == 429001
@@ -180,9 +192,9 @@ async def test_twin_no_answer_times_out(hub: Hub, front: AmqpFront) -> None:
     t = await connected(hub, front)
     try:
         with pytest.raises(IoTHubError) as info:
-            await asyncio.wait_for(t.request("twin_patch", {"x": 1}, timeout=0.5), STEP)
+            await asyncio.wait_for(t.request(PatchReported({"x": 1}), timeout=0.5), STEP)
         assert info.value.name == "OperationTimedOut"
-        assert await asyncio.wait_for(t.request("twin_get", None, timeout=STEP), STEP)  # commands run in order
+        assert await asyncio.wait_for(t.request(GetTwin(), timeout=STEP), STEP)  # commands run in order
         assert t._bridge is not None and t._bridge.twin_requests == {}  # so the timed-out waiter is forgotten
     finally:
         await t.close()
@@ -195,15 +207,14 @@ async def test_method_over_http_reaches_the_amqp_device_and_its_answer_comes_bac
     hub: Hub, front: AmqpFront, service: HttpTransport
 ) -> None:
     t = await connected(hub, front, subscribe=("methods",))
-    seen: list[dict[str, Any]] = []
+    seen: list[MethodCall] = []
     task = asyncio.create_task(answer_methods(t, seen))
     try:
         result = await asyncio.wait_for(
-            service.request("method", {"device_id": "d1", "method_name": "reboot", "payload": {"delay": 3}},
-                            timeout=STEP), STEP * 2)
+            service.invoke_method("d1", "reboot", {"delay": 3}), STEP * 2)
         assert result == MethodResult(200, {"echo": {"delay": 3}, "name": "reboot"})
         await until(lambda: len(seen) == 1)
-        assert seen[0]["name"] == "reboot" and seen[0]["payload"] == {"delay": 3} and seen[0]["rid"]
+        assert seen[0].name == "reboot" and seen[0].payload == {"delay": 3} and seen[0].rid
     finally:
         await t.close()
         await asyncio.wait_for(task, STEP)
@@ -213,7 +224,7 @@ async def test_method_status_from_the_device_is_passed_through(
     hub: Hub, front: AmqpFront, service: HttpTransport
 ) -> None:
     t = await connected(hub, front, subscribe=("methods",))
-    seen: list[dict[str, Any]] = []
+    seen: list[MethodCall] = []
     task = asyncio.create_task(answer_methods(t, seen, status=404))
     try:
         result = await asyncio.wait_for(service.invoke_method("d1", "missing", {"a": 1}), STEP * 2)
@@ -263,7 +274,7 @@ async def test_method_fault_on_the_amqp_side_never_reaching_the_device_times_out
 ) -> None:
     hub.plan.add("method", kind="no_ack", device="d1", transport="amqp")
     t = await connected(hub, front, subscribe=("methods",))
-    seen: list[dict[str, Any]] = []
+    seen: list[MethodCall] = []
     task = asyncio.create_task(answer_methods(t, seen))
     try:
         with pytest.raises(IoTHubError) as info:
@@ -277,17 +288,48 @@ async def test_method_fault_on_the_amqp_side_never_reaching_the_device_times_out
         await asyncio.wait_for(task, STEP)
 
 
-async def test_method_response_needs_a_rid_and_an_open_link(hub: Hub, front: AmqpFront) -> None:
-    t = await connected(hub, front)
+async def test_method_response_needs_an_open_link(hub: Hub, front: AmqpFront) -> None:
+    t = await connected(hub, front)  # no method links attached
     try:
         with pytest.raises(IoTHubError) as info:
-            await t.request("method_response", {"status": 200}, timeout=STEP)
-        assert info.value.name == "ArgumentInvalid"
-        with pytest.raises(IoTHubError) as info:
-            await asyncio.wait_for(t.request("method_response", {"rid": "1", "status": 200}, timeout=STEP), STEP)
+            await asyncio.wait_for(t.request(RespondMethod("1", 200), timeout=STEP), STEP)
         assert info.value.name == "NotConnected"
+    finally:
+        await t.close()
+
+
+@pytest.mark.parametrize("request_", [
+    ReceiveC2D(),
+    InvokeMethod("d2", "reboot"),
+    GetTwin("d2"),
+    "twin_get",  # the old string vocabulary is gone
+])
+async def test_a_request_the_surface_lacks_is_a_programming_error_at_once(
+    hub: Hub, front: AmqpFront, request_: Any
+) -> None:
+    t = await connected(hub, front)
+    try:
+        with pytest.raises(UnsupportedRequest) as info:
+            await asyncio.wait_for(t.request(request_, timeout=STEP), STEP)
+        assert isinstance(info.value, TypeError) and not isinstance(info.value, IoTHubError)
+        assert t.connected  # nothing was sent, the connection is untouched
+    finally:
+        await t.close()
+
+
+async def test_malformed_requests_raise_type_errors_before_anything_is_sent(hub: Hub, front: AmqpFront) -> None:
+    t = await connected(hub, front, subscribe=("methods",))
+    try:
+        for bad in (RespondMethod("1", "200"),  # type: ignore[arg-type]
+                    RespondMethod("1", 200, object()),
+                    PatchReported(["not", "a", "mapping"])):  # type: ignore[arg-type]
+            with pytest.raises(TypeError) as info:
+                await asyncio.wait_for(t.request(bad, timeout=STEP), STEP)
+            assert not isinstance(info.value, IoTHubError)
         with pytest.raises(ValueError):
-            await t.request("teleport", None, timeout=STEP)
+            await asyncio.wait_for(t.request(RespondMethod("1", 2**40), timeout=STEP), STEP)
+        assert t.connected  # none of them reached the proton thread, let alone the wire
+        assert hub.device("d1").twin_version == 1  # type: ignore[union-attr]
     finally:
         await t.close()
 
@@ -297,6 +339,16 @@ def test_unknown_subscription_is_refused(hub: Hub) -> None:
         AmqpTransport.from_connection_string(hub.connection_string("d1"), subscribe=("c2d-bogus",))
 
 
+def _handler_takes_typed_requests() -> bool:
+    import inspect
+
+    from gateway.handler import Handler
+
+    return list(inspect.signature(Handler.request).parameters)[1:2] == ["request"]
+
+
+@pytest.mark.skipif(not _handler_takes_typed_requests(),
+                    reason="needs the typed Handler.request(request, *, timeout) of the handler rework")
 async def test_twin_requests_through_the_handler_ride_out_throttling(hub: Hub, front: AmqpFront) -> None:
     """The handler treats a twin request over AMQP like any operation: throttled, waited, retried."""
     from gateway.handler import Handler
@@ -306,14 +358,14 @@ async def test_twin_requests_through_the_handler_ride_out_throttling(hub: Hub, f
     policy = Policy(PolicyConfig(retry=quick, reconnect=quick,
                                  throttle=ThrottleBackoff(initial=0.02, cap=0.1, jitter=0.0, max_retry_after=0.2)))
     transport = AmqpTransport.from_connection_string(
-        hub.connection_string("d1"), host="127.0.0.1", port=front.port, tls=False, subscribe=("twin",),
+        hub.connection_string("d1"), host="127.0.0.1", port=front.port, ssl=None, subscribe=("twin",),
         send_timeout=STEP, connect_timeout=STEP, close_timeout=2.0)
     async with Handler(transport, policy=policy, identity="d1") as handler:
         await handler.wait_connected(STEP)
         hub.plan.add("twin_patch", 429001, device="d1", times=2, retry_after=0.05)
-        answer = await asyncio.wait_for(handler.request("twin_patch", {"fw": "2.0"}, timeout=STEP), STEP * 2)
-        assert answer == {"version": hub.device("d1").twin_version}  # type: ignore[union-attr]
+        answer = await asyncio.wait_for(handler.request(PatchReported({"fw": "2.0"}), timeout=STEP), STEP * 2)
+        assert answer == hub.device("d1").twin_version  # type: ignore[union-attr]
         assert hub.device("d1").twin_reported["fw"] == "2.0"  # type: ignore[union-attr]
         assert handler.metrics()[(429001, "amqp", "throttled")] == 2
-        twin = await asyncio.wait_for(handler.request("twin_get", None, timeout=STEP), STEP)
+        twin = await asyncio.wait_for(handler.request(GetTwin(), timeout=STEP), STEP)
         assert twin["reported"]["fw"] == "2.0"
