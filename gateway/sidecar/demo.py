@@ -355,7 +355,7 @@ class Demo:
         assert self.sidecar.emulator is not None
         cs = self.sidecar.emulator.register(device)
         transport = AmqpTransport.from_connection_string(cs, host="127.0.0.1", port=self.front("amqp").port,
-                                                         tls=False, receive_c2d=False)
+                                                         ssl=None, receive_c2d=False)
         intruder = Handler(Watched(transport, "intruder", self.story, intruder_policy), policy=intruder_policy,
                            identity=device, refresh_credentials=_no_refresh, on_state_change=self.on_state("intruder"))
         ids = await self.post(device, 3)

@@ -39,6 +39,7 @@ from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.tls import client_context
 from gateway.transport import Message, Transport
 
 __all__ = [
@@ -74,13 +75,8 @@ class TransportSpec:
     mqtt_version: int = 4
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        # Verification on (hostname and chain); the system store plus an optional extra CA bundle.
-        ctx = ssl.create_default_context()
-        if self.ca_file:
-            ctx.load_verify_locations(cafile=self.ca_file)
-        return ctx
+        """Verification on (hostname and chain): the system store plus an optional extra CA bundle."""
+        return client_context(self.ca_file) if self.tls else None
 
 
 TransportFactory = Callable[[TransportSpec], Transport]
@@ -111,8 +107,7 @@ def _mqtt(spec: TransportSpec) -> Transport:
 def _amqp(spec: TransportSpec) -> Transport:
     mod = _adapter("amqp", "adapters.amqp.transport")
     transport: Transport = mod.AmqpTransport.from_connection_string(
-        spec.connection, host=spec.host, port=spec.port, tls=spec.tls, ca_file=spec.ca_file, verify=True,
-        receive_c2d=False,
+        spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(), receive_c2d=False,
     )
     return transport
 
