@@ -53,7 +53,7 @@ async def service(hub: Hub) -> AsyncIterator[HttpTransport]:
     http = HttpFront(hub)
     await asyncio.wait_for(http.start(), STEP)
     t = HttpTransport(hub.connection_string("d2"), service_connection_string=http.service_connection_string,
-                      endpoint=http.url, timeout=STEP)
+                      host="127.0.0.1", port=http.port, ssl=None, timeout=STEP)
     await asyncio.wait_for(t.connect(), STEP)
     yield t
     await asyncio.wait_for(t.close(), STEP)
