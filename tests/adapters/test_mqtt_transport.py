@@ -17,7 +17,7 @@ from adapters.mqtt.transport import MqttAnswer, MqttTransport
 from gateway.errors import ConnectionLostError, IoTHubError, UnauthorizedError
 from gateway.handler import Handler, State
 from gateway.policy import Policy, PolicyConfig, StopReason
-from gateway.transport import Disconnected, Message, Transport
+from gateway.transport import Disconnected, GetTwin, Message, Transport
 from tests.peers.mosquitto import HUB, Mosquitto, RawClient, StartMosquitto, iothub_username
 
 PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
@@ -25,7 +25,7 @@ PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
 
 def make(broker: Mosquitto, device: str = "dev1", protocol: int = 4, password: str | None = None,
          **kw: object) -> MqttTransport:
-    return MqttTransport(f"HostName={HUB};DeviceId={device}", host=broker.host, port=broker.port, tls=False,
+    return MqttTransport(f"HostName={HUB};DeviceId={device}", host=broker.host, port=broker.port, ssl=None,
                          protocol=protocol, sas_token=password if password is not None else f"pw-{device}",
                          connect_timeout=5, **kw)  # type: ignore[arg-type]
 
@@ -100,7 +100,7 @@ async def test_connection_refused_keeps_the_os_error() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = MqttTransport(f"HostName={HUB};DeviceId=dev1", host="127.0.0.1", port=port, tls=False, sas_token="x")
+    t = MqttTransport(f"HostName={HUB};DeviceId=dev1", host="127.0.0.1", port=port, ssl=None, sas_token="x")
     with pytest.raises(IoTHubError) as info:
         await asyncio.wait_for(t.connect(), 10)
     assert info.value.code == 503901  # ConnectionRefused
@@ -187,7 +187,7 @@ async def test_publish_before_connect_and_after_close(mosquitto: Mosquitto) -> N
     async with connected(t):
         pass
     with pytest.raises(IoTHubError) as info:
-        await t.request("twin_get", None, timeout=1)
+        await t.request(GetTwin(), timeout=1)
     assert info.value.code == 503904
     await t.close()  # idempotent
 
