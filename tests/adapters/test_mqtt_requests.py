@@ -148,3 +148,15 @@ async def test_bursts_over_the_fronts_tls(hub: Hub, tls_files: TlsFiles) -> None
     assert [r for r in results if isinstance(r, BaseException)] == []
     assert all(isinstance(r, dict) for r in results[:1000])
     assert len(hub.received_ids("d1")) == 1000
+
+
+async def test_unacknowledged_sends_time_out_in_order_and_leave_nothing(hub: Hub, mqtt_front: MqttFront) -> None:
+    """Send deadlines share one loop timer; each unanswered send still fails on its own deadline."""
+    hub.plan.add(Operation.TELEMETRY, kind=FaultKind.NO_ACK, device="d1", times=3)
+    async with connected(make(hub, mqtt_front, protocol=5, send_timeout=0.3)) as t:
+        results = await asyncio.wait_for(asyncio.gather(
+            *(t.send(Message(f"lost{i}", "d1", b"x")) for i in range(3)), return_exceptions=True), 5)
+        assert [getattr(r, "code", r) for r in results] == [504901] * 3
+        await asyncio.wait_for(t.send(Message("ok", "d1", b"x")), 5)
+        assert t._link is not None and t._link.publishes == {}
+    assert hub.received_ids("d1") == ["lost0", "lost1", "lost2", "ok"]
