@@ -384,24 +384,28 @@ class _Link:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:
             topic: str = msg.topic
-        except UnicodeDecodeError:  # hostile or broken peer: not ours to read; never ack it
-            log.warning("MQTT message with an invalid UTF-8 topic ignored")
+        except UnicodeDecodeError:  # a broken peer: unreadable, so dropped (acknowledged, not to block it)
+            log.warning("MQTT message with an invalid UTF-8 topic dropped")
+            if msg.qos:
+                self.client.ack(msg.mid, 1)
             return
         payload = bytes(msg.payload)
+        device = self.owner.device_id
+        if topic.startswith(f"devices/{device}/messages/devicebound/"):
+            self._c2d(topic[len(f"devices/{device}/messages/devicebound/") :], payload, msg.mid, msg.qos)
+            return
+        if msg.qos:  # only C2D waits for the application; anything else at QoS 1 is acknowledged now
+            self.client.ack(msg.mid, 1)
         if topic.startswith(("$iothub/twin/res/", "$iothub/methods/res/")):
             rid = _query(topic).get("$rid", "")
             future = self.requests.pop(rid, None)
             if future is not None and not future.done():
                 future.set_result((topic, payload))
-            return
-        device = self.owner.device_id
-        if topic.startswith("$iothub/methods/POST/"):
+        elif topic.startswith("$iothub/methods/POST/"):
             name = topic[len("$iothub/methods/POST/") :].partition("/")[0]
             self._method(MethodCall(name, _query(topic).get("$rid", ""), _json(payload)))
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
             self._desired(topic, payload)
-        elif topic.startswith(f"devices/{device}/messages/devicebound/"):
-            self._c2d(topic[len(f"devices/{device}/messages/devicebound/") :], payload, msg.mid, msg.qos)
         else:
             log.debug("MQTT message on an unexpected topic ignored: %.200s", topic)
 

@@ -302,3 +302,13 @@ async def test_desired_patches_on_a_full_queue_are_merged_not_lost(scripted: Scr
     assert first == DesiredPatch({"a": 1, "$version": 2}, 2)
     # the three that found the queue full, as one merge patch with the last version
     assert merged == DesiredPatch({"b": {"x": 1, "y": None}, "c": 3, "a": 4, "$version": 5}, 5)
+
+
+async def test_qos1_publishes_other_than_c2d_are_acknowledged_at_once(scripted: ScriptedHub) -> None:
+    """Only C2D waits for the application's settle; a method call or twin answer sent at QoS 1 (IoT Hub
+    uses QoS 0 there) must not sit unacknowledged in the peer's in-flight window."""
+    async with connected(make(scripted)) as t:
+        mid = scripted.push(Publish("$iothub/methods/POST/m/?$rid=7", b"{}", 1))
+        await until(lambda: scripted.acks == [mid])
+        event = await next_inbound(t.events())
+        assert event.payload == MethodCall("m", "7", {})
