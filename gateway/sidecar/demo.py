@@ -11,7 +11,6 @@ output says so, and shows what the shipped policy would have decided where the d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import random
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.aio import cancel_and_wait
 from gateway.codes import code_of, lookup
 from gateway.emulator import Operation
 from gateway.errors import IoTHubError, make_error
@@ -294,10 +294,7 @@ class Demo:
                 s.quiet = True
                 return self.summary(await self.drain())
         finally:
-            if printer is not None:
-                printer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await printer
+            await cancel_and_wait(printer)
             await site.stop()
             await self.sidecar.stop()
             await runner.cleanup()
@@ -390,10 +387,7 @@ class Demo:
             payload = getattr(result, "payload", result)
             self.story.line("service", f"released and delivered: status {status}, payload {payload}")
         finally:
-            if answering is not None:
-                answering.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await answering
+            await cancel_and_wait(answering)
             await pump.close()
             await caller.close()
 

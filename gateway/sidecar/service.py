@@ -11,7 +11,6 @@ rest back to pending, close the handlers and the outbox, exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -24,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from gateway.aio import cancel_and_wait
 from gateway.codes import lookup
 from gateway.handler import State
 from gateway.outbox import Outbox
@@ -175,11 +175,7 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
-        sweeper = self._sweeper
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+        await cancel_and_wait(self._sweeper)
         deadline = self.config.delivery.shutdown_deadline
         results = await asyncio.gather(*(p.stop(deadline) for p in self.pipelines.values()), return_exceptions=True)
         persisted = sum(r for r in results if isinstance(r, int))

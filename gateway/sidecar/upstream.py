@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.aio import cancel_and_wait
 from gateway.codes import Action, code_of, lookup
 from gateway.errors import IoTHubError
 from gateway.handler import Handler, State, StateChange, Undelivered
@@ -234,17 +235,11 @@ class DevicePipeline:
         were still in flight and went back to pending."""
         self._stopping = True
         self._wake.set()
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        await cancel_and_wait(self._runner)
         pending = set(self._tasks)
         if pending and deadline > 0:
             _, pending = await asyncio.wait(pending, timeout=deadline)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(pending)
         await self.handler.close()
         return len(pending)
 
