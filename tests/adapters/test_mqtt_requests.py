@@ -19,6 +19,7 @@ from gateway.errors import IoTHubError
 from gateway.transport import (
     C2DMessage,
     DesiredPatch,
+    Disconnected,
     GetTwin,
     Inbound,
     Message,
@@ -27,6 +28,7 @@ from gateway.transport import (
     RespondMethod,
     SettleC2D,
 )
+from tests.peers.proxy import TcpProxy
 from tests.peers.tls import TlsFiles
 
 PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
@@ -160,3 +162,38 @@ async def test_unacknowledged_sends_time_out_in_order_and_leave_nothing(hub: Hub
         await asyncio.wait_for(t.send(Message("ok", "d1", b"x")), 5)
         assert t._link is not None and t._link.publishes == {}
     assert hub.received_ids("d1") == ["lost0", "lost1", "lost2", "ok"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_half_open_link_over_tls_is_detected_and_a_reconnect_loses_nothing(
+        hub: Hub, tls_files: TlsFiles, protocol: int) -> None:
+    """A proxy freezes the link (silent, sockets open) under a TLS connection to the hub: keep-alive
+    reports a connection loss (404104) within about two periods, the send caught in it fails with that
+    code (so the handler resends it), and the next connection delivers."""
+    keepalive = 2
+    front = MqttFront(hub, FrontConfig(ssl_context=tls_files.server_context()))
+    await front.start()
+    try:
+        async with TcpProxy("127.0.0.1", front.port) as proxy:
+            t = MqttTransport(hub.connection_string("d1"), host="127.0.0.1", port=proxy.port, protocol=protocol,
+                              ssl=tls_files.client_context(), keepalive=keepalive, connect_timeout=5,
+                              send_timeout=30)
+            async with connected(t):
+                events = t.events()
+                await asyncio.wait_for(t.send(Message("before", "d1", b"x")), 5)
+                assert proxy.freeze() == 1
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                caught = asyncio.ensure_future(t.send(Message("caught", "d1", b"x")))
+                event = await asyncio.wait_for(anext(events), 5 * keepalive)
+                detected = loop.time() - start
+                assert isinstance(event, Disconnected) and event.error.code == 404104
+                assert detected <= 2 * keepalive + 1  # two periods plus the keep-alive check's tick
+                err = await failure(caught)
+                assert err.code == 404104  # outcome unknown, never NotConnected
+                await asyncio.wait_for(t.connect(), 10)  # a new connection through the proxy
+                await asyncio.wait_for(t.send(Message("caught", "d1", b"x")), 5)  # the resend
+            assert proxy.accepted == 2
+    finally:
+        await front.stop()
+    assert hub.received_ids("d1")[0] == "before" and "caught" in hub.received_ids("d1")
