@@ -23,11 +23,12 @@ the queue full is not acknowledged, so the hub still owns it and redelivers it. 
 desired-property patches come at QoS 0 (nothing to withhold): a method call that finds the queue full
 is answered at once with status 503 (the service learns now instead of at its timeout), and desired
 patches that find it full are merged (JSON merge-patch) into one pending patch delivered when room
-frees, so no desired change is lost and the memory stays bounded.
+frees: the memory stays bounded and no desired change is dropped (:func:`_merge_patch` names the one
+shape of change a merged patch cannot express).
 
 Every failure is an :class:`~gateway.errors.IoTHubError` from the MQTT translator (CONNACK, PUBACK,
 SUBACK, DISCONNECT reason codes with their properties, twin response topics) or, at the one mapping
-point :func:`_map_exceptions`, from ``normalize`` (socket and TLS errors), with the raw answer
+point :func:`_map_error`, from ``normalize`` (socket and TLS errors), with the raw answer
 (:class:`MqttAnswer`) or exception on ``__cause__``. Nothing waits forever: a send or request has a
 deadline on the loop's clock, and everything pending fails when the connection drops, with the drop's
 code, never with NotConnected, because a message that was written may have been delivered (the handler
@@ -450,6 +451,9 @@ class _Link:
             return
         if self.desired is not None or not self._room():
             # Merged, in order, into one pending patch; delivered once the queue has room.
+            if self.desired is None:
+                log.warning("MQTT inbound queue full (%d); merging desired patches until it has room",
+                            self.owner.max_events)
             self.desired = _merge_patch(self.desired or {}, patch)
             return
         self._put(Inbound("twin_desired", DesiredPatch(patch, _version(topic, patch)), self.owner.device_id))
@@ -540,7 +544,11 @@ def _version(topic: str, patch: Mapping[str, Any]) -> int | None:
 
 def _merge_patch(base: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     """Two JSON merge patches (RFC 7386) as one: applying the result equals applying both in order.
-    A null stays a null (it deletes on the device's side); nested objects merge key by key."""
+    A null stays a null (it deletes on the device's side); nested objects merge key by key.
+
+    One case merge patch cannot say: a key set to a non-object (or null) and then to an object again
+    reads, merged, as "merge into whatever object the device holds", not "replace it"; stale sub-keys
+    the device held before may survive. Only the full-queue path merges, and it logs when it does."""
     merged = dict(base)
     for key, value in patch.items():
         old = merged.get(key)
