@@ -31,6 +31,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import aiohttp
+from yarl import URL
 
 from adapters.http.transport import HttpTransport
 from gateway.emulator import Hub
@@ -90,7 +91,8 @@ async def raw_round(url: str, conn: ConnectionString, n: int, concurrency: int) 
 
 
 async def adapter_round(url: str, conn: ConnectionString, n: int, concurrency: int) -> tuple[float, float]:
-    transport = HttpTransport(conn, endpoint=url, connection_limit=concurrency)
+    parsed = URL(url)
+    transport = HttpTransport(conn, host=parsed.host, port=parsed.port, ssl=None, connection_limit=concurrency)
     await transport.connect()
     body = b'{"temperature": 21.5}'
     props = {"unit": "C"}

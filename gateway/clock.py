@@ -4,9 +4,14 @@ The handler is the only part of the package that waits; it waits only through a 
 production that is :class:`SystemClock`. Tests hand in a :class:`FakeClock` and move time forward
 themselves, so no test ever really sleeps and timings are exact.
 
-``now()`` is seconds since the Unix epoch (UTC), because one decision needs the wall clock: the daily
-quota resets at 00:00 UTC. Nothing here measures durations across a wall-clock jump; backoff delays are
-bounded, so a jump costs at most one early or late attempt.
+Two readings, because they answer different questions:
+
+- ``now()`` is monotonic seconds (the event loop's clock in production). Every duration, deadline, backoff
+  and gate runs on it, so a wall-clock step (NTP on an edge board that booted in 1970, a DST bug, an
+  operator's ``date -s``) neither stretches a 5 s deadline into an hour nor expires all pending work.
+- ``wall()`` is seconds since the Unix epoch (UTC). It answers only "when is the next 00:00 UTC" (the
+  daily quota reset), "how far away is this HTTP-date ``Retry-After``" and "how long is this token still
+  valid"; each answer is turned into a monotonic delay once, at the moment it is needed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "FakeClock", "SystemClock"]
+__all__ = ["Clock", "FakeClock", "SystemClock", "wall_to_monotonic"]
 
 
 @runtime_checkable
@@ -26,18 +31,33 @@ class Clock(Protocol):
     """Where the handler reads the time and waits."""
 
     def now(self) -> float:
-        """Seconds since the Unix epoch (UTC)."""
+        """Monotonic seconds: for durations and deadlines only (its zero means nothing)."""
+        ...
+
+    def wall(self) -> float:
+        """Seconds since the Unix epoch (UTC): only to compute a wall-clock target, once."""
         ...
 
     async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` (<= 0 still yields once). Cancellable."""
+        """Wait ``seconds`` of monotonic time (<= 0 still yields once). Cancellable."""
         ...
 
 
+def wall_to_monotonic(clock: Clock, epoch: float) -> float:
+    """The monotonic time at which the wall clock is expected to read ``epoch`` (computed once, now)."""
+    return clock.now() + (epoch - clock.wall())
+
+
 class SystemClock:
-    """The real clock: ``time.time()`` and ``asyncio.sleep``."""
+    """The real clock: the running loop's monotonic time, ``time.time()`` for the wall, ``asyncio.sleep``."""
 
     def now(self) -> float:
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # outside a loop (building a handler in sync code): the same clock loops use
+            return time.monotonic()
+
+    def wall(self) -> float:
         return time.time()
 
     async def sleep(self, seconds: float) -> None:
@@ -49,7 +69,10 @@ class FakeClock:
 
     ``advance(dt)`` wakes every sleeper whose time comes within ``dt``, in time order, letting the event
     loop run between wake-ups so the woken code can schedule its next sleep inside the same advance.
-    ``run_until(predicate)`` jumps from timer to timer until the predicate holds.
+    ``run_until(predicate)`` jumps from timer to timer until the predicate holds. ``step_wall(dt)`` moves
+    only the wall clock (an NTP step), leaving monotonic time and every sleeper alone.
+
+    Both readings start at ``start``, so a test may compare them until it steps the wall clock.
     """
 
     #: 2024-01-01T00:00:00Z, a fixed start so tests that care about the UTC date are reproducible.
@@ -57,12 +80,20 @@ class FakeClock:
 
     def __init__(self, start: float = DEFAULT_START, *, settle_rounds: int = 200) -> None:
         self._now = float(start)
+        self._wall_offset = 0.0
         self._timers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._settle_rounds = settle_rounds
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        return self._now + self._wall_offset
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock by ``seconds`` (either sign); monotonic time does not move."""
+        self._wall_offset += seconds
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -17,14 +17,45 @@ REFRESH_CREDENTIALS     call the refresh hook, then reconnect; refused again rig
 WAIT_FOR_DEVICE         hold the operation for its device until the device is online, or its deadline
 WAIT_FOR_QUOTA_RESET    park until the next 00:00 UTC plus jitter, or one probe interval, whichever is first
 STOP_IDENTITY_CONFLICT  long jittered reconnect; after K takeovers within W seconds, stop naming the identity
+                        (only when the hub said the code; an inferred one parks instead, see below)
 STOP                    stop the connection (an operation aimed at another device is dead-lettered instead)
 FAIL                    dead-letter the operation; a connect refused with it: stop (retrying cannot
                         help); a live connection closed over it: reconnect (the request was the fault)
 ======================  ==================================================================================
 
-On MQTT 3.1.1 the hub cannot say "another client took this identity": it just drops the connection. A
-drop within ``identity.quick_drop`` seconds of a successful connect, repeated ``quick_drop_repeat``
-times within the identity window, is therefore treated as an identity conflict.
+Time: ``now`` is the handler's monotonic clock, and every delay, deadline and ``until`` in a decision is on
+it. ``wall`` (epoch seconds, default ``now``) is read only to aim at 00:00 UTC (quota) and at a peer's
+absolute ``retry_at`` (HTTP-date ``Retry-After``); each is turned into a monotonic target at once.
+
+What the handler does on MQTT 3.1.1 drops, and why
+--------------------------------------------------
+
+MQTT 3.1.1 has no way to say "no" to a publish: IoT Hub refuses a message (throttled, malformed, refused)
+by closing the socket, and closes it the same way when another client connects with our identity. The
+transport says so (``ambiguous_drops = True``), and the handler tells :meth:`Policy.step` which telemetry
+messages were in flight when such a drop (without an exact code) happened. The evidence is read like this:
+
+- **Sends in flight: the drop is about them, not about our identity.** Each in-flight message's drop count
+  goes up, and the next connections run in *suspect* mode: one send at a time, messages with fewer drops
+  first (then in arrival order), so each later drop names exactly one message. Suspect mode ends after
+  ``drops.suspect_successes`` deliveries.
+- **Poison**: a message that was alone in flight at ``drops.poison_after`` drops, while other messages were
+  delivered between its drops, is refused for what it is. It is dead-lettered with an inferred (not exact)
+  code (:func:`poison_code`: MessageTooLarge above 256 KiB, else ArgumentInvalid), and the messages
+  behind it flow. Because other messages flow, the hub is not throttling and the identity is ours: the
+  message itself is the fault.
+- **Nothing flows**: when every send drops (no delivery between two drops), the hub is refusing
+  everything: that is throttling on a protocol that cannot say so. The handler reconnects on the throttle
+  curve, reports THROTTLED (and counts it as throttled), never dead-letters and never stops.
+- **Nothing in flight**: the drop may be a takeover by another client with our identity (or the network).
+  ``drops.takeover_repeat`` such drops within ``identity.window`` park the connection for
+  ``drops.takeover_park`` seconds (state PARKED, a metric and a warning in the log: an operator should
+  look), then it tries again. Ambiguous evidence never stops a device for good; only an exact
+  ConnectionForcefullyClosedOnNewConnection or LinkCreationConflict (MQTT 5, AMQP: the hub said it) may
+  end in ``Stop(identity_conflict)`` after K takeovers in the window.
+
+The earlier rule (quick drops after a connect are a takeover) stopped devices whose only fault was a
+throttled or refused publish that was resent after each reconnect, so it is gone.
 """
 
 from __future__ import annotations
@@ -40,14 +71,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
 
-from gateway.codes import TRANSPORTS, Action, by_name, code_of, lookup, parse_code
+from gateway.codes import Action, by_name, code_of, lookup, parse_code
 from gateway.errors import IoTHubError, OperationTimeoutError
 
 __all__ = [
+    "MAX_D2C_MESSAGE",
     "Backoff",
     "CodeOverride",
     "DeadLetter",
     "Decision",
+    "DropConfig",
+    "DropRecord",
     "History",
     "HoldForDevice",
     "IdentityBackoff",
@@ -64,6 +98,7 @@ __all__ = [
     "ThrottleBackoff",
     "load_policy",
     "next_utc_midnight",
+    "poison_code",
 ]
 
 _NOT_CONNECTED = code_of("NotConnected")
@@ -130,7 +165,7 @@ class ThrottleBackoff(Backoff):
 
 @dataclass(frozen=True, slots=True)
 class IdentityBackoff(Backoff):
-    """The identity-conflict curve, the takeover limit and the MQTT 3.1.1 quick-drop detector."""
+    """The identity-conflict curve and the takeover limit (only an exact code may stop)."""
 
     initial: float = 30.0
     multiplier: float = 2.0
@@ -139,10 +174,19 @@ class IdentityBackoff(Backoff):
     max_attempts: int = 0
     max_elapsed: float = 0.0
     max_takeovers: int = 3  #: K: stop at the K-th takeover within the window
-    window: float = 900.0  #: W, seconds
-    quick_drop: float = 5.0  #: a drop this soon after connecting looks like a takeover
-    quick_drop_repeat: int = 2  #: ... once it has happened this many times within the window
-    quick_drop_transports: tuple[str, ...] = ("mqtt",)
+    window: float = 900.0  #: W, seconds (also the window of inferred takeovers)
+    refresh_grace: float = 5.0  #: a refreshed credential dropped within this many seconds did not work
+
+
+@dataclass(frozen=True, slots=True)
+class DropConfig:
+    """Reading connection drops on a transport that refuses by closing the socket (MQTT 3.1.1)."""
+
+    poison_after: int = 3  #: N: alone in flight at N drops, while others flowed -> dead-letter it
+    suspect_successes: int = 10  #: deliveries after which sends go concurrently again
+    takeover_repeat: int = 3  #: drops with nothing in flight within identity.window before parking
+    takeover_park: float = 1800.0  #: how long to park after them before trying again
+    max_tracked: int = 1000  #: message ids whose drops are remembered (oldest forgotten first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +212,9 @@ class OperationConfig:
     timeout: float = 240.0  #: a whole operation, retries included
     connect_timeout: float = 30.0  #: one connect attempt
     refresh_timeout: float = 30.0  #: one call of the credential-refresh hook
-    renew_before: float = 300.0  #: renew a token this long before it expires
+    renew_before: float = 300.0  #: renew a token this long before it expires, at a quiet moment
+    renew_margin: float = 60.0  #: ... but no later than this long before it expires, quiet or not
+    timeouts_to_drop: int = 3  #: OperationTimedOut in a row on one connection: it is half-open, reconnect
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +236,7 @@ class PolicyConfig:
     quota: QuotaConfig = QuotaConfig()
     device: DeviceConfig = DeviceConfig()
     operation: OperationConfig = OperationConfig()
+    drops: DropConfig = DropConfig()
     codes: Mapping[int, CodeOverride] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
@@ -237,10 +284,18 @@ _SECTIONS: dict[str, object] = {
     "quota": QuotaConfig(),
     "device": DeviceConfig(),
     "operation": OperationConfig(),
+    "drops": DropConfig(),
+}
+_REMOVED = {  # keys of earlier releases whose rule is gone, with what replaces it
+    name: "the quick-drop rule stopped MQTT 3.1.1 devices over refused publishes; drops are now read as the "
+          "[drops] section describes (inferred takeovers park, never stop)"
+    for name in ("quick_drop", "quick_drop_repeat", "quick_drop_transports")
 }
 _CURVE_KEYS = frozenset(f.name for f in dataclasses.fields(Backoff))
-_INT_KEYS = frozenset({"max_attempts", "max_takeovers", "quick_drop_repeat", "max_held"})
-_AT_LEAST_ONE = frozenset({"multiplier", "max_takeovers", "quick_drop_repeat", "max_held"})
+_INT_KEYS = frozenset({"max_attempts", "max_takeovers", "max_held", "poison_after", "suspect_successes",
+                       "takeover_repeat", "max_tracked", "timeouts_to_drop"})
+_AT_LEAST_ONE = frozenset({"multiplier", "max_takeovers", "max_held", "poison_after", "takeover_repeat", "max_tracked",
+                           "timeouts_to_drop"})
 
 
 def _build_section(proto: object, value: object, where: str) -> object:
@@ -249,6 +304,8 @@ def _build_section(proto: object, value: object, where: str) -> object:
     names = {f.name for f in dataclasses.fields(proto)}  # type: ignore[arg-type]
     params: dict[str, Any] = {}
     for key, raw in value.items():
+        if key in _REMOVED:
+            raise PolicyConfigError(f"{where}: {key!r} was removed: {_REMOVED[key]}")
         if key not in names:
             raise PolicyConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(names))})")
         params[key] = _check_value(key, raw, f"{where} {key}")
@@ -262,10 +319,6 @@ def _build_section(proto: object, value: object, where: str) -> object:
 
 
 def _check_value(key: str, raw: object, where: str) -> object:
-    if key == "quick_drop_transports":
-        if not isinstance(raw, list) or not all(isinstance(t, str) and t in TRANSPORTS for t in raw):
-            raise PolicyConfigError(f"{where}: expected a list drawn from {list(TRANSPORTS)}, got {raw!r}")
-        return tuple(raw)
     if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise PolicyConfigError(f"{where}: expected a number, got {raw!r}")
     if key in _INT_KEYS and not isinstance(raw, int):
@@ -381,6 +434,9 @@ class ReconnectAfter:
     throttled: bool = False
     possible_duplicate: bool = False
     identity_conflict: bool = False
+    attributed: bool = False  #: an ambiguous drop was put down to the sends in flight (MQTT 3.1.1)
+    poison: tuple[str, ...] = ()  #: message ids to dead-letter as poison (see the module docstring)
+    inferred_takeover: bool = False  #: an ambiguous drop with nothing in flight: maybe a takeover
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,10 +457,15 @@ class HoldForDevice:
 
 @dataclass(frozen=True, slots=True)
 class ParkUntil:
-    """Send nothing until ``until`` (epoch seconds); the first send after it is the probe."""
+    """Send nothing until ``until`` (monotonic); the first send after it is the probe.
+
+    ``takeover``: parked because of repeated inferred takeovers (MQTT 3.1.1 drops with nothing in flight),
+    not because of the quota: the connection stays down until ``until``, then tries again.
+    """
 
     until: float
     code: int
+    takeover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +489,18 @@ Decision: TypeAlias = RetryAfter | ReconnectAfter | RefreshCredentials | HoldFor
 
 
 @dataclass(frozen=True, slots=True)
+class DropRecord:
+    """What the drops say about one message: how often it was in flight, how often alone, and whether
+    another message was delivered between two of its drops (then the hub is neither throttling nor
+    taking our identity: the message is the fault)."""
+
+    drops: int = 0
+    solo: int = 0
+    mark: int = 0  #: ``History.delivered`` at its last drop
+    flowed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class History:
     """What the policy remembers about one connection. Immutable: each step returns a new one."""
 
@@ -439,7 +512,12 @@ class History:
     throttle_attempt: int = 0  #: throttle decisions since the last success
     refreshed: bool = False  #: credentials were refreshed and have not yet proven themselves
     takeovers: tuple[float, ...] = ()  #: identity-conflict events within the window
-    quick_drops: tuple[float, ...] = ()  #: MQTT drops soon after connecting, within the window
+    ambiguous_drops: bool = False  #: the transport refuses by closing the socket (MQTT 3.1.1)
+    inferred_takeovers: tuple[float, ...] = ()  #: ambiguous drops with nothing in flight, within the window
+    drop_records: Mapping[str, DropRecord] = field(default_factory=lambda: MappingProxyType({}))
+    delivered: int = 0  #: sends delivered while drop evidence is being kept (a counter, for "did others flow")
+    delivered_at_drop: int | None = None  #: ``delivered`` at the last drop with sends in flight
+    suspect: int = 0  #: > 0: suspect mode, one send at a time; deliveries left before it ends
 
     def on_connected(self, now: float) -> History:
         """A connect succeeded: the outage is over."""
@@ -450,6 +528,21 @@ class History:
         if self.throttle_attempt == 0 and not self.refreshed:
             return self
         return dataclasses.replace(self, throttle_attempt=0, refreshed=False)
+
+    def on_delivered(self, message_id: str) -> History:
+        """A send was delivered: it is cleared of drops, and it counts as "others flow" for the rest."""
+        if not self.ambiguous_drops or (not self.drop_records and self.suspect == 0 and self.delivered_at_drop is None):
+            return self
+        records = self.drop_records
+        if message_id in records:
+            records = MappingProxyType({k: v for k, v in records.items() if k != message_id})
+        return dataclasses.replace(self, drop_records=records, delivered=self.delivered + 1,
+                                   suspect=max(0, self.suspect - 1))
+
+    def drops_of(self, message_id: str) -> int:
+        """How many drops happened while ``message_id`` was in flight (orders sends in suspect mode)."""
+        record = self.drop_records.get(message_id)
+        return record.drops if record is not None else 0
 
     def on_closed(self) -> History:
         """We closed the connection ourselves (a refresh reconnect, shutdown): not an outage."""
@@ -522,9 +615,11 @@ class Policy:
         now: float,
         rand: random.Random | float,
         op: Operation | None = None,
+        wall: float | None = None,
+        in_flight: tuple[str, ...] = (),
     ) -> Decision:
         """The decision alone (see :meth:`step`)."""
-        return self.step(err, history, now=now, rand=rand, op=op)[0]
+        return self.step(err, history, now=now, rand=rand, op=op, wall=wall, in_flight=in_flight)[0]
 
     def step(
         self,
@@ -534,35 +629,34 @@ class Policy:
         now: float,
         rand: random.Random | float,
         op: Operation | None = None,
+        wall: float | None = None,
+        in_flight: tuple[str, ...] = (),
     ) -> tuple[Decision, History]:
         """Decide about ``err`` and return the decision with the updated history.
 
         ``op`` is None when the connection itself failed (a connect attempt, or a drop of the live
         connection); otherwise it describes the operation that failed on a connection that may be fine.
         ``rand`` is either a ``random.Random`` (one draw is taken) or the draw itself, in [0, 1).
+        ``now`` is monotonic; ``wall`` (epoch, default ``now``) only aims at wall-clock targets.
+        ``in_flight``: the ids of the sends in flight when the live connection dropped (ambiguous drops).
         """
         u = _draw(rand)
         action = self.action_for(err)
         code = err.code
-        idc = self.config.identity
         hist = history
-        window_start = now - idc.window
+        wall = now if wall is None else wall
 
-        # MQTT 3.1.1: a takeover shows only as a drop right after a successful connect.
-        if (op is None and hist.connected_at is not None and action is Action.RECONNECT
-                and err.transport in idc.quick_drop_transports and now - hist.connected_at <= idc.quick_drop):
-            drops = (*[t for t in hist.quick_drops if t > window_start], now)
-            hist = dataclasses.replace(hist, quick_drops=drops)
-            if len(drops) >= idc.quick_drop_repeat:
-                action = Action.STOP_IDENTITY_CONFLICT
+        if (op is None and hist.ambiguous_drops and hist.connected_at is not None and not err.exact
+                and action is Action.RECONNECT):
+            return self._ambiguous_drop(err, hist, now, u, in_flight)
 
         if action is Action.STOP_IDENTITY_CONFLICT:
             return self._identity(err, hist, now, u, op)
         if action is Action.REFRESH_CREDENTIALS:
             return self._credentials(err, hist, now)
         if action is Action.WAIT_FOR_QUOTA_RESET:
-            until = min(next_utc_midnight(now) + u * self.config.quota.reset_jitter,
-                        now + self.config.quota.probe_interval)
+            to_reset = next_utc_midnight(wall) - wall + u * self.config.quota.reset_jitter
+            until = now + min(to_reset, self.config.quota.probe_interval)
             return ParkUntil(until=until, code=code), hist
         if action is Action.STOP:
             if op is not None and op.device_id and hist.identity and op.device_id != hist.identity:
@@ -578,24 +672,24 @@ class Policy:
                     _down(hist, op)
             return DeadLetter(code, f"{err.name}: {err.message}"), hist
         if op is None:
-            return self._reconnect(err, hist, now, u, action)
-        return self._operation(err, hist, now, u, action, op=op)
+            return self._reconnect(err, hist, now, u, action, wall)
+        return self._operation(err, hist, now, u, action, op=op, wall=wall)
 
     # -- pieces -----------------------------------------------------------------------------------
 
-    def _throttle_delay(self, err: IoTHubError, hist: History, now: float, u: float) -> float:
+    def _throttle_delay(self, err: IoTHubError, hist: History, wall: float, u: float) -> float:
         curve = self.curve(Action.THROTTLE, err.code)
         cap = self.config.throttle.max_retry_after
         hinted = err.retry_after
         if hinted is None and err.retry_at is not None:
-            hinted = max(0.0, err.retry_at - now)
+            hinted = max(0.0, err.retry_at - wall)  # an absolute (epoch) date: the one use of the wall clock
         if hinted is not None:
             # The peer knows best; a little jitter on top keeps a fleet told "10 s" from returning at once.
             return min(cap, hinted * (1.0 + 0.1 * u))
         return curve.delay(hist.throttle_attempt + 1, u)
 
-    def _reconnect(self, err: IoTHubError, hist: History, now: float, u: float, action: Action) -> tuple[
-            Decision, History]:
+    def _reconnect(self, err: IoTHubError, hist: History, now: float, u: float, action: Action,
+                   wall: float | None = None) -> tuple[Decision, History]:
         attempt = hist.attempt + 1
         since = hist.retry_since if hist.retry_since is not None else now
         throttled = action is Action.THROTTLE
@@ -603,7 +697,8 @@ class Policy:
         if limits.exhausted(attempt, now - since):
             detail = f"gave up reconnecting after {attempt} attempts over {now - since:.0f}s; last: {err.name}"
             return Stop(StopReason.RETRY_EXPIRED, err.code, detail), _down(hist, None)
-        delay = self._throttle_delay(err, hist, now, u) if throttled else limits.delay(attempt, u)
+        delay = self._throttle_delay(err, hist, now if wall is None else wall, u) if throttled \
+            else limits.delay(attempt, u)
         nxt = dataclasses.replace(
             hist, attempt=attempt, retry_since=since, connected_at=None,
             throttle_attempt=hist.throttle_attempt + (1 if throttled else 0),
@@ -611,7 +706,7 @@ class Policy:
         return ReconnectAfter(delay=delay, code=err.code, attempt=attempt, throttled=throttled), nxt
 
     def _operation(self, err: IoTHubError, hist: History, now: float, u: float, action: Action, *,
-                   op: Operation) -> tuple[Decision, History]:
+                   op: Operation, wall: float) -> tuple[Decision, History]:
         code = err.code
         if action is Action.WAIT_FOR_DEVICE:
             device = err.device_id or op.device_id
@@ -632,7 +727,7 @@ class Policy:
             detail = f"gave up after {op.attempt} attempts over {now - op.started:.0f}s: {err.name}"
             return DeadLetter(code, detail), hist
         if throttled:
-            delay = self._throttle_delay(err, hist, now, u)
+            delay = self._throttle_delay(err, hist, wall, u)
             hist = dataclasses.replace(hist, throttle_attempt=hist.throttle_attempt + 1)
         else:
             delay = curve.delay(op.attempt, u)
@@ -641,7 +736,7 @@ class Policy:
 
     def _credentials(self, err: IoTHubError, hist: History, now: float) -> tuple[Decision, History]:
         refreshed = hist.refreshed
-        if refreshed and hist.connected_at is not None and now - hist.connected_at > self.config.identity.quick_drop:
+        if refreshed and hist.connected_at is not None and now - hist.connected_at > self.config.identity.refresh_grace:
             refreshed = False  # the refreshed credential held the connection for a while: it worked
         if not hist.can_refresh:
             return Stop(StopReason.UNAUTHORIZED, err.code,
@@ -657,6 +752,10 @@ class Policy:
         takeovers = (*[t for t in hist.takeovers if t > now - idc.window], now)
         hist = dataclasses.replace(hist, takeovers=takeovers, connected_at=None)
         who = hist.identity or err.device_id or "(unknown identity)"
+        if len(takeovers) >= idc.max_takeovers and not err.exact:
+            # Only the hub's own word may stop a device for good; an inferred code parks long and alerts.
+            hist = dataclasses.replace(hist, takeovers=())
+            return ParkUntil(now + self.config.drops.takeover_park, err.code, takeover=True), hist
         if len(takeovers) >= idc.max_takeovers:
             detail = (f"identity conflict: another client keeps connecting as {who!r} "
                       f"({len(takeovers)} takeovers within {idc.window:.0f}s, last {err.name}); "
@@ -669,6 +768,66 @@ class Policy:
                                        retry_since=hist.retry_since if hist.retry_since is not None else now)
         return ReconnectAfter(delay, err.code, attempt, identity_conflict=True,
                               possible_duplicate=op is not None), hist
+
+    def _ambiguous_drop(self, err: IoTHubError, hist: History, now: float, u: float,
+                        in_flight: tuple[str, ...]) -> tuple[Decision, History]:
+        """A live connection dropped without an exact code on a transport that refuses by dropping.
+
+        See the module docstring: sends in flight take the blame (poison, or throttling when nothing
+        flows); a drop with nothing in flight counts toward an inferred takeover, which parks, never stops.
+        """
+        dc = self.config.drops
+        if not in_flight:
+            window_start = now - self.config.identity.window
+            takeovers = (*[t for t in hist.inferred_takeovers if t > window_start], now)
+            hist = dataclasses.replace(hist, inferred_takeovers=takeovers, connected_at=None)
+            if len(takeovers) >= dc.takeover_repeat:
+                hist = dataclasses.replace(hist, inferred_takeovers=())
+                return ParkUntil(now + dc.takeover_park, err.code, takeover=True), hist
+            decision, hist = self._reconnect(err, hist, now, u, Action.RECONNECT)
+            if isinstance(decision, ReconnectAfter):
+                decision = dataclasses.replace(decision, inferred_takeover=True)
+            return decision, hist
+        records = dict(hist.drop_records)
+        solo = len(in_flight) == 1
+        poison: list[str] = []
+        for mid in in_flight:
+            rec = records.pop(mid, DropRecord())
+            flowed = rec.flowed or (rec.drops > 0 and hist.delivered > rec.mark)
+            rec = DropRecord(drops=rec.drops + 1, solo=rec.solo + (1 if solo else 0), mark=hist.delivered,
+                             flowed=flowed)
+            if solo and rec.solo >= dc.poison_after and rec.flowed:
+                poison.append(mid)
+            else:
+                records[mid] = rec  # re-inserted last: the oldest entries are forgotten first
+        while len(records) > dc.max_tracked:
+            del records[next(iter(records))]
+        nothing_flowed = hist.delivered_at_drop is not None and hist.delivered == hist.delivered_at_drop
+        hist = dataclasses.replace(hist, drop_records=MappingProxyType(records), delivered_at_drop=hist.delivered,
+                                   suspect=max(1, dc.suspect_successes))
+        action = Action.THROTTLE if nothing_flowed and not poison else Action.RECONNECT
+        decision, hist = self._reconnect(err, hist, now, u, action)
+        if isinstance(decision, ReconnectAfter):
+            decision = dataclasses.replace(decision, attributed=True, poison=tuple(poison))
+        return decision, hist
+
+
+#: IoT Hub's limit on one device-to-cloud message, body and properties together (256 KiB).
+MAX_D2C_MESSAGE = 256 * 1024
+
+
+def poison_code(size: int | None = None) -> int:
+    """The code a poison message is dead-lettered with on an ambiguous-drop transport (``exact=False``).
+
+    The hub refused this one message by closing the socket while others were delivered, so it is neither
+    throttling nor a takeover: it is the message. Over IoT Hub's 256 KiB (``size`` counts the body and the
+    application properties), the refusal is MessageTooLarge; otherwise it is content the hub will not take
+    (a property, topic or body it finds invalid), which its other protocols (MQTT 5, AMQP, HTTP) answer with
+    ArgumentInvalid. Both are FAIL codes, never retried; both are inferred, since 3.1.1 never said.
+    """
+    if size is not None and size > MAX_D2C_MESSAGE:
+        return code_of("MessageTooLarge")
+    return code_of("ArgumentInvalid")
 
 
 def _down(hist: History, op: Operation | None) -> History:

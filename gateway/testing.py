@@ -11,6 +11,8 @@ throttling or takeovers without a socket and without sleeping::
 
 Subclass :class:`MemoryTransport` and override ``connect``, ``send`` or ``request`` to script the peer;
 the event stream (``events``, ``drop``, ``emit``) is the part every fake needs and gets right here.
+``ambiguous_drops`` (settable) makes it look like MQTT 3.1.1 to the handler; with a ``clock`` and a
+``token_lifetime`` each connect sets ``credential_expiry`` (epoch) as a SAS-token transport does.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.clock import FakeClock
+from gateway.clock import Clock, FakeClock
 from gateway.errors import IoTHubError
-from gateway.transport import Disconnected, Message, TransportEvent
+from gateway.transport import Disconnected, Message, Request, TransportEvent, UnsupportedRequest
 
 __all__ = ["FakeClock", "MemoryTransport"]
 
@@ -33,8 +35,13 @@ class MemoryTransport:
     next calls raise, in order (``None`` means that call succeeds).
     """
 
-    def __init__(self, name: str = "mqtt") -> None:
+    def __init__(self, name: str = "mqtt", *, ambiguous_drops: bool = False, clock: Clock | None = None,
+                 token_lifetime: float | None = None) -> None:
         self.name = name
+        self.ambiguous_drops = ambiguous_drops
+        self.credential_expiry: float | None = None  #: epoch seconds; set at each connect with a token_lifetime
+        self.clock = clock
+        self.token_lifetime = token_lifetime
         self.connected = False
         self.connects = 0
         self.sent: list[Message] = []
@@ -49,6 +56,8 @@ class MemoryTransport:
                 raise err
         self.connects += 1
         self.connected = True
+        if self.clock is not None and self.token_lifetime is not None:
+            self.credential_expiry = self.clock.wall() + self.token_lifetime
         self._queue = asyncio.Queue()  # a fresh stream per connection
 
     async def close(self) -> None:
@@ -62,8 +71,9 @@ class MemoryTransport:
                 raise err
         self.sent.append(message)
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} has no {kind!r} requests: override request()")
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        """No request is scripted by default: override to answer the ones a test needs."""
+        raise UnsupportedRequest(f"{type(self).__name__} has no {type(request).__name__} requests: override request()")
 
     async def events(self) -> AsyncIterator[TransportEvent]:
         queue = self._queue

@@ -331,30 +331,148 @@ def test_takeovers_outside_the_window_are_forgotten() -> None:
     assert len(h.takeovers) == 1
 
 
-def test_mqtt_quick_drops_become_an_identity_conflict() -> None:
+def test_quick_drops_are_no_longer_an_identity_conflict() -> None:
+    """The quick-drop rule is gone (issue 10 #2): a drop soon after connecting is a plain reconnect."""
     drop = make_error(code_of("DeviceConnectionClosedRemotely"), transport="mqtt")
-    h = HIST.on_connected(NOW)
-    d, h = POLICY.step(drop, h, now=NOW + 1, rand=0.5)
-    assert isinstance(d, ReconnectAfter) and not d.identity_conflict
-    h = h.on_connected(NOW + 3)
-    d, h = POLICY.step(drop, h, now=NOW + 4, rand=0.5)
-    assert isinstance(d, ReconnectAfter) and d.identity_conflict
-    assert d.delay >= POLICY.config.identity.initial / 2
+    h = HIST
+    for i in range(6):
+        h = h.on_connected(NOW + i * 3)
+        d, h = POLICY.step(drop, h, now=NOW + i * 3 + 1, rand=0.5)
+        assert isinstance(d, ReconnectAfter) and not d.identity_conflict and not d.inferred_takeover
 
 
-def test_quick_drops_on_amqp_or_after_a_long_connection_are_plain_drops() -> None:
-    amqp = make_error(code_of("DeviceConnectionClosedRemotely"), transport="amqp")
-    mqtt = make_error(code_of("DeviceConnectionClosedRemotely"), transport="mqtt")
-    h = HIST
-    for i in range(5):
-        h = h.on_connected(NOW + i * 10)
-        d, h = POLICY.step(amqp, h, now=NOW + i * 10 + 1, rand=0.5)
-        assert isinstance(d, ReconnectAfter) and not d.identity_conflict
-    h = HIST
-    for i in range(5):
-        h = h.on_connected(NOW + i * 100)
-        d, h = POLICY.step(mqtt, h, now=NOW + i * 100 + 50, rand=0.5)
-        assert isinstance(d, ReconnectAfter) and not d.identity_conflict
+# -- MQTT 3.1.1: ambiguous drops (tables) -----------------------------------------------------------------
+
+AMBIG = History(identity=ME, can_refresh=True, ambiguous_drops=True)
+BARE = make_error(code_of("DeviceConnectionClosedRemotely"), transport="mqtt", exact=False)
+
+
+def drops(script: list[tuple[str, tuple[str, ...]]], policy: Policy = POLICY) -> list[tuple[object, History]]:
+    """Run a script of ("drop", in_flight) and ("ok", message id) steps; return each drop's decision."""
+    h = AMBIG.on_connected(NOW)
+    t = NOW
+    out: list[tuple[object, History]] = []
+    for what, arg in script:
+        t += 1
+        if what == "ok":
+            h = h.on_delivered(arg[0])
+        else:
+            d, h = policy.step(BARE, h, now=t, rand=0.5, in_flight=arg)
+            out.append((d, h))
+            h = h.on_connected(t + 1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        # a drop with a publish in flight is put down to it, never to a takeover, and starts suspect mode
+        ([("drop", ("a", "b"))], [("reconnect", ())]),
+        # every send drops, nothing flows: throttling, never poison however often
+        ([("drop", ("a",))] * 8, [("reconnect", ())] + [("throttled", ())] * 7),
+        # "p" alone in flight at 3 drops while others flow: poison; the first drop had two in flight
+        ([("drop", ("p", "a")), ("ok", ("a",)), ("drop", ("p",)), ("ok", ("b",)), ("drop", ("p",)),
+          ("ok", ("c",)), ("drop", ("p",))],
+         [("reconnect", ()), ("reconnect", ()), ("reconnect", ()), ("reconnect", ("p",))]),
+        # alone at 3 drops but nothing delivered between them: throttling, not poison
+        ([("drop", ("p",)), ("drop", ("p",)), ("drop", ("p",))], [("reconnect", ()), ("throttled", ()),
+                                                                   ("throttled", ())]),
+    ],
+)
+def test_drops_with_sends_in_flight(script: list[tuple[str, tuple[str, ...]]],
+                                    expected: list[tuple[str, tuple[str, ...]]]) -> None:
+    got = []
+    for d, h in drops(script):
+        assert isinstance(d, ReconnectAfter) and d.attributed and not d.identity_conflict
+        assert h.suspect == POLICY.config.drops.suspect_successes
+        got.append(("throttled" if d.throttled else "reconnect", d.poison))
+    assert got == expected
+
+
+def test_throttle_like_drops_climb_the_throttle_curve_and_a_delivery_resets_it() -> None:
+    outs = drops([("drop", ("a",))] * 4)
+    delays = [d.delay for d, _ in outs if isinstance(d, ReconnectAfter) and d.throttled]
+    assert delays == [7.5, 15.0, 30.0]  # equal jitter (u=0.5) of 10, 20, 40
+    h = outs[-1][1].on_connected(NOW + 100).on_success().on_delivered("a")
+    assert h.throttle_attempt == 0 and h.drop_records == {}
+
+
+def test_suspect_mode_ends_after_enough_deliveries_and_orders_by_drops() -> None:
+    (_, h), = drops([("drop", ("a", "b"))])
+    assert h.drops_of("a") == 1 and h.drops_of("zzz") == 0
+    for i in range(POLICY.config.drops.suspect_successes):
+        assert h.suspect > 0
+        h = h.on_delivered(f"x{i}")
+    assert h.suspect == 0
+
+
+def test_drop_records_are_bounded() -> None:
+    small = Policy(PolicyConfig(drops=dataclasses.replace(PolicyConfig().drops, max_tracked=3)))
+    outs = drops([("drop", tuple(f"m{i}" for i in range(10)))], policy=small)
+    assert list(outs[-1][1].drop_records) == ["m7", "m8", "m9"]
+
+
+def test_drops_with_nothing_in_flight_park_long_never_stop() -> None:
+    kinds = []
+    h = AMBIG
+    t = NOW
+    for _ in range(9):
+        h = h.on_connected(t)
+        d, h = POLICY.step(BARE, h, now=t + 1, rand=0.5, in_flight=())
+        kinds.append("park" if isinstance(d, ParkUntil) else "reconnect")
+        assert not isinstance(d, Stop)
+        if isinstance(d, ParkUntil):
+            assert d.takeover and d.until == t + 1 + POLICY.config.drops.takeover_park
+            t = d.until
+        else:
+            assert isinstance(d, ReconnectAfter) and d.inferred_takeover and not d.identity_conflict
+            t += 5
+    assert kinds == ["reconnect", "reconnect", "park"] * 3
+
+
+@pytest.mark.parametrize("code", [400027, 409002])
+def test_exact_takeover_codes_still_stop_but_inferred_ones_park(code: int) -> None:
+    for exact, expected in ((True, Stop), (False, ParkUntil)):
+        e = make_error(code, transport="mqtt", exact=exact)
+        h = AMBIG
+        for i in range(3):
+            d, h = POLICY.step(e, h.on_connected(NOW + i * 60), now=NOW + i * 60 + 1, rand=0.5)
+        assert type(d) is expected, exact
+
+
+def test_ambiguous_rules_only_on_ambiguous_transports_and_inexact_drops() -> None:
+    plain = HIST.on_connected(NOW)
+    d, _ = POLICY.step(BARE, plain, now=NOW + 1, rand=0.5, in_flight=("a",))
+    assert isinstance(d, ReconnectAfter) and not d.attributed
+    exact = make_error(code_of("DeviceConnectionClosedRemotely"), transport="mqtt")
+    d, h = POLICY.step(exact, AMBIG.on_connected(NOW), now=NOW + 1, rand=0.5, in_flight=("a",))
+    assert isinstance(d, ReconnectAfter) and not d.attributed and h.drop_records == {}
+
+
+def test_poison_code_is_a_fail_code_chosen_by_size() -> None:
+    from gateway.codes import lookup
+    from gateway.policy import MAX_D2C_MESSAGE, poison_code
+
+    assert poison_code() == poison_code(100) == code_of("ArgumentInvalid")
+    assert poison_code(MAX_D2C_MESSAGE) == code_of("ArgumentInvalid")
+    assert poison_code(MAX_D2C_MESSAGE + 1) == code_of("MessageTooLarge")
+    assert {lookup(poison_code(n)).action for n in (0, MAX_D2C_MESSAGE + 1)} == {Action.FAIL}
+
+
+# -- wall clock vs monotonic ---------------------------------------------------------------------------
+
+
+def test_quota_target_uses_the_wall_clock_once_and_lands_on_the_monotonic_clock() -> None:
+    e = make_error(403002, transport="amqp")
+    late = datetime(2024, 3, 1, 23, 50, tzinfo=UTC).timestamp()
+    d = POLICY.decide(e, HIST, now=1000.0, wall=late, rand=0.0, op=op())
+    assert d == ParkUntil(1000.0 + 600, 403002)  # ten minutes to 00:00 UTC, counted from monotonic 1000
+
+
+def test_http_date_retry_after_is_measured_on_the_wall_clock() -> None:
+    e = make_error(429001, transport="http", retry_at=NOW + 20)
+    d = POLICY.decide(e, HIST, now=5.0, wall=NOW, rand=0.0, op=op())
+    assert isinstance(d, RetryAfter) and d.delay == 20.0
 
 
 # -- device offline ----------------------------------------------------------------------------------
@@ -425,7 +543,9 @@ def test_alias_code_override_lands_on_the_canonical_code() -> None:
         ({"retry": {"jitter": 1.5}}, r"within \[0, 1\]"),
         ({"retry": {"multiplier": 0.5}}, "must be >= 1"),
         ({"retry": {"initial": 100.0}}, r"cap \(30.0\) must be >= initial"),
-        ({"identity": {"quick_drop_transports": ["smtp"]}}, "expected a list"),
+        ({"drops": {"poison_after": 0}}, "must be >= 1"),
+        ({"identity": {"quick_drop": 5.0}}, r"'quick_drop' was removed: .*\[drops\]"),
+        ({"drops": {"takeover_repeat": 1.5}}, "expected a whole number"),
         ({"retry": 3}, "expected a table"),
         ({"codes": {"999999": {"action": "retry"}}}, "not a six-digit IoT Hub error code"),
         ({"codes": {"429999": {"action": "retry"}}}, "unknown code 429999"),

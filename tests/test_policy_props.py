@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.clock import FakeClock
-from gateway.codes import Action, all_codes
+from gateway.codes import Action, all_codes, code_of
 from gateway.errors import IoTHubError, make_error
 from gateway.handler import Handler, State, Undelivered
 from gateway.policy import (
@@ -29,7 +29,7 @@ from gateway.policy import (
     Stop,
     StopReason,
 )
-from gateway.transport import DeviceOnline, Disconnected, Message, TransportEvent
+from gateway.transport import DeviceOnline, Disconnected, InvokeMethod, Message, Request, TransportEvent
 
 CODES = [c.code for c in all_codes()]
 TRANSPORT = st.sampled_from(["http", "mqtt", "amqp"])
@@ -118,6 +118,53 @@ def test_any_error_sequence_keeps_delays_and_attempts_within_limits(
             assert hist.throttle_attempt == 0
 
 
+# -- MQTT 3.1.1: ambiguous drops never stop a device -------------------------------------------------------
+
+AMBIGUOUS_CODES = [code_of("DeviceConnectionClosedRemotely"), code_of("ConnectionForcefullyClosedOnNewConnection"),
+                   code_of("LinkCreationConflict")]
+drop_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("drop"), st.sampled_from(AMBIGUOUS_CODES),
+                  st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=4, unique=True)),
+        st.tuples(st.just("ok"), st.just(0), st.lists(st.sampled_from(["a", "b", "c", "x"]), min_size=1, max_size=1)),
+    ),
+    max_size=80,
+)
+
+
+@given(drop_steps, st.integers(1, 4), st.integers(1, 3), st.floats(min_value=0, max_value=1, exclude_max=True))
+@settings(max_examples=100, deadline=None)
+def test_inexact_drops_on_mqtt311_never_stop_and_poison_only_what_was_alone(
+    script: list[tuple[str, int, list[str]]], poison_after: int, max_tracked: int, u: float,
+) -> None:
+    base = PolicyConfig()
+    policy = Policy(PolicyConfig(drops=base.drops.__class__(poison_after=poison_after, max_tracked=max_tracked)))
+    caps = max(policy.max_delay(), base.drops.takeover_park)
+    hist = History(identity="dev", ambiguous_drops=True).on_connected(0.0)
+    solo: dict[str, int] = {}
+    now = 0.0
+    for what, code, ids in script:
+        now += 7.0
+        if what == "ok":
+            hist = hist.on_delivered(ids[0])
+            continue
+        err = make_error(code, transport="mqtt", exact=False)
+        decision, hist = policy.step(err, hist, now=now, rand=u, in_flight=tuple(ids))
+        assert not isinstance(decision, Stop)
+        assert isinstance(decision, (ReconnectAfter, ParkUntil))
+        if isinstance(decision, ParkUntil):
+            assert decision.takeover and decision.until - now <= caps
+        else:
+            assert 0 <= decision.delay <= caps
+        if len(ids) == 1:
+            solo[ids[0]] = solo.get(ids[0], 0) + 1
+        for mid in decision.poison if isinstance(decision, ReconnectAfter) else ():
+            assert ids == [mid] and solo[mid] >= poison_after
+            solo.pop(mid)
+        assert len(hist.drop_records) <= max_tracked
+        hist = hist.on_connected(now + 1.0)
+
+
 # -- no held operation is lost ---------------------------------------------------------------------------
 
 
@@ -148,8 +195,9 @@ class _Transport:
     async def send(self, message: Message) -> None:
         raise AssertionError("not used")
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        device = payload["device"]
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        assert isinstance(request, InvokeMethod)
+        device, payload = request.device_id, request.payload
         answer = self.hub.answers.pop(0) if self.hub.answers else "ok"
         if answer == "drop":
             err = make_error(404104, transport="http")
@@ -215,8 +263,7 @@ async def _no_held_operation_is_lost(
 
     async def one(n: int, device: str, timeout: float, delay: float) -> object:
         await clock.sleep(delay)
-        return await handler.request("method", {"device": device, "n": n}, device_id=device, timeout=timeout,
-                                     request_id=f"r{n}")
+        return await handler.request(InvokeMethod(device, "m", {"n": n}), timeout=timeout)
 
     async def presence_flips() -> None:
         t = 0.0

@@ -10,7 +10,7 @@ from gateway.codes import code_of
 from gateway.errors import make_error
 from gateway.handler import Handler, State
 from gateway.testing import FakeClock, MemoryTransport
-from gateway.transport import Message
+from gateway.transport import GetTwin, Message, UnsupportedRequest
 
 
 async def test_scripted_outage_and_throttle_through_the_real_handler() -> None:
@@ -33,5 +33,16 @@ async def test_scripted_outage_and_throttle_through_the_real_handler() -> None:
 
 
 async def test_request_must_be_scripted() -> None:
-    with pytest.raises(NotImplementedError, match="twin_get"):
-        await MemoryTransport().request("twin_get", None, timeout=1)
+    with pytest.raises(UnsupportedRequest, match="GetTwin"):
+        await MemoryTransport().request(GetTwin(), timeout=1)
+
+
+async def test_token_lifetime_sets_the_credential_expiry_at_each_connect() -> None:
+    clock = FakeClock()
+    transport = MemoryTransport(clock=clock, token_lifetime=3600, ambiguous_drops=True)
+    assert transport.credential_expiry is None and transport.ambiguous_drops
+    await transport.connect()
+    assert transport.credential_expiry == clock.wall() + 3600
+    clock.step_wall(-100)
+    await transport.connect()
+    assert transport.credential_expiry == clock.wall() + 3600

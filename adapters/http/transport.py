@@ -4,15 +4,25 @@ What a gateway does over HTTPS: device telemetry, cloud-to-device receive and se
 twin read, the service's desired-property update, and the service-side direct method call whose
 DeviceNotOnline / GatewayTimeout answers are the offline signals the handler holds work on. Like every
 adapter it never retries or sleeps between attempts: a response becomes an error through
-:func:`adapters.http.translate` (status, headers, body) and anything below HTTP through
-:func:`gateway.normalize`, and the handler decides what happens next.
+:func:`adapters.http.translate` (status, headers, body), anything below HTTP through one mapping point
+(:func:`_map_exceptions`), and the handler decides what happens next.
 
-HTTP has no connection to keep: ``connect()`` opens the adapter's one ``ClientSession`` (its pool of
-keep-alive sockets) without contacting the hub, and ``close()`` closes it. ``events()`` yields only what
-the adapter is asked to watch: cloud-to-device messages when ``c2d_poll_interval`` is set, and
-:class:`~gateway.transport.DeviceOnline` for a device a direct method found offline, learnt by polling
-its twin's ``connectionState`` every ``presence_interval`` (needs the service credential). With nothing
-to watch it simply waits until ``close()``.
+HTTP has no connection to keep, so its failures are per request. ``connect()`` opens a
+``ClientSession`` (a pool of keep-alive sockets) without contacting the hub; ``close()`` retires it:
+new calls are refused at once, calls already running finish on it, and the last one out closes it. A
+handler that "reconnects" after one request lost its socket therefore never aborts the others.
+
+What went out decides the code of a failure: before the request was handed to a socket (connect
+refused or timed out, TLS handshake, DNS, waiting for a pooled socket) nothing reached the hub, so the
+failure is ``NotConnected`` (503904, the lower-level code kept in ``native["cause_code"]``) and a
+resend is no duplicate; after it, a timeout is ``OperationTimedOut`` (504901) and a drop the
+classified loss, both "outcome unknown". A certificate the client cannot verify stays
+``TlsVerificationFailed`` (401901): reconnecting cannot help.
+
+``events()`` yields only what the adapter is asked to watch: cloud-to-device messages when
+``c2d_poll_interval`` is set, and :class:`~gateway.transport.DeviceOnline` for a device a direct method
+found offline, learnt by polling its twin's ``connectionState`` every ``presence_interval`` (needs the
+service credential). With nothing to watch it simply waits until ``close()``.
 
 aiohttp is imported when this module is, never by ``import adapters.http``.
 """
@@ -20,24 +30,46 @@ aiohttp is imported when this module is, never by ``import adapters.http``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, Final, Literal
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from adapters.http.translate import BODY_LIMIT, translate
 from gateway.codes import Action, code_of
 from gateway.errors import IoTHubError, make_error
 from gateway.normalize import normalize
 from gateway.sas import ConnectionString, ServiceCredential
-from gateway.transport import DeviceOnline, Disconnected, Inbound, Message, TransportEvent
+from gateway.tls import default_port, resolve
+from gateway.transport import (
+    C2DMessage,
+    DeviceOnline,
+    Disconnected,
+    GetTwin,
+    Inbound,
+    InvokeMethod,
+    Message,
+    MethodResult,
+    PatchDesired,
+    PatchReported,
+    ReceiveC2D,
+    Request,
+    RespondMethod,
+    SettleC2D,
+    SettleOutcome,
+    TransportEvent,
+    UnsupportedRequest,
+    check_properties,
+)
 
 __all__ = ["C2DMessage", "HttpTransport", "MethodResult", "ServiceCredential"]
 
@@ -46,6 +78,7 @@ log = logging.getLogger(__name__)
 API_VERSION: Final = "2021-04-12"
 
 _NOT_CONNECTED = code_of("NotConnected")
+_TIMED_OUT = code_of("OperationTimedOut")
 _ARGUMENT = code_of("ArgumentInvalid")
 _INVALID_OPERATION = code_of("InvalidOperation")
 _PROTOCOL = code_of("ProtocolViolation")
@@ -57,29 +90,59 @@ _APP_PREFIX: Final = "iothub-app-"
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")  # an HTTP header name
 _GOOD_NAMES: set[str] = {"iothub-messageid", "Content-Type"}  # header names already checked
 
-
-@dataclass(frozen=True, slots=True)
-class C2DMessage:
-    """A locked cloud-to-device message; settle it with its ``etag`` before the lock (1 min) expires."""
-
-    device_id: str
-    etag: str
-    message_id: str | None
-    body: bytes
-    properties: Mapping[str, str] = field(default_factory=dict)
-    delivery_count: int = 0
+Phase = Literal["connect", "sent", "answered"]
 
 
-@dataclass(frozen=True, slots=True)
-class MethodResult:
-    """The device's answer to a direct method: its own status and payload (not a hub error)."""
+class _Attempt:
+    """How far one request got: ``connect`` (nothing handed to a socket yet), ``sent``, ``answered``."""
 
-    status: int
-    payload: Any
+    __slots__ = ("phase",)
+
+    def __init__(self) -> None:
+        self.phase: Phase = "connect"
+
+
+# The attempt of the request running in this task; the connector marks it once it holds a socket.
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("iothub_http_attempt", default=None)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A TCPConnector that records when a request got its (connected, TLS-established) socket.
+
+    aiohttp writes the request right after ``connect()`` returns, so until then nothing can have
+    reached the hub: that boundary is what tells a connect failure from an answer that never came.
+    """
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> Any:
+        conn = await super().connect(req, traces, timeout)
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.phase = "sent"
+        return conn
+
+
+class _Pool:
+    """One ClientSession and the calls running on it; a retired pool closes when its last call ends."""
+
+    __slots__ = ("active", "retired", "session")
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.active = 0
+        self.retired = False
 
 
 class _Token:
-    """A SAS token cached until ``renew_before`` seconds before it expires."""
+    """A SAS token cached until ``renew_before`` seconds before it expires.
+
+    Both sides of the comparison are wall-clock epochs: the hub judges the token's expiry by its own
+    clock, which ours approximates. So no duration is measured across time here and a clock step
+    cannot stretch a wait: after a forward step (an edge board whose clock was set by NTP after boot)
+    the token is renewed at once; after a backward step the token signed before it is still good
+    for as long as the corrected clock says.
+    """
+
+    __slots__ = ("_expiry", "_make", "_renew_before", "_ttl", "_value")
 
     def __init__(self, make: Callable[[int], str], ttl: float, renew_before: float) -> None:
         self._make = make
@@ -107,24 +170,37 @@ class HttpTransport:
     """One device's (and optionally the service's) REST surface of IoT Hub, for the shared handler.
 
     ``connection_string`` is the device's; ``service_connection_string`` a shared access policy, needed
-    for direct methods (and used for twin reads of other devices and presence polling). ``endpoint`` is
-    where the sockets go (``https://<HostName>`` by default; the emulator's ``http://127.0.0.1:port``
-    in tests), ``ssl`` the client TLS context or False. ``timeout`` bounds every call (connect, headers
-    and body together); a caller's shorter ``timeout=`` wins. Response bodies are read up to
-    ``max_body`` bytes (errors: up to the translator's ``BODY_LIMIT``) and a larger one is cut off,
-    never buffered. ``clock`` is the wall clock for token expiry and ``Retry-After`` dates.
+    for direct methods and desired-property patches (and used for twin reads of other devices and
+    presence polling). ``host`` / ``port`` say where the sockets go (the connection string's HostName
+    and 443 by default); ``ssl`` is an ``SSLContext``, True (system trust) or None/False for plain HTTP
+    to a loopback peer such as the emulator (see :mod:`gateway.tls`).
+
+    ``timeout`` bounds every call (connect, headers and body together; a caller's shorter ``timeout=``
+    wins); ``connect_timeout`` bounds opening a socket (TCP and the TLS handshake), so an unreachable
+    hub fails fast with NotConnected instead of using up the call's deadline (a wait for a free pooled
+    socket, up to ``connection_limit``, is bounded by the call's deadline alone: a busy pool is no
+    reason to reconnect). Response bodies are read
+    up to ``max_body`` bytes (errors: up to the translator's ``BODY_LIMIT``) and a larger one is cut
+    off, never buffered. ``clock`` is the wall clock, used only for the tokens' expiry field and
+    ``Retry-After`` dates.
     """
 
     name = "http"
+    #: HTTP signs a fresh token per request as needed: the handler never reconnects to renew one.
+    credential_expiry: float | None = None
+    #: The hub answers every refusal with a status: a dropped socket is never its way of saying no.
+    ambiguous_drops: bool = False
 
     def __init__(
         self,
         connection_string: str | ConnectionString | None = None,
         *,
         service_connection_string: str | ServiceCredential | None = None,
-        endpoint: str | None = None,
-        ssl: _ssl.SSLContext | bool = True,
+        host: str | None = None,
+        port: int | None = None,
+        ssl: _ssl.SSLContext | bool | None = True,
         timeout: float = 30.0,
+        connect_timeout: float = 10.0,
         token_ttl: float = 3600.0,
         renew_before: float = 300.0,
         max_body: int = 1024 * 1024,
@@ -141,23 +217,29 @@ class HttpTransport:
             raise ValueError("give a device connection string, a service connection string, or both")
         if device is not None and device.shared_access_key is None:
             raise ValueError("the device connection string has no SharedAccessKey")
-        if timeout <= 0 or token_ttl <= renew_before or max_body < 1:
-            raise ValueError("timeout must be positive, token_ttl above renew_before, max_body at least 1")
+        if timeout <= 0 or connect_timeout <= 0 or token_ttl <= renew_before or max_body < 1:
+            raise ValueError("timeouts must be positive, token_ttl above renew_before, max_body at least 1")
         self.device = device
         self.service = service
-        host = device.host_name if device is not None else service.host_name  # type: ignore[union-attr]
-        self.endpoint = (endpoint or f"https://{host}").rstrip("/")
+        context = resolve(ssl)
+        self.host = host or (device.host_name if device is not None else service.host_name)  # type: ignore[union-attr]
+        self.port = port if port is not None else default_port("http", context)
+        scheme = "https" if context is not None else "http"
+        default = 443 if context is not None else 80
+        #: Where requests go: ``https://host[:port]``.
+        self.url = str(URL.build(scheme=scheme, host=self.host, port=None if self.port == default else self.port))
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.max_body = max_body
         self.c2d_poll_interval = c2d_poll_interval
         self.presence_interval = presence_interval
-        self._ssl = ssl
+        self._ssl: _ssl.SSLContext | bool = context if context is not None else False
         self._limit = connection_limit
         self._params = {"api-version": api_version}
         self._clock = clock
         self._device_token = _Token(device.token, token_ttl, renew_before) if device is not None else None
         self._service_token = _Token(service.token, token_ttl, renew_before) if service is not None else None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: _Pool | None = None
         self._closed = asyncio.Event()
         self._wake = asyncio.Event()
         self._watch: set[str] = set()
@@ -165,24 +247,30 @@ class HttpTransport:
     # -- Transport ---------------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the session (no request is made: HTTP connects per call). Idempotent."""
-        if self._session is not None and not self._session.closed:
+        """Open a session (no request is made: HTTP connects per call). Idempotent."""
+        if self._pool is not None:
             return
-        connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl)
-        # No aiohttp timer: every call runs inside asyncio.timeout (which also bounds the body read).
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              timeout=aiohttp.ClientTimeout(total=None))
+        connector = _Connector(limit=self._limit, ssl=self._ssl)
+        # The call's deadline is asyncio.timeout around it (which also bounds the body read); aiohttp
+        # only bounds opening a socket, so that an unreachable hub fails before the deadline.
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout))
+        self._pool = _Pool(session)
         self._closed = asyncio.Event()
         self._wake = asyncio.Event()
 
     async def close(self) -> None:
-        session, self._session = self._session, None
+        """Refuse new calls; the session closes now, or when the calls still running on it end."""
+        pool, self._pool = self._pool, None
         self._closed.set()
-        if session is not None and not session.closed:
-            await session.close()
+        if pool is not None:
+            pool.retired = True
+            if pool.active == 0:
+                await pool.session.close()
 
     async def send(self, message: Message) -> None:
         """POST the message as device telemetry; returns once the hub answered 2xx."""
+        check_properties(message, "http")
         device_id = message.device_id or self._own_device()
         headers = {"iothub-messageid": message.id, "Content-Type": "application/octet-stream"}
         for key, value in message.properties.items():
@@ -191,49 +279,30 @@ class HttpTransport:
         await self._call("POST", f"/devices/{_seg(device_id)}/messages/events", device_id=device_id,
                          body=message.body, headers=headers)
 
-    async def request(self, kind: str, payload: Any, *, timeout: float) -> Any:
-        """``twin_get``, ``twin_update``, ``method``, ``c2d_receive``, ``c2d_complete``, ``c2d_reject``,
-        ``c2d_abandon``.
+    async def request(self, request: Request, *, timeout: float) -> Any:
+        """Answer a typed request (see :data:`gateway.transport.Request`).
 
-        ``twin_get``: payload a device id or None (this device) -> the twin dict. ``twin_update``
-        (service side): a mapping with ``device_id``, ``desired`` and optional ``etag`` -> the updated
-        twin dict. ``method``: a mapping
-        with ``device_id``, ``method_name``, optional ``payload`` and ``response_timeout`` ->
-        :class:`MethodResult`. ``c2d_receive`` -> :class:`C2DMessage` or None; the settle kinds take a
-        :class:`C2DMessage` or its etag and return None.
+        GetTwin -> the twin dict; PatchDesired (service) -> the updated twin dict; InvokeMethod
+        (service) -> :class:`MethodResult`; ReceiveC2D -> :class:`C2DMessage` or None; SettleC2D ->
+        None. PatchReported and RespondMethod raise :class:`UnsupportedRequest`: IoT Hub's device REST
+        surface has no reported-properties patch and no method channel (those need MQTT or AMQP).
         """
-        if kind == "twin_get":
-            return await self.get_twin(payload if isinstance(payload, str) else None, timeout=timeout)
-        if kind == "twin_update":
-            if (not isinstance(payload, Mapping) or not isinstance(payload.get("device_id"), str)
-                    or not isinstance(payload.get("desired"), Mapping)
-                    or not isinstance(payload.get("etag"), (str, type(None)))):
-                raise make_error(_ARGUMENT, transport="http",
-                                 message="a twin update needs device_id and a desired mapping (etag optional)")
-            return await self.update_twin(payload["device_id"], dict(payload["desired"]), etag=payload.get("etag"),
-                                          timeout=timeout)
-        if kind == "method":
-            if not isinstance(payload, Mapping):
-                raise make_error(_ARGUMENT, transport="http", message="a method request needs a mapping payload")
-            name = payload.get("method_name", payload.get("methodName"))
-            if not isinstance(name, str) or not isinstance(payload.get("device_id"), str):
-                raise make_error(_ARGUMENT, transport="http",
-                                 message="a method request needs device_id and method_name")
-            return await self.invoke_method(
-                payload["device_id"], name, payload.get("payload"),
-                response_timeout=float(payload.get("response_timeout", payload.get("responseTimeoutInSeconds", 30))),
-                timeout=timeout,
-            )
-        if kind == "c2d_receive":
-            return await self.receive_c2d(timeout=timeout)
-        settle = {"c2d_complete": self.complete_c2d, "c2d_reject": self.reject_c2d, "c2d_abandon": self.abandon_c2d}
-        if kind in settle:
-            etag = payload.etag if isinstance(payload, C2DMessage) else payload
-            if not isinstance(etag, str):
-                raise make_error(_ARGUMENT, transport="http", message=f"{kind} needs an etag or a C2DMessage")
-            await settle[kind](etag, timeout=timeout)
+        if isinstance(request, GetTwin):
+            return await self.get_twin(request.device_id, timeout=timeout)
+        if isinstance(request, SettleC2D):
+            await self.settle_c2d(request.lock_token, request.outcome, timeout=timeout)
             return None
-        raise make_error(_INVALID_OPERATION, transport="http", message=f"unknown HTTP request kind {kind!r}")
+        if isinstance(request, ReceiveC2D):
+            return await self.receive_c2d(timeout=timeout)
+        if isinstance(request, InvokeMethod):
+            return await self.invoke_method(request.device_id, request.method_name, request.payload,
+                                            response_timeout=request.response_timeout, timeout=timeout)
+        if isinstance(request, PatchDesired):
+            return await self.update_twin(request.device_id, dict(request.desired), etag=request.etag,
+                                          timeout=timeout)
+        if isinstance(request, (PatchReported, RespondMethod)):
+            raise UnsupportedRequest(f"{type(request).__name__} is not on IoT Hub's HTTP surface: use MQTT or AMQP")
+        raise UnsupportedRequest(f"not a request the HTTP transport knows: {request!r}")
 
     async def events(self) -> AsyncIterator[TransportEvent]:
         """C2D messages (when polling) and DeviceOnline for watched devices, until ``close()``.
@@ -289,38 +358,28 @@ class HttpTransport:
     # -- device calls ------------------------------------------------------------------------------
 
     async def receive_c2d(self, *, timeout: float | None = None) -> C2DMessage | None:
-        """The next cloud-to-device message, locked, or None when the queue is empty (204)."""
+        """The next cloud-to-device message, locked (``lock_token`` is its ETag), or None (204)."""
         device_id = self._own_device()
         status, headers, body = await self._call(
             "GET", f"/devices/{_seg(device_id)}/messages/deviceBound", device_id=device_id, timeout=timeout)
         if status == 204:
             return None
-        etag = (headers.get("ETag") or "").strip().strip('"')
-        if not etag:
-            raise make_error(_PROTOCOL, transport="http", device_id=device_id, exact=False,
-                             message="a cloud-to-device message came without an ETag lock")
-        props = {k[len(_APP_PREFIX):]: v for k, v in headers.items() if k.lower().startswith(_APP_PREFIX)}
-        count = headers.get("iothub-deliverycount", "0")
-        return C2DMessage(device_id, etag, headers.get("iothub-messageid"), body, props,
-                          int(count) if count.isdigit() else 0)
+        return _c2d_message(device_id, headers, body)
 
-    async def complete_c2d(self, etag: str, *, timeout: float | None = None) -> None:
-        """Complete a received message. A lapsed lock answers DeviceMessageLockLost (or PreconditionFailed)."""
+    async def settle_c2d(self, lock_token: str, outcome: SettleOutcome = "complete", *,
+                         timeout: float | None = None) -> None:
+        """Settle a received message by its lock: complete (DELETE), reject (DELETE ?reject: dead-letter)
+        or abandon (POST .../abandon: redeliver). A lapsed lock answers DeviceMessageLockLost."""
         device_id = self._own_device()
-        await self._call("DELETE", f"/devices/{_seg(device_id)}/messages/deviceBound/{_seg(etag)}",
-                         device_id=device_id, timeout=timeout)
-
-    async def reject_c2d(self, etag: str, *, timeout: float | None = None) -> None:
-        """Reject (dead-letter) a received message."""
-        device_id = self._own_device()
-        await self._call("DELETE", f"/devices/{_seg(device_id)}/messages/deviceBound/{_seg(etag)}",
-                         device_id=device_id, timeout=timeout, extra_params={"reject": ""})
-
-    async def abandon_c2d(self, etag: str, *, timeout: float | None = None) -> None:
-        """Give a received message back to the queue for redelivery."""
-        device_id = self._own_device()
-        await self._call("POST", f"/devices/{_seg(device_id)}/messages/deviceBound/{_seg(etag)}/abandon",
-                         device_id=device_id, timeout=timeout)
+        path = f"/devices/{_seg(device_id)}/messages/deviceBound/{_seg(lock_token)}"
+        if outcome == "complete":
+            await self._call("DELETE", path, device_id=device_id, timeout=timeout)
+        elif outcome == "reject":
+            await self._call("DELETE", path, device_id=device_id, timeout=timeout, extra_params={"reject": ""})
+        elif outcome == "abandon":
+            await self._call("POST", path + "/abandon", device_id=device_id, timeout=timeout)
+        else:
+            raise UnsupportedRequest(f"unknown settle outcome {outcome!r}: complete, reject or abandon")
 
     # -- twin and methods --------------------------------------------------------------------------
 
@@ -330,8 +389,7 @@ class HttpTransport:
         service = self.device is None or target != self.device.device_id
         _, _, body = await self._call("GET", f"/twins/{_seg(target)}", device_id=target, timeout=timeout,
                                       service=service)
-        parsed = _json_object(body, target)
-        return parsed
+        return _json_object(body, target)
 
     async def update_twin(self, device_id: str, desired: dict[str, Any], *, etag: str | None = None,
                           timeout: float | None = None) -> dict[str, Any]:
@@ -360,8 +418,12 @@ class HttpTransport:
         A device found offline is watched: ``events()`` yields ``DeviceOnline`` once its twin says it
         is connected, which releases the work the handler holds for it.
         """
-        body = json.dumps({"methodName": method_name, "responseTimeoutInSeconds": response_timeout,
-                           "payload": payload}).encode()
+        try:
+            body = json.dumps({"methodName": method_name, "responseTimeoutInSeconds": response_timeout,
+                               "payload": payload}).encode()
+        except (TypeError, ValueError) as exc:
+            raise make_error(_ARGUMENT, transport="http", device_id=device_id,
+                             message=f"the method payload is not JSON: {exc}") from exc
         call_timeout = timeout if timeout is not None else max(self.timeout, response_timeout + 5.0)
         try:
             _, _, answer = await self._call("POST", f"/twins/{_seg(device_id)}/methods", device_id=device_id,
@@ -380,7 +442,7 @@ class HttpTransport:
         """Sign fresh SAS tokens now; the device token's expiry (epoch seconds), for the handler.
 
         Pass it as ``Handler(refresh_credentials=transport.refresh_credentials)``: the handler calls it
-        when the hub answers IotHubUnauthorized (401003), and ahead of the returned expiry.
+        when the hub answers IotHubUnauthorized (401003).
         """
         now = self._clock()
         expiry: float | None = None
@@ -425,8 +487,8 @@ class HttpTransport:
         cap_timeout: bool = True,
     ) -> tuple[int, Mapping[str, str], bytes]:
         """One request: (status, headers, body) of a 1xx/2xx answer, else the translated IoTHubError."""
-        session = self._session
-        if session is None or session.closed:
+        pool = self._pool
+        if pool is None:
             raise make_error(_NOT_CONNECTED, transport="http", device_id=device_id,
                              message="the HTTP transport is not connected (call connect())")
         limit = self.timeout if timeout is None else (min(self.timeout, timeout) if cap_timeout else timeout)
@@ -434,17 +496,23 @@ class HttpTransport:
         if headers:
             all_headers.update(headers)
         params = {**self._params, **extra_params} if extra_params else self._params
+        attempt = _Attempt()
+        marker = _ATTEMPT.set(attempt)
+        pool.active += 1
         try:
-            async with asyncio.timeout(limit):
-                async with session.request(method, self.endpoint + path, params=params, data=body,
-                                           headers=all_headers, allow_redirects=False) as resp:
-                    status = resp.status
-                    data = await self._read(resp, BODY_LIMIT if status >= 300 else self.max_body)
-                    resp_headers = resp.headers
-        except IoTHubError:
-            raise
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise normalize(exc, transport="http", device_id=device_id) from exc
+            with _map_exceptions(attempt, device_id):
+                async with asyncio.timeout(limit):
+                    async with pool.session.request(method, self.url + path, params=params, data=body,
+                                                    headers=all_headers, allow_redirects=False) as resp:
+                        attempt.phase = "answered"
+                        status = resp.status
+                        data = await self._read(resp, BODY_LIMIT if status >= 300 else self.max_body)
+                        resp_headers = resp.headers
+        finally:
+            _ATTEMPT.reset(marker)
+            pool.active -= 1
+            if pool.retired and pool.active == 0 and not pool.session.closed:
+                await pool.session.close()
         if data is None:
             raise make_error(_PROTOCOL, transport="http", device_id=device_id, exact=False,
                              native={"status": status},
@@ -472,6 +540,55 @@ class HttpTransport:
                 if resp.status < 300:
                     return None
                 return b"".join(chunks)[:limit]
+
+
+@contextlib.contextmanager
+def _map_exceptions(attempt: _Attempt, device_id: str) -> Iterator[None]:
+    """The adapter's one place where library and socket exceptions become IoTHubErrors.
+
+    The phase the request reached decides between "nothing went out" and "outcome unknown", the way
+    httpx tells ConnectTimeout from ReadTimeout: see the module docstring.
+    """
+    try:
+        yield
+    except IoTHubError:
+        raise
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise _classify(exc, attempt.phase, device_id) from exc
+
+
+def _classify(exc: BaseException, phase: Phase, device_id: str) -> IoTHubError:
+    err = normalize(exc, transport="http", device_id=device_id)
+    timed_out = isinstance(exc, TimeoutError)  # asyncio's deadline and aiohttp's connect timeout alike
+    err.native["phase"] = phase
+    if timed_out:
+        err.native["timeout"] = "connect" if phase == "connect" else "read"
+    if phase != "connect" or (err.action is not Action.RECONNECT and err.code != _TIMED_OUT):
+        return err
+    # Nothing was handed to a socket: the hub cannot have seen this request.
+    what = "timed out getting a connection" if timed_out else err.message
+    return _rebuild(_NOT_CONNECTED, err, exc, f"nothing was sent: {what}")
+
+
+def _rebuild(code: int, err: IoTHubError, exc: BaseException, message: str) -> IoTHubError:
+    native = {**err.native, "cause_code": err.code}
+    out = make_error(code, transport="http", device_id=err.device_id, exact=False, native=native, message=message)
+    out.__cause__ = exc
+    return out
+
+
+def _c2d_message(device_id: str, headers: Mapping[str, str], body: bytes) -> C2DMessage:
+    """A received message from the answer's headers (the hub's, so parsed defensively)."""
+    etag = (headers.get("ETag") or "").strip().strip('"')
+    if not etag:
+        raise make_error(_PROTOCOL, transport="http", device_id=device_id, exact=False,
+                         message="a cloud-to-device message came without an ETag lock")
+    props = {k[len(_APP_PREFIX):]: v for k, v in headers.items() if k.lower().startswith(_APP_PREFIX)}
+    count = headers.get("iothub-deliverycount", "0").strip()
+    # isdigit() alone admits "²" and 5,000-digit numbers, on which int() raises: a count is a small number
+    delivery_count = int(count) if count.isascii() and count.isdigit() and len(count) <= 9 else 0
+    return C2DMessage(device_id, etag, headers.get("iothub-messageid"), body, props, delivery_count,
+                      headers.get("iothub-correlationid"))
 
 
 def _seg(value: str) -> str:

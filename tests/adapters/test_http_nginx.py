@@ -50,7 +50,7 @@ async def proxied(nginx_proxy: Callable[..., NginxProxy]) -> AsyncIterator[Proxi
     front = HttpFront(hub)
     await bounded(front.start())
     proxy = nginx_proxy(front.port, max_body="1k", read_timeout="1s")
-    transport = HttpTransport(hub.connection_string("d1"), endpoint=proxy.url, timeout=8.0)
+    transport = HttpTransport(hub.connection_string("d1"), host="127.0.0.1", port=proxy.port, ssl=None, timeout=8.0)
     await bounded(transport.connect())
     yield Proxied(hub, front, proxy, transport)
     await bounded(transport.close())
@@ -93,7 +93,7 @@ async def test_the_hubs_own_413_passes_a_roomier_proxy_exact(nginx_proxy: Callab
     front = HttpFront(hub)
     await bounded(front.start())
     proxy = nginx_proxy(front.port, max_body="2m")
-    transport = HttpTransport(hub.connection_string("d1"), endpoint=proxy.url, timeout=8.0)
+    transport = HttpTransport(hub.connection_string("d1"), host="127.0.0.1", port=proxy.port, ssl=None, timeout=8.0)
     try:
         await bounded(transport.connect())
         err = await failure(transport.send(Message("m1", "d1", b"x" * 300_000)))

@@ -1,9 +1,12 @@
-"""The supervisor: one upstream connection kept up by the policy, with deadlines on every operation.
+"""The driver: one upstream connection kept up by the policy, with deadlines on every operation.
 
-The handler is the only part of the package that waits, reconnects, holds or parks; it asks
-:class:`~gateway.policy.Policy` what to do and does it. Everything that waits goes through the injected
-:class:`~gateway.clock.Clock`, and every random draw through the injected ``random.Random``, so a test
-drives hours of outages in milliseconds.
+This is the only part of the package that waits, reconnects, holds or parks; it asks
+:class:`~gateway.policy.Policy` what to do and does it, moving :class:`~.machine.ConnectionMachine`,
+:class:`~.gate.Gate` and :class:`~.holds.DeviceHolds` (pure bookkeeping) and publishing through
+:class:`~.report.Publisher`. Everything that waits goes through the injected
+:class:`~gateway.clock.Clock` (durations on its monotonic ``now()``, the wall clock only to aim at a
+wall-clock target once), and every random draw through the injected ``random.Random``, so a test drives
+hours of outages in milliseconds.
 
 - One supervisor task owns the connection: only it calls ``transport.connect()``, so a reconnect is
   single-flight however many operations see the drop.
@@ -13,27 +16,35 @@ drives hours of outages in milliseconds.
 - Every end of an operation is reported: delivered (maybe as a possible duplicate), failed with a code,
   expired with a code, or outcome unknown; the last three also reach the ``on_undelivered`` hook.
 - State changes carry the code and the cause, and reach a property, an async iterator and a callback.
+- MQTT 3.1.1 drops (``transport.ambiguous_drops``) are read as the policy's docstring says: the sends in
+  flight are passed to the policy, suspect mode sends one at a time, poison is dead-lettered.
+- A token is renewed before ``transport.credential_expiry`` at a quiet moment; K operation timeouts in a
+  row on one connection count as a half-open link and drop it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import dataclasses
+import itertools
 import logging
 import random
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gateway.clock import Clock, SystemClock
 from gateway.codes import Action, code_of
 from gateway.errors import IoTHubError, make_error
+from gateway.handler.gate import Gate
+from gateway.handler.holds import DeviceHolds, _Held
+from gateway.handler.machine import ConnectionMachine, Event, State
+from gateway.handler.report import Publisher, Receipt, StateChange, Undelivered
+from gateway.handler.retry import Step, after_failure
 from gateway.normalize import normalize
 from gateway.policy import (
     History,
-    HoldForDevice,
     Operation,
     ParkUntil,
     Policy,
@@ -42,19 +53,23 @@ from gateway.policy import (
     RetryAfter,
     Stop,
     StopReason,
+    poison_code,
 )
-from gateway.transport import DeviceOffline, DeviceOnline, Disconnected, Inbound, Message, Transport
+from gateway.transport import (
+    DeviceOffline,
+    DeviceOnline,
+    Disconnected,
+    Inbound,
+    InvokeMethod,
+    Message,
+    PatchDesired,
+    Request,
+    Transport,
+)
 
-__all__ = [
-    "DeviceHolds",
-    "Handler",
-    "Receipt",
-    "State",
-    "StateChange",
-    "Undelivered",
-]
+__all__ = ["Handler", "RefreshHook"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.handler")
 T = TypeVar("T")
 
 _NOT_CONNECTED = code_of("NotConnected")
@@ -66,121 +81,14 @@ _CONNECTION_ACTIONS = frozenset(
 )
 
 
-class State(enum.StrEnum):
-    """The connection as the application sees it."""
-
-    IDLE = "idle"  #: not started
-    CONNECTING = "connecting"  #: the first connect is under way
-    CONNECTED = "connected"
-    RETRYING = "disconnected-retrying"  #: down; ``until`` is the next attempt
-    THROTTLED = "throttled"  #: up or down, waiting out a throttle until ``until``
-    PARKED = "parked"  #: daily quota used up; nothing is sent until ``until``
-    STOPPED = "stopped"  #: given up; ``code`` and ``reason`` say why. Operations fail at once.
-    CLOSED = "closed"  #: closed by the application
-
-
-@dataclass(frozen=True, slots=True)
-class StateChange:
-    """One transition, with why: the code and the error that caused it."""
-
-    state: State
-    at: float
-    code: int | None = None
-    cause: IoTHubError | None = None
-    until: float | None = None
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """A delivered operation. ``possible_duplicate``: an earlier attempt may have been delivered too."""
-
-    id: str
-    attempts: int
-    possible_duplicate: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Undelivered:
-    """An operation that ended without a confirmed delivery, for the app to persist or replay.
-
-    ``outcome`` is ``"failed"`` (the hub refused it for good, or the handler stopped), ``"expired"`` (its
-    deadline passed first; held items for an offline device expire with DeviceNotOnline, because they
-    were never sent) or ``"unknown"`` (an attempt may have been delivered: OperationTimedOut).
-    """
-
-    kind: str
-    id: str
-    device_id: str | None
-    outcome: str
-    error: IoTHubError
-    message: Message | None = None
-    payload: Any = None
-
-
 class _DeadlineExceeded(Exception):
     pass
 
 
+_AGAIN = object()  #: an attempt's "go round once more"
+
+
 @dataclass(eq=False)
-class _Held:
-    device_id: str
-    deadline: float
-    waiter: asyncio.Future[bool]
-    settled: asyncio.Future[None] | None = None
-
-
-class DeviceHolds:
-    """Bounded per-device FIFO queues of held operations. Not thread-safe; the handler's loop owns it."""
-
-    def __init__(self, max_per_device: int) -> None:
-        self.max_per_device = max_per_device
-        self._queues: dict[str, deque[_Held]] = {}
-
-    def add(self, item: _Held, *, front: bool = False) -> bool:
-        """Queue ``item``; False when the device's queue is full (a re-held item always fits)."""
-        queue = self._queues.setdefault(item.device_id, deque())
-        if front:
-            queue.appendleft(item)
-            return True
-        if len(queue) >= self.max_per_device:
-            return False
-        queue.append(item)
-        return True
-
-    def pop(self, device_id: str) -> _Held | None:
-        """The oldest still-waiting item of the device, or None."""
-        queue = self._queues.get(device_id)
-        while queue:
-            item = queue.popleft()
-            if not item.waiter.done():
-                return item
-        self._queues.pop(device_id, None)
-        return None
-
-    def remove(self, item: _Held) -> None:
-        queue = self._queues.get(item.device_id)
-        if queue is not None:
-            with contextlib.suppress(ValueError):
-                queue.remove(item)
-            if not queue:
-                del self._queues[item.device_id]
-
-    def count(self, device_id: str | None = None) -> int:
-        if device_id is not None:
-            return len(self._queues.get(device_id, ()))
-        return sum(len(q) for q in self._queues.values())
-
-    def devices(self) -> list[str]:
-        return list(self._queues)
-
-    def drain(self) -> list[_Held]:
-        items = [item for queue in self._queues.values() for item in queue]
-        self._queues.clear()
-        return items
-
-
-@dataclass
 class _Op:
     kind: str
     id: str
@@ -193,6 +101,7 @@ class _Op:
     outcome: str = "failed"  #: how it ended if it raised: failed, expired or unknown
     last_error: IoTHubError | None = None
     held: _Held | None = field(default=None, repr=False)
+    poison: IoTHubError | None = None  #: dead-lettered as poison by an ambiguous-drop verdict
 
 
 RefreshHook = Callable[[], Awaitable[float | None]]
@@ -201,9 +110,12 @@ RefreshHook = Callable[[], Awaitable[float | None]]
 class Handler:
     """Owns one upstream connection through a :class:`~gateway.transport.Transport`.
 
-    ``refresh_credentials`` is awaited when the hub says the token expired (and before a known expiry,
-    ``renew_before`` seconds ahead); it must make the transport's next ``connect()`` use the new credential
-    and may return the new credential's expiry (epoch seconds) to have it renewed in time.
+    ``refresh_credentials`` is awaited when the hub says the token expired, and before a known expiry: after
+    each connect the handler reads ``transport.credential_expiry`` (epoch seconds; else the
+    ``credential_expiry`` given here or returned by the hook), turns it into a monotonic delay once, and
+    reconnects ``renew_before`` seconds ahead at a quiet moment (no operation in flight), at the latest
+    ``renew_margin`` seconds ahead. The hook must make the transport's next ``connect()`` use the new
+    credential; without a hook the reconnect alone renews (transports that mint a token per connect).
     """
 
     def __init__(
@@ -226,12 +138,11 @@ class Handler:
         self._rand = rand or random.Random()
         self._refresh_hook = refresh_credentials
         self._credential_expiry = credential_expiry
-        self._on_state_change = on_state_change
         self._on_undelivered = on_undelivered
         self._on_inbound = on_inbound
-        self._history = History(identity=identity, can_refresh=refresh_credentials is not None)
-        self._last = StateChange(State.IDLE, self._clock.now())
-        self._subscribers: list[asyncio.Queue[StateChange | None]] = []
+        self._history = History(identity=identity, can_refresh=refresh_credentials is not None,
+                                ambiguous_drops=bool(getattr(transport, "ambiguous_drops", False)))
+        self._last_until: float | None = None
         self._changed = asyncio.Event()
         self._up = False
         self._gen = 0
@@ -240,10 +151,7 @@ class Handler:
         self._next_attempt_at: float | None = None
         self._stop_error: IoTHubError | None = None
         self._closed = False
-        self._parked_until = 0.0
-        self._gate_cause: IoTHubError | None = None  #: the throttle or quota error gating sends
-        self._probe_owner: _Op | None = None
-        self._throttled_until = 0.0
+        self._gate = Gate()
         self._holds = DeviceHolds(self._policy.config.device.max_held)
         self._offline: set[str] = set()
         self._releasing: set[str] = set()
@@ -252,18 +160,29 @@ class Handler:
         self._background: set[asyncio.Task[Any]] = set()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._renew_task: asyncio.Task[None] | None = None
-        self.counters: Counter[tuple[int | None, str, str]] = Counter()
+        self._renewing = False  #: a renewal waits for a quiet moment: no new attempt starts
+        self._timeouts = 0  #: OperationTimedOut in a row on the current connection
+        self._answered_at = float("-inf")  #: when an attempt last succeeded (monotonic)
+        self._sending: dict[_Op, int] = {}  #: sends in flight -> the connection they went out on
+        self._sends: dict[_Op, int] = {}  #: live send operations -> arrival order
+        self._lane: set[_Op] = set()  #: sends waiting for their turn in ``_wait_ready``
+        self._turn: tuple[asyncio.Event, _Op] | None = None  #: suspect mode: whose turn, as of a wake-up
+        self._arrivals = itertools.count()
+        self._loss_in_flight: tuple[str, ...] = ()  #: the sends in flight when the connection was lost
+        self._machine = ConnectionMachine()
+        self._pub = Publisher(transport.name, StateChange(State.IDLE, self._clock.wall()), on_state_change)
+        self.counters = self._pub.counters
 
     # -- public surface -----------------------------------------------------------------------------
 
     @property
     def state(self) -> State:
-        return self._last.state
+        return self._machine.state
 
     @property
     def last_change(self) -> StateChange:
-        """The latest state change: state, code, cause, until, reason."""
-        return self._last
+        """The latest state change: state, code, cause, until (epoch), reason."""
+        return self._pub.last
 
     @property
     def history(self) -> History:
@@ -283,12 +202,12 @@ class Handler:
 
     def metrics(self) -> dict[tuple[int | None, str, str], int]:
         """Counts keyed by (code or None, transport, outcome)."""
-        return dict(self.counters)
+        return self._pub.metrics()
 
     async def changes(self) -> AsyncIterator[StateChange]:
         """Every state change from now on; ends when the handler is closed."""
         queue: asyncio.Queue[StateChange | None] = asyncio.Queue()
-        self._subscribers.append(queue)
+        self._pub.subscribers.append(queue)
         try:
             while True:
                 change = await queue.get()
@@ -297,7 +216,7 @@ class Handler:
                 yield change
         finally:
             with contextlib.suppress(ValueError):
-                self._subscribers.remove(queue)
+                self._pub.subscribers.remove(queue)
 
     async def start(self) -> None:
         """Start the supervisor (returns at once; watch ``state`` or ``wait_connected``)."""
@@ -305,7 +224,7 @@ class Handler:
             raise RuntimeError("handler is closed")
         if self._supervisor is not None:
             return
-        self._set_state(State.CONNECTING)
+        self._move(Event.START)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="iothub-supervisor")
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -315,7 +234,11 @@ class Handler:
         await self._wait_ready(op, deadline, gates=False)
 
     async def close(self) -> None:
-        """Stop everything, fail what is still waiting with NotConnected, and leave no task behind."""
+        """Stop everything, fail what is still waiting with NotConnected, and leave no task behind.
+
+        Only the cancellations this method causes are absorbed: if the caller is cancelled (a timeout
+        around ``close()``), the ``CancelledError`` propagates, and the handler is still left closed.
+        """
         if self._closed:
             return
         self._closed = True
@@ -323,19 +246,25 @@ class Handler:
         tasks += list(self._background) + list(self._inflight)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._up = False
-        with contextlib.suppress(Exception):
-            await self._transport.close()
-        for item in self._holds.drain():
-            if not item.waiter.done():
-                item.waiter.set_result(False)
-        self._set_state(State.CLOSED, reason="closed by the application")
-        self._notify()
-        for queue in self._subscribers:
-            queue.put_nowait(None)
+        try:
+            if tasks:
+                await asyncio.wait(tasks)  # returns when they end; raises only if *we* are cancelled
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    log.debug("task %s ended with %r while closing", task.get_name(), task.exception())
+            self._up = False
+            try:
+                await self._transport.close()
+            except Exception:
+                log.debug("transport.close() raised", exc_info=True)
+        finally:
+            self._up = False
+            for item in self._holds.drain():
+                if not item.waiter.done():
+                    item.waiter.set_result(False)
+            self._move(Event.CLOSED, reason="closed by the application")
+            self._notify()
+            self._pub.end()
 
     async def __aenter__(self) -> Handler:
         await self.start()
@@ -363,16 +292,26 @@ class Handler:
         async def call(_remaining: float) -> None:
             await self._transport.send(message)
 
-        await self._operate(op, call, timeout)
+        self._sends[op] = next(self._arrivals)
+        try:
+            await self._operate(op, call, timeout)
+        finally:
+            del self._sends[op]
         return Receipt(message.id, op.attempts, op.duplicate)
 
-    async def request(self, kind: str, payload: Any, *, device_id: str | None = None, timeout: float | None = None,
-                      request_id: str = "") -> Any:
-        """A request/response exchange (twin, method) aimed at ``device_id`` if given."""
-        op = _Op(kind, request_id, device_id, payload=payload)
+    async def request(self, request: Request, *, timeout: float | None = None) -> Any:
+        """A typed request/response exchange (see :data:`gateway.transport.Request`); the hub's answer.
+
+        An :class:`~gateway.transport.InvokeMethod` or :class:`~gateway.transport.PatchDesired` is aimed at
+        its ``device_id`` (held while that device is offline). ``UnsupportedRequest`` (any ``TypeError``)
+        from the transport is a programming error: it is raised at once, never retried nor reported as
+        undelivered.
+        """
+        device = request.device_id if isinstance(request, (InvokeMethod, PatchDesired)) else None
+        op = _Op(type(request).__name__, getattr(request, "rid", ""), device, payload=request)
 
         async def call(remaining: float) -> Any:
-            return await self._transport.request(kind, payload, timeout=remaining)
+            return await self._transport.request(request, timeout=remaining)
 
         return await self._operate(op, call, timeout)
 
@@ -387,8 +326,7 @@ class Handler:
             self._report_undelivered(op, err)
             raise
         finally:
-            if self._probe_owner is op:
-                self._probe_owner = None  # the probe failed (or will be re-gated): let another one try
+            if self._gate.release(op):  # the probe failed (or will be re-gated): let another one try
                 self._notify()
             self._settle_held(op)
 
@@ -402,76 +340,125 @@ class Handler:
                 continue
             gen = await self._wait_ready(op, deadline, gates=True)
             op.attempts += 1
-            now = self._clock.now()
+            if op.kind == "send":
+                self._sending[op] = gen  # for ambiguous drops: which publishes were in flight
             try:
-                result = await self._within(call(deadline - now), deadline - now, track=True)
-            except _DeadlineExceeded:
-                raise self._expired(op, in_flight=True) from None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._closed and task is not None and not task.cancelling():
-                    raise self._closed_error() from None
-                raise
-            except IoTHubError as exc:
-                err = exc
-            except Exception as exc:
-                err = normalize(exc, transport=self._err_transport())
-            else:
-                self._succeeded(op)
-                return result
-            op.last_error = err
-            self._settle_held(op)
-            now = self._clock.now()
-            decision, history = self._policy.step(err, self._history, now=now, rand=self._rand,
-                                                  op=Operation(op.attempts, started, device))
-            if isinstance(decision, (ReconnectAfter, RefreshCredentials, Stop)):
-                # The connection itself is at stake: the supervisor decides (once) what to do about it,
-                # and this operation waits for its verdict (reconnected, or stopped).
-                self._report_loss(err, gen)
-                op.duplicate = op.duplicate or (isinstance(decision, ReconnectAfter) and decision.possible_duplicate)
-                continue
-            if self._policy.action_for(err) in _CONNECTION_ACTIONS:
-                self._report_loss(err, gen)  # this operation gave up, but the connection is still down
+                outcome = await self._attempt(op, call, gen, started, deadline)
+            finally:
+                if self._sending.pop(op, None) is not None and self._history.suspect:
+                    self._notify()  # suspect mode: the next send may go
+            if outcome is not _AGAIN:
+                return cast(T, outcome)
+
+    async def _attempt(self, op: _Op, call: Callable[[float], Awaitable[T]], gen: int, started: float,
+                       deadline: float) -> object:
+        """One attempt: its result, or _AGAIN to go round once more; raises when the operation ends."""
+        now = began = self._clock.now()
+        try:
+            result = await self._within(call(deadline - now), deadline - now, track=True)
+        except _DeadlineExceeded:
+            self._timed_out(gen, began)
+            raise self._expired(op, in_flight=True) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and task is not None and not task.cancelling():
+                raise self._closed_error() from None  # we cancelled the attempt, not our caller
+            raise
+        except TypeError:
+            raise  # UnsupportedRequest and friends: a programming error, raised at once, never retried
+        except IoTHubError as exc:
+            err = exc
+        except Exception as exc:
+            err = normalize(exc, transport=self._err_transport())
+        else:
+            self._succeeded(op)
+            return result
+        op.last_error = err
+        self._settle_held(op)
+        self._release_probe(op)  # one probe per attempt: whatever happens next, another may probe
+        if err.code == _TIMED_OUT:
+            self._timed_out(gen, began)
+        now = self._clock.now()
+        decision, history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
+                                              rand=self._rand, op=Operation(op.attempts, started, op.device_id))
+        nxt = after_failure(decision, now=now, deadline=deadline, duplicate=op.duplicate)
+        op.duplicate = nxt.duplicate
+        if nxt.step is Step.AWAIT_CONNECTION or self._policy.action_for(err) in _CONNECTION_ACTIONS:
+            # The connection itself is at stake: the supervisor decides (once) what to do about it, and
+            # this operation waits for its verdict (reconnected, or stopped).
+            self._report_loss(err, gen)
+        if nxt.adopt_history:
             self._history = history
-            if isinstance(decision, RetryAfter):
-                op.duplicate = op.duplicate or decision.possible_duplicate
-                if decision.throttled:
-                    self._count(err.code, "throttled")
-                    self._throttle(err, now + decision.delay)
-                    continue
-                self._count(err.code, "retry")
-                if now + decision.delay >= deadline:
-                    raise self._expired(op)
-                await self._clock.sleep(decision.delay)
-            elif isinstance(decision, ParkUntil):
-                self._count(err.code, "parked")
-                self._park(err, decision.until)
-            elif isinstance(decision, HoldForDevice):
-                self._count(err.code, "held")
-                self._offline.add(decision.device_id)
-                await self._hold(op, decision.device_id, min(deadline, decision.deadline), err)
-            else:
-                self._count(err.code, "dead_letter")
-                if op.duplicate:
-                    raise self._unknown(op, err)
-                failed = make_error(err.code, transport=err.transport, message=decision.detail,
-                                    device_id=err.device_id or op.device_id, native=err.native,
-                                    retry_after=err.retry_after)
-                failed.__cause__ = err
-                raise failed
+        step = nxt.step
+        if step is Step.AWAIT_CONNECTION:
+            pass
+        elif step is Step.THROTTLE:
+            self._count(err.code, "throttled")
+            self._throttle(err, nxt.until)
+        elif step is Step.RETRY:
+            self._count(err.code, "retry")
+            await self._clock.sleep(nxt.delay)
+        elif step is Step.EXPIRE:
+            self._count(err.code, "retry")
+            raise self._expired(op)
+        elif step is Step.PARK:
+            self._count(err.code, "parked")
+            self._park(err, nxt.until)
+        elif step is Step.HOLD:
+            assert nxt.device is not None
+            self._count(err.code, "held")
+            self._offline.add(nxt.device)
+            await self._hold(op, nxt.device, nxt.until, err)
+        else:
+            self._count(err.code, "dead_letter")
+            if step is Step.UNKNOWN:
+                raise self._unknown(op, err)
+            failed = make_error(err.code, transport=err.transport, message=nxt.detail,
+                                device_id=err.device_id or op.device_id, native=err.native,
+                                retry_after=err.retry_after)
+            failed.__cause__ = err
+            raise failed
+        return _AGAIN
+
+    def _release_probe(self, op: _Op) -> None:
+        if self._gate.release(op):
+            self._notify()
+
+    def _timed_out(self, gen: int, began: float) -> None:
+        """An attempt begun at ``began`` timed out on connection ``gen``; K in a row mean a half-open link.
+
+        "In a row" means no attempt succeeded meanwhile: if one did after this attempt began, the link is
+        alive and this was only a slow answer (a loaded peer), so it does not count.
+        """
+        if gen != self._gen:
+            return
+        if self._answered_at >= began:
+            return  # the success itself reset the count
+        self._timeouts += 1
+        limit = self._policy.config.operation.timeouts_to_drop
+        if self._timeouts >= limit and self._up:
+            self._count(_TIMED_OUT, "half_open")
+            err = make_error(_TIMED_OUT, transport=self._err_transport(),
+                             message=f"{self._timeouts} operations in a row timed out on this connection: "
+                                     f"taken as a half-open link, reconnecting")
+            self._report_loss(err, gen)
 
     def _succeeded(self, op: _Op) -> None:
+        self._timeouts = 0
+        self._answered_at = self._clock.now()
         self._history = self._history.on_success()
+        if op.kind == "send" and self._history.ambiguous_drops:
+            was_suspect = self._history.suspect
+            self._history = self._history.on_delivered(op.id)
+            if was_suspect and not self._history.suspect:
+                self._notify()  # suspect mode is over: every waiting send may go
         self._count(None, "duplicate" if op.duplicate else "delivered")
         if op.device_id is not None and op.device_id in self._offline:
             self.device_online(op.device_id)
-        if self._gate_cause is not None or self._throttled_until:
+        if self._gate.open():
             # The probe went through: the throttle or the quota park is over for everyone.
-            self._gate_cause = None
-            self._probe_owner = None
-            self._throttled_until = 0.0
             if self._up and self.state in (State.THROTTLED, State.PARKED):
-                self._set_state(State.CONNECTED, reason="recovered")
+                self._move(Event.CONNECTED, reason="recovered")
             self._notify()
 
     def _must_hold(self, device: str, op: _Op) -> bool:
@@ -540,22 +527,51 @@ class Handler:
 
     async def _wait_ready(self, op: _Op, deadline: float, *, gates: bool) -> int:
         """Wait until an attempt may go out; fail fast when it cannot happen before ``deadline``."""
+        lane = gates and op.kind == "send"
+        if lane:
+            self._lane.add(op)
+        try:
+            return await self._wait_turn(op, deadline, gates=gates, lane=lane)
+        finally:
+            if lane:
+                self._lane.discard(op)
+                if self._history.suspect:
+                    self._notify()
+
+    def _my_turn(self, op: _Op) -> bool:
+        """Suspect mode: one send at a time, fewest drops first, then arrival order."""
+        if not self._history.suspect:
+            return True
+        gen = self._gen
+        if any(g == gen for g in self._sending.values()):
+            return False  # a send is in flight on this connection (one stuck on an old one does not count)
+        cached = self._turn
+        if cached is not None and cached[0] is self._changed and cached[1] in self._lane:
+            return cached[1] is op  # computed once per wake-up, not once per waiter
+        drops = self._history.drops_of
+        best = min(self._lane, key=lambda o: (drops(o.id), self._sends.get(o, 0)))
+        self._turn = (self._changed, best)
+        return best is op
+
+    async def _wait_turn(self, op: _Op, deadline: float, *, gates: bool, lane: bool) -> int:
         while True:
             self._raise_if_down(op)
             now = self._clock.now()
-            gate = max(self._parked_until, self._throttled_until) if gates else 0.0
-            probing = gates and self._gate_cause is not None and self._probe_owner not in (None, op)
-            if self._up and now >= gate and not probing:
-                if gates and self._gate_cause is not None:
-                    self._probe_owner = op  # after a throttle or a park, one operation probes first
+            gate = max(self._gate.parked_until, self._gate.throttled_until) if gates else 0.0
+            closed = gates and self._gate.closed_to(op, now)
+            waiting = gates and (self._renewing or (lane and not self._my_turn(op)))
+            if self._up and not closed and not waiting:
+                if gates:
+                    self._gate.enter(op)  # after a throttle or a park, this attempt is the probe
                 return self._gen
-            if gates and self._parked_until > max(now, deadline):
+            if gates and self._gate.parked_until > max(now, deadline):
                 op.outcome = "expired"
                 self._count(_QUOTA, "failed_fast")
-                cause = self._gate_cause
-                err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=self._parked_until,
+                cause = self._gate.cause
+                retry_at = self._to_wall(self._gate.parked_until)
+                err = make_error(_QUOTA, transport=self._err_transport(cause), retry_at=retry_at,
                                  device_id=op.device_id,
-                                 message=f"daily quota used up; sending is parked until {self._parked_until:.0f}, "
+                                 message=f"daily quota used up; sending is parked until {retry_at:.0f} (epoch), "
                                          f"after this operation's deadline")
                 err.__cause__ = cause
                 raise err
@@ -571,6 +587,9 @@ class Handler:
     def _raise_if_down(self, op: _Op) -> None:
         if self._closed:
             raise self._closed_error()
+        if op.poison is not None:
+            op.outcome = "failed"
+            raise op.poison
         if self._stop_error is not None:
             stop = self._stop_error
             err = make_error(stop.code, transport=stop.transport, message=stop.message, device_id=op.device_id,
@@ -583,10 +602,12 @@ class Handler:
         cause = self._down_cause
         code = cause.code if cause is not None else _NOT_CONNECTED
         self._count(code, "failed_fast")
+        now = self._clock.now()
+        nxt = self._next_attempt_at if self._next_attempt_at is not None else now
         err = make_error(code, transport=self._err_transport(cause), device_id=op.device_id,
                          message=f"connection is down ({cause.name if cause else 'not connected'}); "
-                                 f"next attempt at {self._next_attempt_at:.0f} is after this operation's "
-                                 f"deadline {deadline:.0f}")
+                                 f"the next attempt, in {nxt - now:.0f}s, is after "
+                                 f"this operation's deadline (in {deadline - self._clock.now():.0f}s)")
         err.__cause__ = cause
         return err
 
@@ -595,7 +616,7 @@ class Handler:
         if op.duplicate or in_flight:
             return self._unknown(op, op.last_error)
         op.outcome = "expired"
-        cause = op.last_error or (self._down_cause if not self._up else None)
+        cause = op.last_error or (self._down_cause if not self._up else self._gate.cause)  # what it waited on
         if cause is None:
             self._count(_NOT_CONNECTED, "expired")
             return make_error(_NOT_CONNECTED, transport=self._err_transport(), device_id=op.device_id,
@@ -629,28 +650,24 @@ class Handler:
             log.exception("on_undelivered hook raised")
 
     def _throttle(self, err: IoTHubError, until: float) -> None:
-        self._gate_cause = err
-        self._probe_owner = None
-        self._throttled_until = max(self._throttled_until, until)
-        self._set_state(State.THROTTLED, code=err.code, cause=err, until=self._throttled_until,
-                        reason="throttled by the hub")
+        end = self._gate.throttle(err, until)
+        if self._machine.active:  # an answer that comes back after a stop changes nothing
+            self._move(Event.THROTTLED, code=err.code, cause=err, until=end, reason="throttled by the hub")
         self._spawn(self._ungate(), "iothub-unthrottle")
 
     def _park(self, err: IoTHubError, until: float) -> None:
-        self._gate_cause = err
-        self._probe_owner = None
-        self._parked_until = max(self._parked_until, until)
-        self._set_state(State.PARKED, code=err.code, cause=err, until=self._parked_until,
-                        reason="daily message quota used up")
+        end = self._gate.park(err, until)
+        if self._machine.active:
+            self._move(Event.PARKED, code=err.code, cause=err, until=end, reason="daily message quota used up")
         self._spawn(self._ungate(), "iothub-unpark")
 
     async def _ungate(self) -> None:
         """At the end of a park or throttle, wake the waiting operations (one of them probes)."""
-        until = max(self._parked_until, self._throttled_until)
+        until = self._gate.until
         await self._clock.sleep(until - self._clock.now())
-        if max(self._parked_until, self._throttled_until) != until:
+        if self._gate.until != until:
             return  # extended meanwhile; a later timer handles it
-        self._parked_until = 0.0
+        self._gate.parked_until = 0.0
         self._notify()
 
     # -- the supervisor -------------------------------------------------------------------------------
@@ -697,6 +714,9 @@ class Handler:
         now = self._clock.now()
         cause = self._down_cause
         self._history = self._history.on_connected(now)
+        ambiguous = bool(getattr(self._transport, "ambiguous_drops", False))  # may depend on what was negotiated
+        if ambiguous is not self._history.ambiguous_drops:
+            self._history = dataclasses.replace(self._history, ambiguous_drops=ambiguous)
         self._gen += 1
         self._up = True
         self._down_cause = None
@@ -704,16 +724,15 @@ class Handler:
         loss: asyncio.Future[IoTHubError | None] = asyncio.get_running_loop().create_future()
         self._loss = loss
         self._reader = asyncio.get_running_loop().create_task(self._read(loss), name="iothub-reader")
-        state = State.CONNECTED
-        if self._parked_until > now:
-            state = State.PARKED
-        elif self._throttled_until > now:
-            state = State.THROTTLED
-        self._set_state(state, code=cause.code if cause else None, cause=cause,
-                        until=max(self._parked_until, self._throttled_until) or None,
-                        reason="connected" if state is State.CONNECTED else "connected; still waiting")
-        if self._credential_expiry is not None:
-            self._schedule_renewal(self._credential_expiry)
+        event = Event.CONNECTED
+        if self._gate.parked_until > now:
+            event = Event.PARKED
+        elif self._gate.throttled_until > now:
+            event = Event.THROTTLED
+        self._move(event, code=cause.code if cause else None, cause=cause, until=self._gate.until or None,
+                   reason="connected" if event is Event.CONNECTED else "connected; still waiting")
+        self._timeouts = 0
+        self._schedule_renewal()
         self._notify()
         return None
 
@@ -727,16 +746,16 @@ class Handler:
             self._reader = None
             if reader is not None:
                 reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+                await asyncio.wait({reader})  # our own cancellation of the reader is not ours to raise
+                if not reader.cancelled() and reader.exception() is not None:
+                    log.debug("reader ended with %r", reader.exception())
 
     async def _read(self, loss: asyncio.Future[IoTHubError | None]) -> None:
         name = self._transport.name
         try:
             async for event in self._transport.events():
                 if isinstance(event, Disconnected):
-                    if not loss.done():
-                        loss.set_result(event.error)
+                    self._lose(loss, event.error)
                     return
                 if isinstance(event, DeviceOnline):
                     self.device_online(event.device_id)
@@ -757,14 +776,21 @@ class Handler:
             err = exc
         except Exception as exc:
             err = normalize(exc, transport=name if name in {"http", "mqtt", "amqp"} else "network")
-        if not loss.done():
-            loss.set_result(err)
+        self._lose(loss, err)
+
+    def _lose(self, loss: asyncio.Future[IoTHubError | None], err: IoTHubError | None) -> None:
+        """The connection ended (once): remember which sends were in flight, for ambiguous drops."""
+        if loss.done():
+            return
+        gen = self._gen
+        self._loss_in_flight = tuple(op.id for op, g in self._sending.items() if g == gen)
+        loss.set_result(err)
 
     def _report_loss(self, err: IoTHubError, gen: int) -> None:
         """An operation saw the connection fail: hand it to the supervisor, once per connection."""
         loss = self._loss
-        if gen == self._gen and self._up and loss is not None and not loss.done():
-            loss.set_result(err)
+        if gen == self._gen and self._up and loss is not None:
+            self._lose(loss, err)
         # mark down at once so other operations wait instead of hitting a dead connection
         if gen == self._gen and self._up:
             self._up = False
@@ -775,7 +801,9 @@ class Handler:
         self._up = False
         self._down_cause = err
         now = self._clock.now()
-        decision, self._history = self._policy.step(err, self._history, now=now, rand=self._rand)
+        in_flight, self._loss_in_flight = self._loss_in_flight, ()
+        decision, self._history = self._policy.step(err, self._history, now=now, wall=self._clock.wall(),
+                                                    rand=self._rand, in_flight=in_flight)
         self._notify()
         if isinstance(decision, Stop):
             self._count(err.code, "stopped")
@@ -783,37 +811,78 @@ class Handler:
             return False
         if isinstance(decision, RefreshCredentials):
             self._count(err.code, "refresh")
-            self._set_state(State.RETRYING, code=err.code, cause=err, until=now, reason="refreshing credentials")
+            self._move(Event.LOST, code=err.code, cause=err, until=now, reason="refreshing credentials")
             failure = await self._refresh()
             if failure is not None:
                 return await self._apply_connection_decision(failure)
             return True
-        if isinstance(decision, ParkUntil):
-            self._count(err.code, "parked")
-            self._gate_cause = err
-            self._parked_until = max(self._parked_until, decision.until)
+        if isinstance(decision, ParkUntil) and decision.takeover:
+            self._count(err.code, "inferred_takeover_park")
             self._next_attempt_at = decision.until
-            self._set_state(State.PARKED, code=err.code, cause=err, until=decision.until,
-                            reason="daily message quota used up")
+            reason = (f"the connection keeps being dropped with nothing in flight, as when another client takes "
+                      f"this identity: parked for {decision.until - now:.0f}s, then trying again (not stopping: "
+                      f"the evidence is ambiguous)")
+            log.warning("%s: %s", self._history.identity or self._transport.name, reason)
+            self._move(Event.PARKED, code=err.code, cause=err, until=decision.until, reason=reason)
             self._notify()
             await self._clock.sleep(decision.until - now)
-            if self._parked_until == decision.until:
-                self._parked_until = 0.0
+            return True
+        if isinstance(decision, ParkUntil):
+            self._count(err.code, "parked")
+            self._gate.park(err, decision.until)
+            self._next_attempt_at = decision.until
+            self._move(Event.PARKED, code=err.code, cause=err, until=decision.until,
+                       reason="daily message quota used up")
+            self._notify()
+            await self._clock.sleep(decision.until - now)
+            if self._gate.parked_until == decision.until:
+                self._gate.parked_until = 0.0
             return True
         delay = decision.delay if isinstance(decision, (ReconnectAfter, RetryAfter)) else 0.0
         throttled = isinstance(decision, ReconnectAfter) and decision.throttled
+        reason = "reconnecting"
+        if isinstance(decision, ReconnectAfter):
+            self._dead_letter_poison(decision, err)
+            if decision.identity_conflict:
+                reason = "another client took this identity; reconnecting after a long delay"
+            elif decision.attributed and throttled:
+                reason = "every publish is answered by a dropped connection (MQTT 3.1.1): throttled"
+                self._count(err.code, "throttled_drops")
+            elif decision.attributed:
+                reason = "the connection dropped with publishes in flight: reconnecting, one send at a time"
+                self._count(err.code, "attributed_drop")
+            elif decision.inferred_takeover:
+                reason = "the connection dropped with nothing in flight (maybe another client took this identity)"
+                self._count(err.code, "inferred_takeover")
         self._count(err.code, "throttled" if throttled else "reconnect")
         self._next_attempt_at = now + delay
         if throttled:
-            self._throttled_until = max(self._throttled_until, now + delay)
-        reason = "reconnecting"
-        if isinstance(decision, ReconnectAfter) and decision.identity_conflict:
-            reason = "another client took this identity; reconnecting after a long delay"
-        self._set_state(State.THROTTLED if throttled else State.RETRYING, code=err.code, cause=err,
-                        until=now + delay, reason=reason)
+            self._gate.throttled_until = max(self._gate.throttled_until, now + delay)
+        self._move(Event.THROTTLED if throttled else Event.LOST, code=err.code, cause=err,
+                   until=now + delay, reason=reason)
         self._notify()
         await self._clock.sleep(delay)
         return True
+
+    def _dead_letter_poison(self, decision: ReconnectAfter, err: IoTHubError) -> None:
+        if not decision.poison:
+            return
+        ids = set(decision.poison)
+        limit = self._policy.config.drops.poison_after
+        for op in self._sends:
+            if op.id in ids and op.poison is None:
+                message = op.message
+                size = None if message is None else len(message.body) + sum(
+                    len(k) + len(v) for k, v in message.properties.items())
+                poison = make_error(poison_code(size), transport=err.transport, exact=False, device_id=op.device_id,
+                                    message=f"message {op.id!r} was alone in flight at {limit} dropped connections "
+                                            f"while other messages were delivered: the hub refuses it (inferred: "
+                                            f"MQTT 3.1.1 cannot say why)",
+                                    native={"id": op.id, "drops": limit})
+                poison.__cause__ = err
+                op.poison = poison
+                self._count(poison.code, "poison")
+                log.warning("dead-lettering poison message %r after %d drops", op.id, limit)
 
     async def _refresh(self) -> IoTHubError | None:
         hook = self._refresh_hook
@@ -837,17 +906,46 @@ class Handler:
         self._credential_expiry = expiry
         return None
 
-    def _schedule_renewal(self, expiry: float) -> None:
+    def _schedule_renewal(self) -> None:
+        """Read the credential's expiry (epoch) once and turn it into monotonic times to renew at."""
         if self._renew_task is not None:
             self._renew_task.cancel()
-        self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(expiry), name="iothub-renew")
+            self._renew_task = None
+        expiry = getattr(self._transport, "credential_expiry", None)
+        if expiry is None:
+            expiry = self._credential_expiry
+        if expiry is None:
+            return
+        cfg = self._policy.config.operation
+        left = float(expiry) - self._clock.wall()
+        if left <= cfg.renew_margin:
+            # A credential this close to expiry (or a stale expiry) would make every connect renew at
+            # once: a reconnect loop. Let the hub's expiry (an expired-token drop -> refresh hook) handle it instead.
+            log.warning("credential expires in %.0fs, inside the renewal margin; not scheduling a renewal", left)
+            return
+        now = self._clock.now()
+        soft, hard = now + left - cfg.renew_before, now + left - cfg.renew_margin
+        self._renew_task = asyncio.get_running_loop().create_task(self._renew_at(soft, max(soft, hard), self._gen),
+                                                                  name="iothub-renew")
 
-    async def _renew_at(self, expiry: float) -> None:
-        await self._clock.sleep(expiry - self._policy.config.operation.renew_before - self._clock.now())
-        loss = self._loss
-        if self._up and loss is not None and not loss.done():
-            self._count(None, "renew")
-            loss.set_result(None)
+    async def _renew_at(self, soft: float, hard: float, gen: int) -> None:
+        """At ``soft``, stop new attempts and wait until nothing is in flight (or ``hard``), then renew."""
+        await self._clock.sleep(soft - self._clock.now())
+        if gen != self._gen or not self._up:
+            return
+        self._renewing = True
+        try:
+            while self._inflight and self._clock.now() < hard and gen == self._gen:
+                changed = self._changed
+                with contextlib.suppress(_DeadlineExceeded):
+                    await self._within(changed.wait(), hard - self._clock.now())
+            loss = self._loss
+            if gen == self._gen and self._up and loss is not None and not loss.done():
+                self._count(None, "renew")
+                self._lose(loss, None)
+        finally:
+            self._renewing = False
+            self._notify()
 
     def _stop(self, decision: Stop, err: IoTHubError) -> None:
         stop = make_error(decision.code, transport=err.transport, message=decision.detail,
@@ -859,7 +957,7 @@ class Handler:
         for item in self._holds.drain():
             if not item.waiter.done():
                 item.waiter.set_result(False)
-        self._set_state(State.STOPPED, code=decision.code, cause=err, reason=decision.detail)
+        self._move(Event.STOPPED, code=decision.code, cause=err, reason=decision.detail)
         self._notify()
         self._spawn(self._close_transport(), "iothub-close")
 
@@ -876,7 +974,7 @@ class Handler:
         task: asyncio.Future[T] = asyncio.ensure_future(aw)
         if track and isinstance(task, asyncio.Task):
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._call_done)
         if task.done():
             return task.result()
         if timeout <= 0:
@@ -902,7 +1000,15 @@ class Handler:
             return task.result()  # finished while being cancelled: keep the result
         raise _DeadlineExceeded
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _call_done(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.discard(task)
+        if self._renewing and not self._inflight:
+            self._notify()  # a quiet moment: the renewal may go
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        if self._closed:
+            coro.close()  # close() already gathered the tasks it cancels: nothing new may outlive it
+            return
         task = asyncio.ensure_future(coro)
         if isinstance(task, asyncio.Task):
             task.set_name(name)
@@ -913,24 +1019,24 @@ class Handler:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _set_state(self, state: State, *, code: int | None = None, cause: IoTHubError | None = None,
-                   until: float | None = None, reason: str = "") -> None:
-        last = self._last
-        if (last.state, last.code, last.until, last.reason) == (state, code, until, reason):
+    def _move(self, event: Event, *, code: int | None = None, cause: IoTHubError | None = None,
+              until: float | None = None, reason: str = "") -> None:
+        """Fire ``event`` on the state machine and publish the change (``until`` is monotonic)."""
+        last = self._pub.last
+        before = self._machine.state
+        state = self._machine.fire(event)  # an illegal move raises: a bug in this driver
+        if (before, last.code, self._last_until, last.reason) == (state, code, until, reason) and last.state is state:
             return
-        change = StateChange(state, self._clock.now(), code, cause, until, reason)
-        self._last = change
-        self._count(code, f"state:{state.value}")
-        for queue in self._subscribers:
-            queue.put_nowait(change)
-        if self._on_state_change is not None:
-            try:
-                self._on_state_change(change)
-            except Exception:
-                log.exception("on_state_change hook raised")
+        self._last_until = until
+        self._pub.publish(StateChange(state, self._clock.wall(), code, cause,
+                                      self._to_wall(until) if until is not None else None, reason))
+
+    def _to_wall(self, monotonic: float) -> float:
+        """A monotonic instant as epoch seconds, for people and for errors' ``retry_at`` (reports only)."""
+        return self._clock.wall() + (monotonic - self._clock.now())
 
     def _count(self, code: int | None, outcome: str) -> None:
-        self.counters[(code, self._transport.name, outcome)] += 1
+        self._pub.count(code, outcome)
 
     def _err_transport(self, cause: IoTHubError | None = None) -> str:
         if cause is not None:
