@@ -16,6 +16,8 @@ from adapters.mqtt.transport import MqttAnswer, MqttTransport
 from gateway.emulator import FaultKind, Hub, Operation
 from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
+from gateway.handler import Handler, State
+from gateway.policy import Policy, PolicyConfig
 from gateway.transport import (
     C2DMessage,
     DesiredPatch,
@@ -197,3 +199,31 @@ async def test_half_open_link_over_tls_is_detected_and_a_reconnect_loses_nothing
     finally:
         await front.stop()
     assert hub.received_ids("d1")[0] == "before" and "caught" in hub.received_ids("d1")
+
+
+async def test_handler_renews_the_token_by_reconnecting_before_it_expires(hub: Hub, mqtt_front: MqttFront) -> None:
+    """Through the handler: the transport's credential_expiry schedules a reconnect ahead of the token's
+    expiry, each reconnect brings a fresh token, and sends keep flowing past the first token's lifetime
+    (a reconnect with the first token would now be refused as expired)."""
+    config = PolicyConfig.from_mapping({"reconnect": {"initial": 0.02, "cap": 0.1},
+                                        "operation": {"renew_before": 2.0, "renew_margin": 0.5}})
+    t = make(hub, mqtt_front, token_ttl=4)
+    states: list[State] = []
+    async with Handler(t, policy=Policy(config), identity="d1", on_state_change=lambda c: states.append(c.state)) as h:
+        await h.wait_connected(10)
+        first = t.credential_expiry
+        assert first is not None
+        expiries = {first}
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 6  # past the first token's expiry
+        i = 0
+        while loop.time() < end:
+            await h.send(Message(f"m{i}", "d1", b"x"), timeout=10)
+            if t.credential_expiry is not None:
+                expiries.add(t.credential_expiry)
+            i += 1
+            await asyncio.sleep(0.05)
+        assert len(expiries) >= 2 and max(expiries) > first  # renewed, with a later expiry each time
+        assert h.state is State.CONNECTED
+    assert set(hub.received_ids("d1")) >= {f"m{n}" for n in range(i)}  # every receipted send arrived
+    assert State.STOPPED not in states
