@@ -830,7 +830,7 @@ class MqttTransport:
                 f"IoT Hub's MQTT surface cannot {request.outcome} a C2D message (MQTT has no negative "
                 "acknowledgement): leave it unsettled and the hub redelivers it after the next connect, "
                 "or use AMQP or HTTP to reject or abandon")
-        link = self._live()
+        link = self._link
         generation, _, rest = request.lock_token.partition(":")
         mid_text, _, qos_text = rest.partition(":")
         if not (generation.isdigit() and mid_text.isdigit() and qos_text.isdigit()):
@@ -839,7 +839,8 @@ class MqttTransport:
         mid = int(mid_text)
         if int(qos_text) == 0:
             return None  # delivered at most once: nothing to acknowledge
-        if int(generation) != link.generation or mid not in link.unsettled:
+        if link is None or link.down or int(generation) != link.generation or mid not in link.unsettled:
+            # Its connection is gone (a lock dies with it) or it was settled: retrying cannot help.
             raise make_error(_LOCK_LOST, transport="mqtt", device_id=self.device_id, exact=False,
                              message="the C2D message came on an earlier connection (or was settled already); "
                                      "the hub redelivers it if it was not acknowledged")

@@ -256,6 +256,9 @@ async def test_a_lock_from_an_earlier_connection_is_lost(scripted: ScriptedHub) 
         events = t.events()
         scripted.push(c2d(b"one"))
         message = (await next_inbound(events)).payload
+    with pytest.raises(IoTHubError) as info:  # while disconnected: the lock died with the connection
+        await t.request(SettleC2D.of(message), timeout=5)  # type: ignore[arg-type]
+    assert info.value.code == 412002
     async with connected(t):
         with pytest.raises(IoTHubError) as info:
             await t.request(SettleC2D.of(message), timeout=5)  # type: ignore[arg-type]
