@@ -274,7 +274,7 @@ def raw_thread(port: int, n: int, payload: bytes, protocol: int, inflight: int) 
 
 
 async def _transport(port: int, protocol: int, inflight: int) -> MqttTransport:
-    transport = MqttTransport(f"HostName={HUB};DeviceId=dev1", host="127.0.0.1", port=port, tls=False,
+    transport = MqttTransport(f"HostName={HUB};DeviceId=dev1", host="127.0.0.1", port=port, ssl=None,
                               protocol=protocol, sas_token=PASSWORD, subscribe=(), max_inflight=inflight,
                               send_timeout=120)
     await asyncio.wait_for(transport.connect(), 10)

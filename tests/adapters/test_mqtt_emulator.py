@@ -35,7 +35,7 @@ PROTOCOLS = [pytest.param(4, id="mqtt311"), pytest.param(5, id="mqtt5")]
 
 
 def make(hub: Hub, front: MqttFront, device: str = "d1", protocol: int = 4, **kw: Any) -> MqttTransport:
-    kw.setdefault("tls", False)
+    kw.setdefault("ssl", None)
     kw.setdefault("connect_timeout", 5)
     kw.setdefault("send_timeout", 5)
     return MqttTransport(hub.connection_string(device), host="127.0.0.1", port=front.port, protocol=protocol, **kw)
@@ -146,10 +146,10 @@ async def test_tls_front(hub: Hub, tls_files: TlsFiles) -> None:
     front = MqttFront(hub, FrontConfig(ssl_context=tls_files.server_context()))
     await front.start()
     try:
-        t = make(hub, front, tls=tls_files.client_context())
+        t = make(hub, front, ssl=tls_files.client_context())
         async with connected(t):
             await asyncio.wait_for(t.send(Message("tls", "d1", b"x")), 5)
-        untrusted = make(hub, front, tls=True)  # the system trust store does not know the test CA
+        untrusted = make(hub, front, ssl=True)  # the system trust store does not know the test CA
         err = await failure(untrusted.connect(), 10)
         assert err.code == 401901 and isinstance(err.__cause__, Exception)  # TlsVerificationFailed
     finally:
