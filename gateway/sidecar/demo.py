@@ -384,7 +384,7 @@ class Demo:
                                 port=http.port, ssl=None, presence_interval=0.3)
         caller = Handler(Watched(service, "service", self.story, self.policy), policy=self.policy,
                          identity="service")
-        pump = MqttTransport(cs, host="127.0.0.1", port=self.front("mqtt").port, tls=False, subscribe=("methods",))
+        pump = MqttTransport(cs, host="127.0.0.1", port=self.front("mqtt").port, ssl=None, subscribe=("methods",))
         answering: asyncio.Task[None] | None = None
         await caller.start()
         try:

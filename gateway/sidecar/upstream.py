@@ -97,9 +97,8 @@ def _http(spec: TransportSpec) -> Transport:
 
 def _mqtt(spec: TransportSpec) -> Transport:
     mod = _adapter("mqtt", "adapters.mqtt.transport")
-    tls: ssl.SSLContext | bool = spec.ssl_context() or False
     # Telemetry only: the sidecar does not consume cloud-to-device traffic (yet), so subscribe to nothing.
-    transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, tls=tls,
+    transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(),
                                              protocol=spec.mqtt_version, subscribe=())
     return transport
 
