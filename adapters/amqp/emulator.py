@@ -75,6 +75,7 @@ _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
 
 
 _DEFAULT_CONFIG: Final = FrontConfig()
+_MAX_HELD: Final = 1000  # stalled connections kept open at most
 
 
 def _twin_status(code: int) -> int:
@@ -130,6 +131,9 @@ class AmqpFront:
         self._server: Any = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        #: stalled (half-open) connections: device -> the socket proton let go of, kept open and unread
+        self._held: dict[str, socket.socket] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -138,6 +142,28 @@ class AmqpFront:
     @property
     def tls(self) -> bool:
         return self.cert_file is not None
+
+    def stalled(self) -> list[str]:
+        """The devices whose connection is held half-open by a STALL fault."""
+        with self._held_lock:
+            return list(self._held)
+
+    def _hold(self, device: str, sock: socket.socket) -> None:
+        with self._held_lock:
+            old = self._held.pop(device, None)
+            self._held[device] = sock
+            while len(self._held) > _MAX_HELD:  # bounded: the oldest dead link is finally closed
+                self._held.pop(next(iter(self._held))).close()
+        if old is not None:
+            old.close()
+
+    def _release(self, device: str | None = None) -> None:
+        """Close held sockets (one device's, e.g. on its reconnect, or all)."""
+        with self._held_lock:
+            gone = [self._held.pop(d) for d in list(self._held) if device in (None, d)]
+        for sock in gone:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -178,6 +204,7 @@ class AmqpFront:
             self._server.post(self._server.shutdown)
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
         self._thread = None
+        self._release()
 
     async def drop_all(self) -> None:
         """Cut every client socket (no AMQP close): an outage as clients see it."""
@@ -187,6 +214,7 @@ class AmqpFront:
 
         def drop() -> None:
             self._server.drop_all()
+            self._release()
             done.set()
 
         self._server.post(drop)
@@ -325,6 +353,20 @@ def _server_class() -> type[Any]:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
             elif transport is not None:
+                transport.close_tail()
+                transport.close_head()
+            self._forget(conn)
+
+        def _stall(self, conn: Any, device: str) -> None:
+            """Half-open: proton lets go of the socket without a frame (no close, no FIN: the front
+            keeps it open and never reads it again), so the client hears nothing at all."""
+            transport = conn.transport
+            selectable: Any = getattr(transport, "_selectable", None) if transport is not None else None
+            sock = getattr(selectable, "_delegate", None)
+            if isinstance(sock, socket.socket):
+                selectable.release()  # proton's close() of the selectable leaves the descriptor alone
+                self.front._hold(device, sock)
+            if transport is not None:
                 transport.close_tail()
                 transport.close_head()
             self._forget(conn)
@@ -507,6 +549,9 @@ def _server_class() -> type[Any]:
             token = msg.body if isinstance(msg.body, str) else None
             fault = self.hub.plan.take(device, Operation.CONNECT, "amqp")
             if fault is not None:
+                if fault.kind is FaultKind.STALL:
+                    self._stall(conn, device)
+                    return
                 if fault.kind is FaultKind.DROP:
                     self._cut(conn)
                     return
@@ -529,6 +574,7 @@ def _server_class() -> type[Any]:
             now = self.front.clock()
             reason = self.hub.authenticate(device, token, now)
             if reason is None:
+                self.front._release(device)  # its new connection ends the half-open old one, as a takeover
                 try:
                     from gateway.sas import parse_sas_token
 
@@ -557,13 +603,17 @@ def _server_class() -> type[Any]:
 
         def _telemetry(self, link: Any, dlv: Any, msg: Any) -> None:
             device = link.gw_device
-            fault = self.hub.plan.take(device, Operation.TELEMETRY, "amqp")
+            props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
+            body = _body_bytes(msg.body)
+            fault = self.hub.plan.take(device, Operation.TELEMETRY, "amqp", properties=props, body=body)
             if fault is None:
                 self._record(device, msg)
                 dlv.update(Delivery.ACCEPTED)
                 dlv.settle()
                 return
-            if fault.kind is FaultKind.DROP:
+            if fault.kind is FaultKind.STALL:
+                self._stall(link.connection, device)
+            elif fault.kind is FaultKind.DROP:
                 self._cut(link.connection)
             elif fault.kind is FaultKind.NO_ACK:
                 self._record(device, msg)  # the hub took it; the acknowledgement is what gets lost
@@ -581,13 +631,7 @@ def _server_class() -> type[Any]:
                 self._close(link, where, form, dlv)
 
         def _record(self, device: str, msg: Any) -> None:
-            body = msg.body
-            if isinstance(body, memoryview):
-                body = bytes(body)
-            elif isinstance(body, str):
-                body = body.encode()
-            elif not isinstance(body, bytes):
-                body = repr(body).encode()
+            body = _body_bytes(msg.body)
             props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
             mid = msg.id
             self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props))
@@ -617,6 +661,9 @@ def _server_class() -> type[Any]:
                 return
             fault = self.hub.plan.take(device_id, op, "amqp")
             if fault is not None:
+                if fault.kind is FaultKind.STALL:
+                    self._stall(link.connection, device_id)
+                    return
                 if fault.kind is FaultKind.DROP:
                     self._cut(link.connection)
                     return
@@ -717,6 +764,9 @@ def _server_class() -> type[Any]:
             request.properties = cast(Any, {_METHOD_NAME: name})
             if fault is None:
                 link.send(request)
+            elif fault.kind is FaultKind.STALL:
+                self.pending_methods.pop(corr, None)  # nobody answers: the caller times out, as on a dead link
+                self._stall(conn, device)
             elif fault.kind is FaultKind.DROP:
                 self._cut(conn)
             elif fault.kind is FaultKind.NO_ACK:
@@ -813,6 +863,14 @@ def _server_class() -> type[Any]:
 
     _SERVER_CLASS = _Server
     return _Server
+
+
+def _body_bytes(body: Any) -> bytes:
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    return repr(body).encode()
 
 
 class _Once:

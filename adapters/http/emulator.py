@@ -343,13 +343,14 @@ class HttpFront:
 
     async def _apply(self, request: web.Request, device_id: str, operation: Operation,
                      work: Callable[[], web.StreamResponse | None] | None = None,
-                     answer: Callable[[], web.StreamResponse] | None = None) -> web.StreamResponse:
+                     answer: Callable[[], web.StreamResponse] | None = None, *,
+                     properties: Mapping[str, str] | None = None, body: bytes | None = None) -> web.StreamResponse:
         """Run the fault plan around one operation: error, delay, drop or no-ack, else ``work``/``answer``.
 
         ``work`` is the operation's effect (recording telemetry, locking a message); a DROP or NO_ACK
         fault happens after it, as when the hub acted but its answer never arrived.
         """
-        fault = self.hub.plan.take(device_id, operation, "http")
+        fault = self.hub.plan.take(device_id, operation, "http", properties=properties, body=body)
         try:
             return await self._faulted(request, fault, work, answer)
         except _Endless as endless:
@@ -368,7 +369,7 @@ class HttpFront:
             return early
         if fault is not None and fault.kind is FaultKind.DROP:
             return await self._drop(request)
-        if fault is not None and fault.kind is FaultKind.NO_ACK:
+        if fault is not None and fault.kind in (FaultKind.NO_ACK, FaultKind.STALL):  # HTTP: a stall never answers
             await self._stopping.wait()
             return await self._abandon(request)
         return self._count(answer() if answer is not None else web.Response(status=204))
@@ -428,7 +429,7 @@ class HttpFront:
         def work() -> None:
             self.hub.record(Received(device_id, message_id, body, "http", props))
 
-        return await self._apply(request, device_id, Operation.TELEMETRY, work)
+        return await self._apply(request, device_id, Operation.TELEMETRY, work, properties=props, body=body)
 
     def _requeue_expired(self, device_id: str) -> None:
         now = self.clock()

@@ -71,21 +71,21 @@ log = logging.getLogger(__name__)
 
 _TAKEOVER = code_of("ConnectionForcefullyClosedOnNewConnection")
 _EXPIRED = code_of("IotHubUnauthorized")
-_REFUSED = code_of("IotHubUnauthorizedAccess")
 _UNAVAILABLE = code_of("ServiceUnavailable")
 _TOO_LARGE = code_of("MessageTooLarge")
 _PROTOCOL = code_of("ProtocolViolation")
 _ARGUMENT = code_of("ArgumentInvalid")
 _VERSION = code_of("InvalidProtocolVersion")
 
-# Hub.authenticate's answers -> the code IoT Hub's refusal stands for. An expired token is IoT Hub's
-# 401003 (renew and retry); a wrong key or unknown device a permanent refusal; a disabled device gets
-# "server unavailable", as IoT Hub answers it on MQTT.
+# Hub.authenticate's answers -> (code, wire form). IoT Hub refuses a wrong key, an expired token and
+# an unknown device alike with CONNACK 5 "not authorized" on 3.1.1 (peer-sdks.md §9), which MQTT 5 says
+# as 0x87; a disabled device gets "server unavailable" (3 / 0x88).
+_NOT_AUTHORIZED = {MQTT_311: "connack:5", MQTT_5: "connack:0x87"}
 _AUTH_CODES = {
     "expired": _EXPIRED,
-    "mismatch": _REFUSED,
-    "malformed": _REFUSED,
-    "unknown": _REFUSED,
+    "mismatch": _EXPIRED,
+    "malformed": _EXPIRED,
+    "unknown": _EXPIRED,
     "disabled": _UNAVAILABLE,
 }
 _DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
@@ -147,18 +147,21 @@ class _Session:
         self.pending_methods: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.stalled = False  #: half-open: nothing is read or written any more (FaultKind.STALL)
+        self.released = asyncio.Event()  #: set when a stalled session may end (closed, taken over, stopped)
         self._ids = itertools.cycle(range(1, 0x10000))
         self._rids = itertools.count(1)
         self.subscribe_fault: Fault | None = None
 
     # -- output ---------------------------------------------------------------------------------
     def send(self, packet: Packet) -> None:
-        if not self.closed and not self.writer.is_closing():
+        if not self.closed and not self.stalled and not self.writer.is_closing():
             self.writer.write(encode(packet, self.version))
 
     def abort(self) -> None:
         """Close the socket without a goodbye (RST where possible)."""
         self.closed = True
+        self.released.set()
         transport = self.writer.transport
         with contextlib.suppress(Exception):
             transport.abort()
@@ -170,8 +173,21 @@ class _Session:
             if form is not None:
                 self.send(Disconnect(form.reason_code, _user_props(form)))
         self.closed = True
+        self.released.set()
         with contextlib.suppress(Exception):
             self.writer.close()
+
+    def stall(self) -> None:
+        """Go half-open: stop reading (the client's writes back up in TCP) and answering; keep the socket.
+
+        The session ends only when it is taken over, dropped or the front stops, as a dead link stays
+        open on the hub's side until something closes it.
+        """
+        self.stalled = True
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        self.front._log(f"stall {self.device_id}")
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -189,6 +205,9 @@ class _Session:
                 if self.closed:
                     return
                 await self._handle(packet)
+                if self.stalled:
+                    await self.released.wait()
+                    return
             await self.writer.drain()
             data = await self.reader.read(65536)
             if not data:
@@ -235,10 +254,16 @@ class _Session:
         if why is None and not username.startswith(expected):
             why = "mismatch"  # IoT Hub checks that the user name names this hub and device
         if why is not None:
-            self._refuse(_AUTH_CODES.get(why, _REFUSED), None)
+            code = _AUTH_CODES.get(why, _EXPIRED)
+            self._refuse(code, _NOT_AUTHORIZED[self.version] if code == _EXPIRED else None)
             return False
         fault = hub.plan.take(device_id, Operation.CONNECT, "mqtt")
         if fault is not None:
+            if fault.kind is FaultKind.STALL:
+                self.device_id = device_id
+                self.stall()
+                await self.released.wait()
+                return False
             if fault.kind is FaultKind.DROP:
                 self.abort()
                 return False
@@ -363,12 +388,14 @@ class _Session:
         props = dict(parse_qsl(bag.rstrip("/"), keep_blank_values=True))
         message_id = props.pop("$.mid", None)
         received = Received(device, message_id, packet.payload, "mqtt", props)
-        fault = self.front.hub.plan.take(device, Operation.TELEMETRY, "mqtt")
+        fault = self.front.hub.plan.take(device, Operation.TELEMETRY, "mqtt", properties=props, body=packet.payload)
         if fault is None:
             self.front.hub.record(received)
             self._ack(packet)
             return
-        if fault.kind is FaultKind.DROP:
+        if fault.kind is FaultKind.STALL:
+            self.stall()
+        elif fault.kind is FaultKind.DROP:
             self.abort()
         elif fault.kind is FaultKind.NO_ACK:
             self.front.hub.record(received)
@@ -409,6 +436,9 @@ class _Session:
         if device is None:
             return
         fault = self.front.hub.plan.take(device.device_id, operation, "mqtt")
+        if fault is not None and fault.kind is FaultKind.STALL:
+            self.stall()
+            return
         if fault is not None and fault.kind is FaultKind.DROP:
             self.abort()
             return
@@ -464,6 +494,20 @@ class _Session:
         """Hub.MethodInvoker: forward a method call to this device and await its answer."""
         rid = f"{next(self._rids):x}"
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        fault = self.front.hub.plan.take(self.device_id or "", Operation.METHOD, "mqtt")
+        if fault is not None:
+            if fault.kind is FaultKind.STALL:
+                self.stall()  # the request is never sent: the caller times out (GatewayTimeout)
+            elif fault.kind is FaultKind.DROP:
+                self.abort()
+                raise ConnectionError("the device's connection dropped")
+            elif fault.kind is FaultKind.DELAY:
+                await asyncio.sleep(fault.delay)
+            elif fault.kind is FaultKind.ERROR:
+                raise ConnectionError(f"method request refused with {fault.code}")
+            if fault.kind in (FaultKind.STALL, FaultKind.NO_ACK):
+                await asyncio.sleep(timeout)
+                raise TimeoutError
         self.pending_methods[rid] = future
         try:
             self.send(Publish(f"$iothub/methods/POST/{name}/?$rid={rid}", json.dumps(payload).encode(), 0))

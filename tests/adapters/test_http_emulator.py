@@ -241,7 +241,7 @@ async def test_twin_reports_connection_state(front: HttpFront) -> None:
 
 async def test_fault_plan_forms_and_retry_after_on_the_wire(front: HttpFront) -> None:
     url = f"{front.url}/devices/d1/messages/events"
-    front.hub.plan.add("telemetry", 429001, form="header", retry_after=3)
+    front.hub.plan.add("telemetry", 429001, form="header", retry_after=3, transport="http")
     status, headers, body = await call("POST", url, headers=auth(front), data=b"x")
     assert (status, headers["iothub-errorcode"], headers["Retry-After"], body) == (429, "ThrottlingException", "3", b"")
     front.default_form = "top"
