@@ -36,7 +36,7 @@ from adapters.amqp.translate import RenderedCondition, render
 from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, MethodInvoker, Received
+from gateway.emulator.hub import Hub, MethodInvoker, Received, Settlement
 
 __all__ = ["AmqpFront"]
 
@@ -815,11 +815,17 @@ def _server_class() -> type[Any]:
             for (device, kind), link in list(self.links.items()):
                 if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
                     continue
-                record = self.hub.device(device)
-                while record is not None and link.credit > 0 and record.c2d:
-                    mid, body = record.c2d.popleft()
-                    dlv = link.send(Message(id=mid, body=body, inferred=True))
-                    dlv.gw_sent = (self.front.clock(), mid, body, device)
+                while link.credit > 0:
+                    entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
+                    if entry is None or entry.lock_token is None:
+                        break
+                    msg = Message(id=entry.message_id, body=entry.body, inferred=True,
+                                  address=f"/devices/{device}/messages/deviceBound",
+                                  correlation_id=entry.correlation_id, delivery_count=entry.delivery_count - 1)
+                    if entry.properties:
+                        msg.properties = cast(Any, dict(entry.properties))
+                    dlv = link.send(msg)
+                    dlv.gw_c2d = (device, entry.lock_token)
             event.container.schedule(self.front.c2d_poll, self)
 
         def on_accepted(self, event: Any) -> None:
@@ -832,15 +838,14 @@ def _server_class() -> type[Any]:
             self._settled_by_device(event.delivery)
 
         def _settled_by_device(self, dlv: Any) -> None:
-            sent = getattr(dlv, "gw_sent", None)
+            sent = getattr(dlv, "gw_c2d", None)
             if sent is None or getattr(dlv, "gw_done", False):
                 return
             dlv.gw_done = True
-            sent_at, mid, body, device = sent
-            record = self.hub.device(device)
-            if self.front.clock() - sent_at > self.front.lock_timeout:
-                if record is not None:
-                    record.c2d.appendleft((mid, body))  # the lock expired: the hub delivers it again
+            device, token = sent
+            now = self.front.clock()
+            if not self.hub.lock_valid(device, token, now):  # expired: the hub delivers it again
+                self.hub.settle_c2d(device, token, "abandon", now)  # puts it back if not yet done
                 if not dlv.settled:
                     self._close(dlv.link, "delivery", _pick(_LOCK_LOST, None, "delivery")[1], dlv)
                 return
@@ -851,8 +856,9 @@ def _server_class() -> type[Any]:
                 return
             if fault is not None and fault.kind is FaultKind.NO_ACK:
                 return
-            if dlv.remote_state in (Delivery.RELEASED, Delivery.MODIFIED) and record is not None:
-                record.c2d.appendleft((mid, body))
+            outcome: Settlement = "complete" if dlv.remote_state == Delivery.ACCEPTED else \
+                "reject" if dlv.remote_state == Delivery.REJECTED else "abandon"
+            self.hub.settle_c2d(device, token, outcome, now)
             if not dlv.settled:
                 dlv.update(dlv.remote_state)
                 dlv.settle()

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from adapters.mqtt.codec import (
     MQTT_5,
@@ -63,7 +63,7 @@ from adapters.mqtt.translate import WireForm, render
 from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, Received
+from gateway.emulator.hub import Hub, QueuedC2D, Received, Settlement
 
 __all__ = ["MqttFront"]
 
@@ -90,6 +90,7 @@ _AUTH_CODES = {
 }
 _DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
 _MAX_PACKET = 256 * 1024  # IoT Hub's announced Maximum Packet Size
+_C2D_WINDOW = 16  # cloud-to-device messages in flight (unacknowledged) per connection
 _SUCCESS = 0
 
 
@@ -152,6 +153,8 @@ class _Session:
         self._ids = itertools.cycle(range(1, 0x10000))
         self._rids = itertools.count(1)
         self.subscribe_fault: Fault | None = None
+        self.c2d_inflight: dict[int, str] = {}  #: packet id -> the hub's lock token, until the PUBACK
+        self.c2d_qos = 1
 
     # -- output ---------------------------------------------------------------------------------
     def send(self, packet: Packet) -> None:
@@ -325,8 +328,9 @@ class _Session:
             self.closed = True
             with contextlib.suppress(Exception):
                 self.writer.close()
-        # PUBACKs for our QoS 1 deliveries are not tracked; anything else a client may not send
-        elif not isinstance(packet, PubAck):
+        elif isinstance(packet, PubAck):
+            self._c2d_acked(packet)
+        else:  # anything else a client may not send
             self.kick(_PROTOCOL)
 
     def _subscribe(self, packet: Subscribe) -> None:
@@ -349,7 +353,10 @@ class _Session:
             elif topic in allowed:
                 codes.append(min(options & 3, 1))
                 self.subscriptions.add(topic)
-                if topic == "$iothub/methods/POST/#":
+                if topic.endswith("/messages/devicebound/#"):
+                    self.c2d_qos = min(options & 3, 1)
+                    self.front.hub.watch_c2d(device, self, self._c2d_listener())
+                elif topic == "$iothub/methods/POST/#":
                     self.front.hub.serve_methods(device, self, self.invoke)
                 elif topic == _DESIRED_FILTER:
                     self.front.hub.watch_desired(device, self, self._desired_listener())
@@ -358,7 +365,46 @@ class _Session:
                 codes.append(form.reason_code if form is not None else 0x80)
         self.send(SubAck(packet.packet_id, codes, props))
         if f"devices/{device}/messages/devicebound/#" in self.subscriptions:
-            self.front._deliver_c2d(device)
+            self.pump_c2d()
+
+    # -- cloud-to-device: at least once -----------------------------------------------------------
+    def _c2d_listener(self) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+
+        def listener() -> None:  # any thread (the admin surface, AMQP's service link)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.pump_c2d)
+
+        return listener
+
+    def pump_c2d(self) -> None:
+        """Deliver queued messages, each locked until its PUBACK (QoS 1), as IoT Hub does; what is not
+        acknowledged when the connection ends goes back to the queue (``fail_pending``)."""
+        device = self.device_id or ""
+        if self.closed or self.stalled or f"devices/{device}/messages/devicebound/#" not in self.subscriptions:
+            return
+        hub = self.front.hub
+        while len(self.c2d_inflight) < _C2D_WINDOW:
+            entry = hub.lock_c2d(device, float("inf"), time.monotonic())
+            if entry is None or entry.lock_token is None:
+                return
+            topic = f"devices/{device}/messages/devicebound/{_c2d_bag(device, entry)}"
+            if self.c2d_qos == 0:  # the device asked for at most once: it is done as it leaves
+                self.send(Publish(topic, entry.body, 0))
+                hub.settle_c2d(device, entry.lock_token, "complete", time.monotonic())
+                continue
+            packet_id = next(self._ids)
+            self.c2d_inflight[packet_id] = entry.lock_token
+            self.send(Publish(topic, entry.body, 1, packet_id))
+
+    def _c2d_acked(self, packet: PubAck) -> None:
+        token = self.c2d_inflight.pop(packet.packet_id, None)
+        if token is None:
+            return
+        # an MQTT 5 failure PUBACK gives the message back (IoT Hub's "abandon"); success completes it
+        outcome: Settlement = "abandon" if packet.reason_code >= 0x80 else "complete"
+        self.front.hub.settle_c2d(self.device_id or "", token, outcome, time.monotonic())
+        self.pump_c2d()
 
     async def _publish(self, packet: Publish) -> None:
         topic = packet.topic
@@ -534,6 +580,19 @@ class _Session:
         for future in self.pending_methods.values():
             if not future.done():
                 future.set_exception(ConnectionError("the device disconnected before answering"))
+        if self.c2d_inflight and self.device_id is not None:  # unacknowledged: redelivered on reconnect
+            self.front.hub.release_c2d(self.device_id, list(self.c2d_inflight.values()))
+            self.c2d_inflight.clear()
+
+
+def _c2d_bag(device: str, entry: QueuedC2D) -> str:
+    """The topic's property bag as IoT Hub writes it: system properties (``$.mid``, ``$.to``, ``$.cid``)
+    and the application properties, URL-encoded."""
+    pairs = [("$.mid", entry.message_id), ("$.to", f"/devices/{device}/messages/deviceBound")]
+    if entry.correlation_id:
+        pairs.append(("$.cid", entry.correlation_id))
+    pairs += sorted(entry.properties.items())
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
 
 
 class MqttFront:
@@ -598,22 +657,12 @@ class MqttFront:
         """How many connections are open (for ``device_id``, or in all)."""
         return sum(1 for s in self._sessions if not s.closed and device_id in (None, s.device_id))
 
-    def send_c2d(self, device_id: str, body: bytes, properties: dict[str, str] | None = None) -> None:
-        """Queue a cloud-to-device message; delivered now if the device listens on this front."""
-        device = self.hub.device(device_id) or self.hub.add_device(device_id)
-        bag = "&".join(f"{k}={v}" for k, v in (properties or {}).items())
-        device.c2d.append((bag, body))
-        self._deliver_c2d(device_id)
-
-    def _deliver_c2d(self, device_id: str) -> None:
-        device = self.hub.device(device_id)
-        topic_filter = f"devices/{device_id}/messages/devicebound/#"
-        for session in self._sessions:
-            if session.device_id == device_id and topic_filter in session.subscriptions and not session.closed:
-                while device is not None and device.c2d:
-                    bag, body = device.c2d.popleft()
-                    session.send(Publish(f"devices/{device_id}/messages/devicebound/{bag}", body, 0))
-                return
+    def send_c2d(self, device_id: str, body: bytes, properties: dict[str, str] | None = None,
+                 message_id: str | None = None) -> str:
+        """Queue a cloud-to-device message (``Hub.send_c2d``); delivered now if the device listens."""
+        if self.hub.device(device_id) is None:
+            self.hub.add_device(device_id)
+        return self.hub.send_c2d(device_id, body, properties=properties, message_id=message_id)
 
     def _log(self, line: str) -> None:
         self.log.append(line)

@@ -64,7 +64,9 @@ class Fault:
     device: str | None = None  #: None matches every device
     transport: str | None = None  #: None matches every front
     times: int | None = 1  #: None: for ever (until removed or ``for_seconds`` is over)
-    retry_after: float | None = None  #: HTTP and AMQP only: IoT Hub has no way to say it over MQTT
+    #: HTTP and AMQP only: IoT Hub has no way to say it over MQTT, so ``transport="mqtt"`` refuses it and a
+    #: fault for every transport reaches MQTT clients without it
+    retry_after: float | None = None
     delay: float = 0.0
     form: str | None = None  #: a front's wire-form hint, e.g. the HTTP body form ("legacy", "nested", ...)
     for_seconds: float | None = None  #: how long it lasts from its first match (the plan's monotonic clock)
@@ -89,9 +91,9 @@ class Fault:
             raise ValueError("delays must not be negative")
         if self.for_seconds is not None and not self.for_seconds > 0:
             raise ValueError(f"for_seconds must be positive, not {self.for_seconds!r}")
-        if self.retry_after is not None and self.transport not in ("http", "amqp"):
-            raise ValueError("retry_after needs transport='http' or 'amqp': IoT Hub has no way to say it over "
-                             "MQTT (no retry-after in its MQTT 5 reference), so an MQTT client would never see it")
+        if self.retry_after is not None and self.transport == "mqtt":
+            raise ValueError("retry_after cannot be sent over MQTT: IoT Hub has no way to say it there (its MQTT 5 "
+                             "reference has no retry-after), so use transport='http' or 'amqp'")
         if self.kind is FaultKind.STALL and self.transport == "http":
             raise ValueError("a stall is a half-open MQTT or AMQP connection; HTTP has none to stall")
         if self.match_property is not None:
