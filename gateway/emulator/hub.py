@@ -414,12 +414,17 @@ class Hub:
                 raise OverflowError(f"device {device_id} has {MAX_QUEUE} cloud-to-device messages queued")
             device.c2d.append(entry)
             listener = self._c2d_listeners.get(device_id)
+        self._tell(device_id, listener)
+        return entry.message_id
+
+    @staticmethod
+    def _tell(device_id: str, listener: tuple[object, Callable[[], None]] | None) -> None:
+        """Tell the device's front that messages wait (outside the lock: the listener hops threads)."""
         if listener is not None:
             try:
                 listener[1]()
             except Exception:  # the front is going: the message stays queued
                 log.warning("cloud-to-device notification for %s failed", device_id, exc_info=True)
-        return entry.message_id
 
     def watch_c2d(self, device_id: str, handle: object, listener: Callable[[], None]) -> None:
         """The connection ``handle`` takes the device's C2D messages; ``listener`` (thread-safe) hears of new ones."""
@@ -472,6 +477,8 @@ class Hub:
                 entry = device.locked.pop(token, None)
                 if entry is not None:
                     self._requeue(device, entry)
+            listener = self._c2d_listeners.get(device_id)
+        self._tell(device_id, listener)
 
     def lock_valid(self, device_id: str, lock_token: str, now: float) -> bool:
         """Whether the lock is still held at ``now`` (its message not yet given back)."""
