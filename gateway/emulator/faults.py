@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.codes import lookup
+from gateway.codes import by_name, lookup
 
 __all__ = ["Fault", "FaultKind", "FaultPlan", "Operation"]
 
@@ -60,7 +60,7 @@ class Fault:
 
     operation: Operation
     kind: FaultKind = FaultKind.ERROR
-    code: int | None = None
+    code: int | None = None  #: a six-digit code (a catalog name is accepted too)
     device: str | None = None  #: None matches every device
     transport: str | None = None  #: None matches every front
     times: int | None = 1  #: None: for ever (until removed or ``for_seconds`` is over)
@@ -82,6 +82,11 @@ class Fault:
         if self.kind is FaultKind.ERROR:
             if self.code is None:
                 raise ValueError("an error fault needs a code")
+            if isinstance(self.code, str) and not self.code.strip().isdigit():
+                info = by_name(self.code)  # a name, e.g. "ThrottlingException"
+                if info is None:
+                    raise ValueError(f"no code named {self.code!r} in the catalog")
+                self.code = info.code
             self.code = lookup(self.code).code
         if self.times is not None and (not isinstance(self.times, int) or self.times < 1):
             raise ValueError(f"times must be at least 1, not {self.times!r}")

@@ -8,7 +8,9 @@ unless the device is connected over MQTT or AMQP.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -16,6 +18,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from gateway.emulator.faults import FaultPlan
@@ -151,6 +154,37 @@ class Hub:
     def device(self, device_id: str) -> Device | None:
         with self._lock:
             return self._devices.get(device_id)
+
+    def save_registry(self, path: str | os.PathLike[str]) -> None:
+        """Write the identities (ids, keys, status) and the service key, so a restart keeps them."""
+        with self._lock:
+            data = {"service_key": self.service_key,
+                    "devices": {d.device_id: {"primaryKey": d.key, "secondaryKey": d.secondary_key,
+                                              "status": "enabled" if d.enabled else "disabled"}
+                                for d in self._devices.values()}}
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(target)  # never a half-written registry
+
+    def load_registry(self, path: str | os.PathLike[str]) -> None:
+        """Read what :meth:`save_registry` wrote (a clear ``ValueError`` when it is not that)."""
+        try:
+            data = json.loads(Path(path).read_text())
+            key = data.get("service_key")
+            devices = data["devices"]
+            if not isinstance(devices, dict):
+                raise TypeError("devices is not a table")
+            entries = [(str(i), str(v["primaryKey"]), str(v.get("secondaryKey") or ""), v.get("status", "enabled"))
+                       for i, v in devices.items()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}: not an emulator registry ({exc})") from None
+        with self._lock:
+            if isinstance(key, str) and key:
+                self.service_key = key
+            for device_id, primary, secondary, status in entries:
+                device = self.add_device(device_id, primary, secondary_key=secondary or None)
+                device.key, device.enabled = primary, status != "disabled"
 
     @property
     def service_connection_string(self) -> str:
