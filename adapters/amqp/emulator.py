@@ -54,6 +54,11 @@ _METHOD_NAME: Final = "IoThub-methodname"
 _METHOD_STATUS: Final = "IoThub-status"
 _AUDIENCE_RE: Final = re.compile(r"devices/([^/?]+)")
 _CBS: Final = "$cbs"
+#: the service side: C2D messages go in on this link, feedback comes out on the other
+_SERVICE_C2D: Final = "/messages/devicebound"
+_FEEDBACK: Final = "/messages/servicebound/feedback"
+_TO_RE: Final = re.compile(r"^/devices/([^/]+)/messages/devicebound/?$", re.IGNORECASE)
+_FEEDBACK_TYPE: Final = "application/vnd.microsoft.iothub.feedback.json"
 
 _UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
 _REFUSED: Final = code_of("IotHubUnauthorizedAccess")
@@ -64,6 +69,7 @@ _STOLEN: Final = code_of("LinkCreationConflict")
 _NEW_CONNECTION: Final = code_of("ConnectionForcefullyClosedOnNewConnection")
 _LOCK_LOST: Final = code_of("DeviceMessageLockLost")
 _ARGUMENT: Final = code_of("ArgumentInvalid")
+_QUEUE_FULL: Final = code_of("DeviceMaximumQueueDepthExceeded")
 # Hub.authenticate's reason -> (put-token status, the code in its description).
 _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "unknown": (404, _NOT_FOUND),
@@ -288,6 +294,7 @@ def _server_class() -> type[Any]:
             self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
             # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
             self.desired_subs: dict[tuple[str, Any], object] = {}
+            self.feedback_links: list[Any] = []  # the service's feedback receivers
             self.stopping = False
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
@@ -376,6 +383,7 @@ def _server_class() -> type[Any]:
                 if owner == conn:
                     self._method_done(corr, exc=ConnectionError("the device disconnected before answering"))
             handle = self.conns.pop(conn, None)
+            self.feedback_links = [lk for lk in self.feedback_links if lk.connection != conn]
             for device, owner in list(self.desired_subs):
                 if owner == conn:
                     self.hub.detach(device, self.desired_subs.pop((device, owner)))
@@ -438,6 +446,14 @@ def _server_class() -> type[Any]:
             if address == _CBS:
                 link.gw_kind = "cbs"
                 return None
+            service_kind = {(_SERVICE_C2D, True): "service-c2d", (_FEEDBACK, False): "feedback"}.get(
+                (address.rstrip("/").lower(), bool(link.is_receiver)))
+            if service_kind is not None:
+                link.gw_kind = service_kind
+                expiry = getattr(link.connection, "gw_service", None)
+                if expiry is None or expiry <= self.front.clock():
+                    return _pick(_UNAUTHORIZED, None, "link")
+                return None
             match = _LINK_RE.search(address)
             kind = _KINDS[match.group(2).lower()] if match is not None else "refused"
             if match is None or (kind == "events" and not link.is_receiver) or (kind == "devicebound"
@@ -470,6 +486,10 @@ def _server_class() -> type[Any]:
                 if link.is_sender:
                     link.connection.gw_cbs_reply = link
                 return
+            if kind in ("service-c2d", "feedback"):
+                if kind == "feedback":
+                    self.feedback_links.append(link)
+                return
             device: str = link.gw_device
             conn = link.connection
             key = (device, str(kind))
@@ -492,6 +512,8 @@ def _server_class() -> type[Any]:
             self._unregister(event.link)
 
         def _unregister(self, link: Any) -> None:
+            if link in self.feedback_links:
+                self.feedback_links.remove(link)
             key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
             if self.links.get(key) == link:
                 del self.links[key]
@@ -526,6 +548,8 @@ def _server_class() -> type[Any]:
                 self._put_token(link, dlv, msg)
             elif kind == "events":
                 self._telemetry(link, dlv, msg)
+            elif kind == "service-c2d":
+                self._service_c2d(link, dlv, msg)
             elif kind == "twin-in":
                 self._twin(link, dlv, msg)
             elif kind == "methods-in":
@@ -547,6 +571,9 @@ def _server_class() -> type[Any]:
             match = _AUDIENCE_RE.search(str(props.get("name") or ""))
             device = unquote(match.group(1)) if match else ""
             token = msg.body if isinstance(msg.body, str) else None
+            if match is None:  # the hub itself: a service (policy) token, e.g. for C2D and feedback
+                self._verify_service(conn, msg, token)
+                return
             fault = self.hub.plan.take(device, Operation.CONNECT, "amqp")
             if fault is not None:
                 if fault.kind is FaultKind.STALL:
@@ -587,6 +614,64 @@ def _server_class() -> type[Any]:
             status, code = _CBS_REFUSALS.get(reason, (401, _REFUSED))
             form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
             self._answer(conn, msg, status, f"{form.description} ({reason})")
+
+        def _verify_service(self, conn: Any, msg: Any, token: str | None) -> None:
+            from gateway.sas import parse_sas_token, verify_sas_token
+
+            now = self.front.clock()
+            try:
+                parsed = parse_sas_token(token or "")
+            except ValueError:
+                self._answer(conn, msg, 401, "ErrorCode:IotHubUnauthorizedAccess;malformed token")
+                return
+            why = verify_sas_token(token or "", self.hub.host_name, self.hub.service_key, now)
+            if parsed.key_name != self.hub.service_policy or why is not None:
+                status, code = (401, _UNAUTHORIZED) if why == "expired" else (401, _REFUSED)
+                form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
+                self._answer(conn, msg, status, f"{form.description} ({why or 'unknown policy'})")
+                return
+            conn.gw_service = float(parsed.expiry)
+            self._answer(conn, msg, 200, "OK")
+
+        def _service_c2d(self, link: Any, dlv: Any, msg: Any) -> None:
+            """A service's cloud-to-device message: queued for the device ``to`` names (IoT Hub's rules)."""
+            match = _TO_RE.match(str(msg.address or ""))
+            props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
+            ack = props.pop("iothub-ack", "none")
+            try:
+                if match is None:
+                    raise ValueError(f"'to' must be /devices/{{id}}/messages/devicebound, not {msg.address!r}")
+                self.hub.send_c2d(unquote(match.group(1)), _body_bytes(msg.body),
+                                  message_id=str(msg.id) if msg.id is not None else None, properties=props,
+                                  correlation_id=str(msg.correlation_id) if msg.correlation_id is not None else None,
+                                  ack=ack)
+            except KeyError:
+                self._close(link, "delivery", _pick(_NOT_FOUND, None, "delivery")[1], dlv)
+                return
+            except OverflowError:
+                self._close(link, "delivery", _pick(_QUEUE_FULL, None, "delivery")[1], dlv)
+                return
+            except ValueError:
+                self._close(link, "delivery", _pick(_ARGUMENT, None, "delivery")[1], dlv)
+                return
+            dlv.update(Delivery.ACCEPTED)
+            dlv.settle()
+
+        def _send_feedback(self) -> None:
+            """Hand pending feedback records to a service feedback receiver, one batch per message."""
+            self.feedback_links = [lk for lk in self.feedback_links if lk.state & Endpoint.LOCAL_ACTIVE]
+            for link in self.feedback_links:
+                if link.credit <= 0:
+                    continue
+                records = self.hub.take_feedback()
+                if not records:
+                    return
+                body = [{"originalMessageId": r.message_id, "description": r.description, "deviceId": r.device_id,
+                         "deviceGenerationId": "", "enqueuedTimeUtc": r.at, "statusCode": r.status}
+                        for r in records]
+                link.send(Message(body=json.dumps(body).encode(), content_type=_FEEDBACK_TYPE,
+                                  id=str(uuid.uuid4()), inferred=True))
+                return
 
         def _answer(self, conn: Any, request: Any, status: int, description: str,
                     info: dict[str, object] | None = None) -> None:
@@ -812,6 +897,8 @@ def _server_class() -> type[Any]:
         def on_timer_task(self, event: Any) -> None:
             if self.stopping:
                 return
+            if self.feedback_links:
+                self._send_feedback()
             for (device, kind), link in list(self.links.items()):
                 if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
                     continue

@@ -60,8 +60,14 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   closes idle links (keep-alive 1.5x, AMQP idle timeout), which the emulator does not
 - a fault with ``for_seconds``: lasts from its first match, on the plan's monotonic clock. [ASSUMED] scenarios
   script "throttled for two minutes" from the first refusal, whatever the set-up time
-- AMQP SASL: ``ANONYMOUS`` and ``PLAIN`` then CBS put-token. [KNOWN] SDKs on non-uamqp stacks; MSSBCBS (uamqp) is
-  not offered yet
+- AMQP SASL: ``ANONYMOUS`` and ``PLAIN`` then CBS put-token. [KNOWN] SDKs on non-uamqp stacks do this; MSSBCBS (what
+  uamqp asks for) is not offered: proton's built-in SASL (no Cyrus here) cannot announce it
+- AMQP service side: a put-token whose ``name`` is the hub (not ``.../devices/...``) is checked as a service policy
+  token; C2D on ``/messages/devicebound`` with ``to=/devices/{id}/messages/devicebound`` and ``iothub-ack`` as an
+  application property (taken off before the device sees it); feedback on ``/messages/servicebound/feedback`` as a
+  JSON list (``originalMessageId``, ``deviceId``, ``statusCode``, ``description``, ``enqueuedTimeUtc``) with content
+  type ``application/vnd.microsoft.iothub.feedback.json``. [KNOWN] IoT Hub C2D docs and the service SDKs' sources;
+  [ASSUMED] an unknown device or a full queue rejects the delivery (404001 / 403004 conditions)
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class C2DFeedback:
     message_id: str
     status: str  #: Success, Expired, DeliveryCountExceeded, Rejected, Purged
     description: str
+    at: str = ""  #: when the outcome was known (ISO 8601, UTC)
 
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ class Hub:
         self._c2d_listeners: dict[str, tuple[object, Callable[[], None]]] = {}
         self.received: list[Received] = []  #: the last telemetry (bounded: the oldest are dropped in chunks)
         self.received_total = 0  #: how many telemetry messages arrived in all (``received`` keeps the last ones)
-        self.feedback: deque[C2DFeedback] = deque(maxlen=MAX_FEEDBACK)
+        self.feedback: deque[C2DFeedback] = deque(maxlen=MAX_FEEDBACK)  #: the history (admin API reads it)
+        self._feedback_queue: deque[C2DFeedback] = deque(maxlen=MAX_FEEDBACK)  #: not yet taken by a service
         self.dead_letters: deque[tuple[str, QueuedC2D]] = deque(maxlen=MAX_FEEDBACK)
         self._expired_tokens: deque[str] = deque(maxlen=MAX_FEEDBACK)  # to tell "lock lost" from "never issued"
 
@@ -542,7 +544,17 @@ class Hub:
     def _feedback(self, device_id: str, entry: QueuedC2D, status: str) -> None:
         wanted = {"full": True, "positive": status == "Success", "negative": status != "Success"}.get(entry.ack, False)
         if wanted:
-            self.feedback.append(C2DFeedback(device_id, entry.message_id, status, _FEEDBACK_TEXT[status]))
+            record = C2DFeedback(device_id, entry.message_id, status, _FEEDBACK_TEXT[status], _iso(time.time()))
+            self.feedback.append(record)
+            self._feedback_queue.append(record)
+
+    def take_feedback(self, limit: int = 100) -> list[C2DFeedback]:
+        """Feedback records not yet handed to a service feedback receiver (taken: they go out once)."""
+        with self._lock:
+            taken: list[C2DFeedback] = []
+            while self._feedback_queue and len(taken) < limit:
+                taken.append(self._feedback_queue.popleft())
+            return taken
 
 
 _FEEDBACK_TEXT = {
