@@ -81,3 +81,40 @@ async def test_a_device_token_or_wrong_key_cannot_act_as_the_service(hub: Hub, a
     assert (await asyncio.to_thread(_service_session, amqp_front.port, hub, wrong))["cbs"] == 401
     device = hub.token("d1", FOREVER)
     assert (await asyncio.to_thread(_service_session, amqp_front.port, hub, device))["cbs"] == 401
+
+
+def _device_c2d(port: int, hub: Hub) -> list[tuple[str, Any, int, dict[str, Any]]]:
+    """A device on proton: receive, release (abandon), receive again, reject. What it saw of each delivery."""
+    from proton import Message
+    from proton.utils import BlockingConnection
+
+    conn = BlockingConnection(f"amqp://127.0.0.1:{port}", timeout=STEP, allowed_mechs="ANONYMOUS")
+    seen: list[tuple[str, Any, int, dict[str, Any]]] = []
+    try:
+        receiver = conn.create_receiver("$cbs", credit=1)
+        sender = conn.create_sender("$cbs")
+        request = Message(body=hub.token("d1", FOREVER), id="r", reply_to="cbs")
+        props: Any = {"operation": "put-token", "type": "azure-devices.net:sastoken",
+                      "name": f"{hub.host_name}/devices/d1"}
+        request.properties = props
+        sender.send(request)
+        assert (receiver.receive(timeout=STEP).properties or {})["status-code"] == 200
+        receiver.accept()
+        c2d = conn.create_receiver("/devices/d1/messages/devicebound", credit=1)
+        for outcome in ("release", "reject"):
+            msg = c2d.receive(timeout=STEP)
+            seen.append((str(msg.id), msg.correlation_id, msg.delivery_count, dict(msg.properties or {})))
+            c2d.release() if outcome == "release" else c2d.reject()
+        return seen
+    finally:
+        conn.close()
+
+
+async def test_amqp_device_abandon_redelivers_and_reject_dead_letters(hub: Hub, amqp_front: AmqpFront) -> None:
+    mid = hub.send_c2d("d1", b"x", properties={"k": "v"}, correlation_id="c-1", ack="negative")
+    seen = await asyncio.to_thread(_device_c2d, amqp_front.port, hub)
+    assert seen == [(mid, "c-1", 0, {"k": "v"}), (mid, "c-1", 1, {"k": "v"})]  # delivery-count: earlier tries
+    async with asyncio.timeout(STEP):
+        while not hub.dead_letters:
+            await asyncio.sleep(0.01)
+    assert [(f.message_id, f.status) for f in hub.feedback] == [(mid, "Rejected")]
