@@ -121,9 +121,11 @@ class AmqpFront:
         clock: Callable[[], float] = time.time,
         c2d_poll: float = 0.02,
         prefetch: int = 100,
+        offer_mssbcbs: bool = False,
     ) -> None:
-        if config.ssl_context is not None and (cert_file is None or key_file is None):
-            raise ValueError("proton cannot use an ssl.SSLContext: pass cert_file= and key_file= for TLS")
+        if config.ssl_context is not None and not offer_mssbcbs and (cert_file is None or key_file is None):
+            raise ValueError("proton cannot use an ssl.SSLContext: pass cert_file= and key_file= for TLS "
+                             "(or offer_mssbcbs=True, whose SASL layer terminates TLS itself)")
         self.hub = hub
         self.config = config
         self.cert_file = cert_file
@@ -132,6 +134,10 @@ class AmqpFront:
         self.clock = clock
         self.c2d_poll = c2d_poll
         self.prefetch = prefetch
+        #: put :class:`~gateway.emulator.sasl.SaslShim` in front (TLS + SASL with MSSBCBS, for uamqp clients);
+        #: proton then listens on loopback only
+        self.offer_mssbcbs = offer_mssbcbs
+        self._shim: Any = None
         self._port = 0
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -147,7 +153,7 @@ class AmqpFront:
 
     @property
     def tls(self) -> bool:
-        return self.cert_file is not None
+        return self.cert_file is not None or (self.offer_mssbcbs and self.config.ssl_context is not None)
 
     def stalled(self) -> list[str]:
         """The devices whose connection is held half-open by a STALL fault."""
@@ -187,6 +193,23 @@ class AmqpFront:
             raise self._start_error
         if not self._started.is_set():
             raise TimeoutError("the AMQP front did not start")
+        if self.offer_mssbcbs:
+            from gateway.emulator.sasl import SaslShim
+
+            context = self.config.ssl_context
+            if context is None and self.cert_file is not None:
+                import ssl
+
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.cert_file, self.key_file)
+            shim = SaslShim(self._port, self.config.host, self.config.port, context)
+            try:
+                await shim.start()
+            except BaseException:
+                await self.stop()
+                raise
+            self._shim = shim
+            self._port = shim.port
 
     def _run(self) -> None:
         try:
@@ -203,6 +226,9 @@ class AmqpFront:
                     os.close(fd)
 
     async def stop(self) -> None:
+        shim, self._shim = self._shim, None
+        if shim is not None:
+            await shim.stop()
         thread = self._thread
         if thread is None:
             return
@@ -225,6 +251,8 @@ class AmqpFront:
 
         self._server.post(drop)
         await asyncio.get_running_loop().run_in_executor(None, done.wait, 5.0)
+        if self._shim is not None:
+            self._shim.abort_all()
 
     async def close_all(self, condition: str, description: str = "", info: Mapping[str, object] | None = None) -> None:
         """Close every client connection with this condition (e.g. ``amqp:connection:forced``)."""
@@ -319,8 +347,11 @@ def _server_class() -> type[Any]:
             front = self.front
             container = event.container
             container.selectable(self.injector)
-            self.acceptor = container.acceptor(front.config.host, front.config.port)
-            if front.cert_file is not None:
+            if front.offer_mssbcbs:  # the SASL shim faces clients (and does TLS); proton stays on loopback
+                self.acceptor = container.acceptor("127.0.0.1", 0)
+            else:
+                self.acceptor = container.acceptor(front.config.host, front.config.port)
+            if front.cert_file is not None and not front.offer_mssbcbs:
                 domain = proton.SSLDomain(proton.SSLDomain.MODE_SERVER)
                 domain.set_credentials(front.cert_file, front.key_file or "", None)
                 domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)

@@ -60,8 +60,10 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   closes idle links (keep-alive 1.5x, AMQP idle timeout), which the emulator does not
 - a fault with ``for_seconds``: lasts from its first match, on the plan's monotonic clock. [ASSUMED] scenarios
   script "throttled for two minutes" from the first refusal, whatever the set-up time
-- AMQP SASL: ``ANONYMOUS`` and ``PLAIN`` then CBS put-token. [KNOWN] SDKs on non-uamqp stacks do this; MSSBCBS (what
-  uamqp asks for) is not offered: proton's built-in SASL (no Cyrus here) cannot announce it
+- AMQP SASL: ``MSSBCBS``, ``ANONYMOUS`` and ``PLAIN`` offered (``AmqpFront(offer_mssbcbs=True)``, on in the
+  standalone emulator), each accepted, then CBS put-token proves identity. [KNOWN] uamqp asks for MSSBCBS
+  (peer-sdks.md §9); other SDKs use ANONYMOUS + CBS. [ASSUMED] the hub accepts the SASL step whatever it carries
+  and refuses at put-token; without the shim only proton's own ``ANONYMOUS``/``PLAIN`` are offered
 - AMQP service side: a put-token whose ``name`` is the hub (not ``.../devices/...``) is checked as a service policy
   token; C2D on ``/messages/devicebound`` with ``to=/devices/{id}/messages/devicebound`` and ``iothub-ack`` as an
   application property (taken off before the device sees it); feedback on ``/messages/servicebound/feedback`` as a

@@ -67,7 +67,8 @@ async def start_fronts(
             if cls is None:
                 raise RuntimeError(f"this build has no {protocol} front")
             config = FrontConfig(host, (ports or {}).get(protocol, 0), context)
-            extra = {"cert_file": cert_file, "key_file": key_file} if protocol == "amqp" and context else {}
+            # AMQP: the SASL shim offers MSSBCBS (Azure's uamqp clients need it) and terminates TLS
+            extra: dict[str, Any] = {"offer_mssbcbs": True} if protocol == "amqp" else {}
             front: Front = cls(hub, config, **extra)
             await front.start()
             fronts[protocol] = front
