@@ -138,6 +138,7 @@ class AmqpFront:
         #: proton then listens on loopback only
         self.offer_mssbcbs = offer_mssbcbs
         self._shim: Any = None
+        self._plain_shim: Any = None  # the same SASL layer without TLS, for the WebSocket bridge
         self._port = 0
         self._thread: threading.Thread | None = None
         self._server: Any = None
@@ -203,12 +204,16 @@ class AmqpFront:
                 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 context.load_cert_chain(self.cert_file, self.key_file)
             shim = SaslShim(self._port, self.config.host, self.config.port, context)
+            plain = SaslShim(self._port) if context is not None else None
             try:
                 await shim.start()
+                if plain is not None:
+                    await plain.start()
             except BaseException:
+                await shim.stop()
                 await self.stop()
                 raise
-            self._shim = shim
+            self._shim, self._plain_shim = shim, plain
             self._port = shim.port
 
     def _run(self) -> None:
@@ -225,10 +230,20 @@ class AmqpFront:
 
                     os.close(fd)
 
+    @property
+    def plain_port(self) -> int:
+        """A loopback port without TLS for the HTTP front's WebSocket bridge (0: none, i.e. proton's own
+        TLS is on and no SASL layer runs)."""
+        if self._plain_shim is not None:
+            return int(self._plain_shim.port)
+        return self._port if not self.tls else 0
+
     async def stop(self) -> None:
         shim, self._shim = self._shim, None
-        if shim is not None:
-            await shim.stop()
+        plain, self._plain_shim = self._plain_shim, None
+        for layer in (shim, plain):
+            if layer is not None:
+                await layer.stop()
         thread = self._thread
         if thread is None:
             return
@@ -251,8 +266,9 @@ class AmqpFront:
 
         self._server.post(drop)
         await asyncio.get_running_loop().run_in_executor(None, done.wait, 5.0)
-        if self._shim is not None:
-            self._shim.abort_all()
+        for layer in (self._shim, self._plain_shim):
+            if layer is not None:
+                layer.abort_all()
 
     async def close_all(self, condition: str, description: str = "", info: Mapping[str, object] | None = None) -> None:
         """Close every client connection with this condition (e.g. ``amqp:connection:forced``)."""

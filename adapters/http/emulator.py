@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from gateway.codes import CodeInfo, code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
@@ -62,6 +62,7 @@ _MAX_TELEMETRY: Final = 256 * 1024  # IoT Hub's device-to-cloud message limit
 _HUGE_CHUNK: Final = b" " * 65536
 _HUGE_CAP: Final = 1 << 30  # an endless body still ends somewhere if the client never hangs up
 _APP_PREFIX: Final = "iothub-app-"
+_WS_PROTOCOLS: Final = {"mqtt": "mqtt", "AMQPWSB10": "amqp"}  # WebSocket subprotocol -> front
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class HttpFront:
         clock: Callable[[], float] = time.time,
         service_key: str | None = None,
         service_policy: str | None = None,
+        websocket_ports: Mapping[str, int] | None = None,
     ) -> None:
         if default_form not in FORMS and default_form not in CHAOS_FORMS:
             raise ValueError(f"unknown HTTP error form {default_form!r}")
@@ -202,6 +204,9 @@ class HttpFront:
         # the hub's own iothubowner key (random unless the hub was given one), or an override
         self._service = _ServiceKey(service_policy or hub.service_policy, service_key or hub.service_key)
         self.stats = Stats()
+        #: MQTT / AMQP over WebSockets on ``/$iothub/websocket``: the plain loopback port each frame is
+        #: piped to, by protocol ("mqtt", "amqp"); filled by ``start_fronts`` once those fronts run
+        self.websocket_ports: dict[str, int] = dict(websocket_ports or {})
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._stopping = asyncio.Event()
@@ -236,6 +241,7 @@ class HttpFront:
         app.router.add_get("/twins/{device}", self._twin_get)
         app.router.add_patch("/twins/{device}", self._twin_update)
         app.router.add_post("/twins/{device}/methods", self._method)
+        app.router.add_get("/$iothub/websocket", self._websocket)
         app.router.add_get("/devices", self._registry_list)
         app.router.add_get("/devices/{device}", self._registry_get)
         app.router.add_put("/devices/{device}", self._registry_put)
@@ -552,6 +558,48 @@ class HttpFront:
             return self.error(_NOT_ONLINE, message=f"Device {device_id} is not subscribed to methods")
         return self._count(web.json_response({"status": status, "payload": payload}))
 
+
+    # -- MQTT and AMQP over WebSockets ------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """IoT Hub's port-443 path for MQTT (subprotocol ``mqtt``) and AMQP (``AMQPWSB10``): binary
+        frames piped to that front, which authenticates as on its own port."""
+        ws = web.WebSocketResponse(protocols=tuple(_WS_PROTOCOLS), max_msg_size=4 * _MAX_TELEMETRY)
+        await ws.prepare(request)
+        port = self.websocket_ports.get(_WS_PROTOCOLS.get(ws.ws_protocol or "", ""), 0)
+        if not port:
+            await ws.close(code=1002, message=b"subprotocol mqtt or AMQPWSB10 expected")
+            return ws
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await ws.close(code=1011, message=b"front unavailable")
+            return ws
+
+        async def upstream() -> None:
+            try:
+                async for msg in ws:
+                    if msg.type is WSMsgType.BINARY:
+                        writer.write(msg.data)
+                        await writer.drain()
+                    elif msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                        break
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def downstream() -> None:
+            try:
+                while data := await reader.read(65536):
+                    await ws.send_bytes(data)
+            except (ConnectionError, OSError, RuntimeError):
+                pass
+            finally:
+                await ws.close()
+
+        await asyncio.gather(upstream(), downstream())
+        return ws
 
     # -- registry (service) -----------------------------------------------------------------------
 

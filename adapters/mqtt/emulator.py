@@ -616,12 +616,19 @@ class MqttFront:
         self.clock = clock  #: the time SAS token expiry is checked against
         self.log: list[str] = []  #: a short trail of what happened, for test failure messages
         self._server: asyncio.Server | None = None
+        self._plain: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
         self._port = 0
+        self._plain_port = 0
 
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def plain_port(self) -> int:
+        """A loopback port without TLS, for the HTTP front's WebSocket bridge (TLS is on the HTTPS side)."""
+        return self._plain_port or self._port
 
     async def start(self) -> None:
         if self._server is not None:
@@ -630,9 +637,15 @@ class MqttFront:
             self._serve, self.config.host, self.config.port, ssl=self.config.ssl_context
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
+        if self.config.ssl_context is not None:
+            self._plain = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self._plain_port = int(self._plain.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        plain, self._plain = self._plain, None
+        if plain is not None:
+            plain.close()
         if server is not None:
             server.close()
         await self.drop_all()

@@ -64,6 +64,10 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   standalone emulator), each accepted, then CBS put-token proves identity. [KNOWN] uamqp asks for MSSBCBS
   (peer-sdks.md §9); other SDKs use ANONYMOUS + CBS. [ASSUMED] the hub accepts the SASL step whatever it carries
   and refuses at put-token; without the shim only proton's own ``ANONYMOUS``/``PLAIN`` are offered
+- MQTT and AMQP over WebSockets: on the HTTP(S) front at ``/$iothub/websocket`` with subprotocol ``mqtt`` or
+  ``AMQPWSB10``, binary frames piped to the MQTT / AMQP front (TLS is the HTTPS port's). [KNOWN] the SDKs' paths and
+  subprotocols (peer-sdks.md §9: azure-iot-sdk-c #138); [ASSUMED] the query string (``iothub-no-client-cert``) is
+  ignored
 - AMQP service side: a put-token whose ``name`` is the hub (not ``.../devices/...``) is checked as a service policy
   token; C2D on ``/messages/devicebound`` with ``to=/devices/{id}/messages/devicebound`` and ``iothub-ack`` as an
   application property (taken off before the device sees it); feedback on ``/messages/servicebound/feedback`` as a

@@ -72,6 +72,12 @@ async def start_fronts(
             front: Front = cls(hub, config, **extra)
             await front.start()
             fronts[protocol] = front
+        http = fronts.get("http")
+        if http is not None and hasattr(http, "websocket_ports"):  # MQTT / AMQP over WebSockets on the HTTPS port
+            for protocol in ("mqtt", "amqp"):
+                plain = getattr(fronts.get(protocol), "plain_port", 0)
+                if plain:
+                    http.websocket_ports[protocol] = plain
     except BaseException:
         for front in fronts.values():
             with contextlib.suppress(Exception):
