@@ -45,6 +45,7 @@ class FaultKind(enum.StrEnum):
 _TRANSPORTS = (None, "http", "mqtt", "amqp")
 _FIELDS = frozenset({"operation", "kind", "code", "device", "transport", "times", "retry_after", "delay", "form",
                      "for_seconds", "match_property", "match_body"})
+_OUTPUT_ONLY = frozenset({"id", "hits"})  # to_dict() reports them; a listed fault can be added again as is
 
 
 @dataclass
@@ -124,10 +125,10 @@ class Fault:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
-        unknown = set(data) - _FIELDS
+        unknown = set(data) - _FIELDS - _OUTPUT_ONLY
         if unknown:
             raise ValueError(f"unknown fault field(s): {', '.join(sorted(unknown))}")
-        values = dict(data)
+        values = {k: v for k, v in data.items() if k not in _OUTPUT_ONLY}  # what to_dict() adds is ignored
         if values.get("for_seconds") is not None and "times" not in values:
             values["times"] = None
         return cls(**values)

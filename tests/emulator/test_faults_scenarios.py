@@ -208,7 +208,7 @@ def test_poison_fault_from_a_fault_file_table() -> None:
     fault = Fault.from_dict({"operation": "telemetry", "code": 400004, "match_property": {"poison": 1},
                              "for_seconds": 5})
     assert fault.match_property == {"poison": "1"} and fault.times is None
-    again = Fault.from_dict({k: v for k, v in fault.to_dict().items() if k not in ("hits", "id")})
+    again = Fault.from_dict(fault.to_dict())  # a listed fault (with its id and hits) can be added again
     assert again.match_property == {"poison": "1"} and again.for_seconds == 5
 
 
