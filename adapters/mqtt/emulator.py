@@ -16,7 +16,12 @@ How a fault is rendered (``Fault.form`` may pick the wire form: ``"packet[:reaso
   does; the message is not recorded.
 - TWIN_GET / TWIN_PATCH: ``$iothub/twin/res/{status}/?$rid=`` with an ``errorCode`` body.
 - DROP closes the socket without a word, NO_ACK records / accepts but never answers, DELAY answers
-  after ``Fault.delay`` seconds (without holding up other packets).
+  after ``Fault.delay`` seconds (without holding up other packets), STALL leaves the link half-open
+  (nothing read or answered any more, the socket kept until the device reconnects).
+- C2D_RECEIVE (a delivery to the device): DROP or STALL takes the link down with the message, which
+  is redelivered on the next connection.
+
+Cloud-to-device messages go out at QoS 1 and stay locked in the hub until the PUBACK (at least once).
 
 A second connection for a device takes over the first: MQTT 5 gets DISCONNECT 0x8E (Session taken
 over, read as ConnectionForcefullyClosedOnNewConnection); 3.1.1 has no way to say it, so the old socket
@@ -389,6 +394,15 @@ class _Session:
             if entry is None or entry.lock_token is None:
                 return
             topic = f"devices/{device}/messages/devicebound/{_c2d_bag(device, entry)}"
+            fault = hub.plan.take(device, Operation.C2D_RECEIVE, "mqtt", properties=entry.properties, body=entry.body)
+            if fault is not None and fault.kind in (FaultKind.DROP, FaultKind.STALL):
+                # the delivery dies with the link: given back when the session ends, redelivered later
+                self.c2d_inflight[-1] = entry.lock_token  # no packet id: only fail_pending gives it back
+                if fault.kind is FaultKind.DROP:
+                    self.abort()
+                else:
+                    self.stall()
+                return
             if self.c2d_qos == 0:  # the device asked for at most once: it is done as it leaves
                 self.send(Publish(topic, entry.body, 0))
                 hub.settle_c2d(device, entry.lock_token, "complete", time.monotonic())

@@ -15,7 +15,7 @@ import pytest
 
 from adapters.http.emulator import HttpFront
 from adapters.http.translate import translate
-from adapters.mqtt.codec import MQTT_5, MQTT_311, ConnAck, PubAck, Publish
+from adapters.mqtt.codec import MQTT_5, MQTT_311, ConnAck, PubAck, Publish, Subscribe
 from adapters.mqtt.emulator import MqttFront
 from gateway.emulator import Hub
 from gateway.sas import make_sas_token
@@ -248,5 +248,25 @@ async def test_wrong_key_is_not_authorized_on_the_wire(hub: Hub, mqtt_front: Mqt
         ack = await unknown.connect("127.0.0.1", mqtt_front.port, "nobody", f"{hub.host_name}/nobody/", wrong)
         unknown.close()
         assert ack.reason_code == code
+    finally:
+        raw.close()
+
+
+async def test_a_c2d_delivery_that_drops_the_link_is_redelivered(hub: Hub, mqtt_front: MqttFront) -> None:
+    from gateway.emulator import FaultKind, Operation
+
+    hub.plan.add(Operation.C2D_RECEIVE, kind=FaultKind.DROP, device="d1")
+    mid = hub.send_c2d("d1", b"once")
+    raw = await mqtt_device(hub, mqtt_front, MQTT_311)
+    try:
+        raw.send(Subscribe(raw.next_id(), [("devices/d1/messages/devicebound/#", 1)]))
+        assert await raw.expect(Publish) is None  # the link went down instead of the message
+    finally:
+        raw.close()
+    raw = await mqtt_device(hub, mqtt_front, MQTT_311)
+    try:
+        await raw.subscribe("devices/d1/messages/devicebound/#", qos=1)
+        again = await raw.expect(Publish)
+        assert again.payload == b"once" and f"%24.mid={mid}" in again.topic
     finally:
         raw.close()
