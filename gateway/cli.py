@@ -164,6 +164,14 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
     from gateway.emulator.serve import load_faults, serve
 
+    if getattr(args, "emulator_command", None):  # fault / messages / c2d: talk to a running emulator
+        from gateway.emulator.admin import run_command
+
+        try:
+            return run_command(args)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     for path in (args.tls_cert, args.tls_key, args.faults):
@@ -176,7 +184,10 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     ports = {"http": args.http_port, "mqtt": args.mqtt_port, "amqp": args.amqp_port}
     try:
         asyncio.run(serve(host=args.host, ports=ports, devices=args.device or ["device-1"], hub_name=args.hub_name,
-                          cert_file=args.tls_cert, key_file=args.tls_key, faults=faults))
+                          cert_file=args.tls_cert, key_file=args.tls_key, faults=faults,
+                          admin_port=args.admin_port, registry=args.registry))
+    except ValueError as exc:  # an unreadable --registry
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         print(f"iothub-gateway emulator: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -247,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator",
         help="run the local IoT Hub emulator on its own",
         description="Serve IoT Hub's HTTP, MQTT and AMQP device surfaces locally, so any client (our adapters, "
-        "Azure's SDKs, your firmware) can be pointed at it. Prints each front's URL and each device's "
-        "connection string; faults come from --faults.",
+        "Azure's SDKs, your firmware) can be pointed at it. Prints each front's URL, the admin API's URL, "
+        "the service and device connection strings; faults come from --faults or, while it runs, "
+        "`iothub-gateway emulator fault add`.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--http-port", type=int, default=0, help="HTTP(S) port (0: a free one; IoT Hub uses 443)")
@@ -259,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", action="append", metavar="ID", help="register a device (repeatable)")
     p.add_argument("--hub-name", default="emulator.azure-devices.net", help="the hub's host name in tokens")
     p.add_argument("--faults", metavar="FILE", help="faults to answer: a TOML file of [[faults]] or a JSON list")
+    p.add_argument("--admin-port", type=int, default=0, help="the admin API's port on loopback (0: a free one)")
+    p.add_argument("--registry", metavar="FILE", help="keep device identities and keys in this JSON file "
+                   "(default: random keys for this run only)")
+    from gateway.emulator.admin import add_commands
+
+    add_commands(p)  # emulator fault add|clear|list, emulator messages, emulator c2d send|feedback
     p.set_defaults(func=_cmd_emulator)
 
     return parser

@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _start(tmp_path: pathlib.Path, tls: TlsFiles) -> tuple[subprocess.Popen[str], dict[str, str]]:
     faults = tmp_path / "faults.toml"
-    faults.write_text('[[faults]]\noperation = "telemetry"\ncode = 429001\ndevice = "d1"\ntimes = 2\nretry_after = 3\n')
+    faults.write_text('[[faults]]\noperation = "telemetry"\ncode = 429001\ndevice = "d1"\ntimes = 2\n'
+                      'retry_after = 3\ntransport = "http"\n')
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "emulator", "--device", "d1", "--faults", str(faults),
          "--tls-cert", str(tls.cert_pem), "--tls-key", str(tls.key_pem)],

@@ -41,8 +41,9 @@ def test_verify_never_crashes_on_hostile_tokens(token: str) -> None:
 
 def test_plan_answers_n_times_then_succeeds_and_filters() -> None:
     plan = FaultPlan()
-    plan.add("telemetry", 429001, device="d", times=3, retry_after=2)
+    plan.add("telemetry", 429001, device="d", times=3, retry_after=2, transport="http")
     plan.add("connect", kind="drop", transport="mqtt", times=None)
+    assert plan.take("d", Operation.TELEMETRY, "amqp") is None  # an HTTP fault
     got = [plan.take("d", Operation.TELEMETRY, "http") for _ in range(4)]
     assert [f.code if f else None for f in got] == [429001, 429001, 429001, None]
     assert plan.take("other", Operation.TELEMETRY, "http") is None

@@ -36,7 +36,7 @@ from adapters.amqp.translate import RenderedCondition, render
 from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, MethodInvoker, Received
+from gateway.emulator.hub import Hub, MethodInvoker, Received, Settlement
 
 __all__ = ["AmqpFront"]
 
@@ -54,6 +54,11 @@ _METHOD_NAME: Final = "IoThub-methodname"
 _METHOD_STATUS: Final = "IoThub-status"
 _AUDIENCE_RE: Final = re.compile(r"devices/([^/?]+)")
 _CBS: Final = "$cbs"
+#: the service side: C2D messages go in on this link, feedback comes out on the other
+_SERVICE_C2D: Final = "/messages/devicebound"
+_FEEDBACK: Final = "/messages/servicebound/feedback"
+_TO_RE: Final = re.compile(r"^/devices/([^/]+)/messages/devicebound/?$", re.IGNORECASE)
+_FEEDBACK_TYPE: Final = "application/vnd.microsoft.iothub.feedback.json"
 
 _UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
 _REFUSED: Final = code_of("IotHubUnauthorizedAccess")
@@ -64,6 +69,7 @@ _STOLEN: Final = code_of("LinkCreationConflict")
 _NEW_CONNECTION: Final = code_of("ConnectionForcefullyClosedOnNewConnection")
 _LOCK_LOST: Final = code_of("DeviceMessageLockLost")
 _ARGUMENT: Final = code_of("ArgumentInvalid")
+_QUEUE_FULL: Final = code_of("DeviceMaximumQueueDepthExceeded")
 # Hub.authenticate's reason -> (put-token status, the code in its description).
 _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
     "unknown": (404, _NOT_FOUND),
@@ -75,6 +81,7 @@ _CBS_REFUSALS: Final[dict[str, tuple[int, int]]] = {
 
 
 _DEFAULT_CONFIG: Final = FrontConfig()
+_MAX_HELD: Final = 1000  # stalled connections kept open at most
 
 
 def _twin_status(code: int) -> int:
@@ -114,9 +121,11 @@ class AmqpFront:
         clock: Callable[[], float] = time.time,
         c2d_poll: float = 0.02,
         prefetch: int = 100,
+        offer_mssbcbs: bool = False,
     ) -> None:
-        if config.ssl_context is not None and (cert_file is None or key_file is None):
-            raise ValueError("proton cannot use an ssl.SSLContext: pass cert_file= and key_file= for TLS")
+        if config.ssl_context is not None and not offer_mssbcbs and (cert_file is None or key_file is None):
+            raise ValueError("proton cannot use an ssl.SSLContext: pass cert_file= and key_file= for TLS "
+                             "(or offer_mssbcbs=True, whose SASL layer terminates TLS itself)")
         self.hub = hub
         self.config = config
         self.cert_file = cert_file
@@ -125,11 +134,19 @@ class AmqpFront:
         self.clock = clock
         self.c2d_poll = c2d_poll
         self.prefetch = prefetch
+        #: put :class:`~gateway.emulator.sasl.SaslShim` in front (TLS + SASL with MSSBCBS, for uamqp clients);
+        #: proton then listens on loopback only
+        self.offer_mssbcbs = offer_mssbcbs
+        self._shim: Any = None
+        self._plain_shim: Any = None  # the same SASL layer without TLS, for the WebSocket bridge
         self._port = 0
         self._thread: threading.Thread | None = None
         self._server: Any = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        #: stalled (half-open) connections: device -> the socket proton let go of, kept open and unread
+        self._held: dict[str, socket.socket] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -137,7 +154,29 @@ class AmqpFront:
 
     @property
     def tls(self) -> bool:
-        return self.cert_file is not None
+        return self.cert_file is not None or (self.offer_mssbcbs and self.config.ssl_context is not None)
+
+    def stalled(self) -> list[str]:
+        """The devices whose connection is held half-open by a STALL fault."""
+        with self._held_lock:
+            return list(self._held)
+
+    def _hold(self, device: str, sock: socket.socket) -> None:
+        with self._held_lock:
+            old = self._held.pop(device, None)
+            self._held[device] = sock
+            while len(self._held) > _MAX_HELD:  # bounded: the oldest dead link is finally closed
+                self._held.pop(next(iter(self._held))).close()
+        if old is not None:
+            old.close()
+
+    def _release(self, device: str | None = None) -> None:
+        """Close held sockets (one device's, e.g. on its reconnect, or all)."""
+        with self._held_lock:
+            gone = [self._held.pop(d) for d in list(self._held) if device in (None, d)]
+        for sock in gone:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -155,6 +194,27 @@ class AmqpFront:
             raise self._start_error
         if not self._started.is_set():
             raise TimeoutError("the AMQP front did not start")
+        if self.offer_mssbcbs:
+            from gateway.emulator.sasl import SaslShim
+
+            context = self.config.ssl_context
+            if context is None and self.cert_file is not None:
+                import ssl
+
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(self.cert_file, self.key_file)
+            shim = SaslShim(self._port, self.config.host, self.config.port, context)
+            plain = SaslShim(self._port) if context is not None else None
+            try:
+                await shim.start()
+                if plain is not None:
+                    await plain.start()
+            except BaseException:
+                await shim.stop()
+                await self.stop()
+                raise
+            self._shim, self._plain_shim = shim, plain
+            self._port = shim.port
 
     def _run(self) -> None:
         try:
@@ -170,7 +230,20 @@ class AmqpFront:
 
                     os.close(fd)
 
+    @property
+    def plain_port(self) -> int:
+        """A loopback port without TLS for the HTTP front's WebSocket bridge (0: none, i.e. proton's own
+        TLS is on and no SASL layer runs)."""
+        if self._plain_shim is not None:
+            return int(self._plain_shim.port)
+        return self._port if not self.tls else 0
+
     async def stop(self) -> None:
+        shim, self._shim = self._shim, None
+        plain, self._plain_shim = self._plain_shim, None
+        for layer in (shim, plain):
+            if layer is not None:
+                await layer.stop()
         thread = self._thread
         if thread is None:
             return
@@ -178,6 +251,7 @@ class AmqpFront:
             self._server.post(self._server.shutdown)
             await asyncio.get_running_loop().run_in_executor(None, thread.join, 10.0)
         self._thread = None
+        self._release()
 
     async def drop_all(self) -> None:
         """Cut every client socket (no AMQP close): an outage as clients see it."""
@@ -187,10 +261,14 @@ class AmqpFront:
 
         def drop() -> None:
             self._server.drop_all()
+            self._release()
             done.set()
 
         self._server.post(drop)
         await asyncio.get_running_loop().run_in_executor(None, done.wait, 5.0)
+        for layer in (self._shim, self._plain_shim):
+            if layer is not None:
+                layer.abort_all()
 
     async def close_all(self, condition: str, description: str = "", info: Mapping[str, object] | None = None) -> None:
         """Close every client connection with this condition (e.g. ``amqp:connection:forced``)."""
@@ -260,6 +338,7 @@ def _server_class() -> type[Any]:
             self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
             # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
             self.desired_subs: dict[tuple[str, Any], object] = {}
+            self.feedback_links: list[Any] = []  # the service's feedback receivers
             self.stopping = False
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
@@ -284,8 +363,11 @@ def _server_class() -> type[Any]:
             front = self.front
             container = event.container
             container.selectable(self.injector)
-            self.acceptor = container.acceptor(front.config.host, front.config.port)
-            if front.cert_file is not None:
+            if front.offer_mssbcbs:  # the SASL shim faces clients (and does TLS); proton stays on loopback
+                self.acceptor = container.acceptor("127.0.0.1", 0)
+            else:
+                self.acceptor = container.acceptor(front.config.host, front.config.port)
+            if front.cert_file is not None and not front.offer_mssbcbs:
                 domain = proton.SSLDomain(proton.SSLDomain.MODE_SERVER)
                 domain.set_credentials(front.cert_file, front.key_file or "", None)
                 domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)
@@ -329,11 +411,26 @@ def _server_class() -> type[Any]:
                 transport.close_head()
             self._forget(conn)
 
+        def _stall(self, conn: Any, device: str) -> None:
+            """Half-open: proton lets go of the socket without a frame (no close, no FIN: the front
+            keeps it open and never reads it again), so the client hears nothing at all."""
+            transport = conn.transport
+            selectable: Any = getattr(transport, "_selectable", None) if transport is not None else None
+            sock = getattr(selectable, "_delegate", None)
+            if isinstance(sock, socket.socket):
+                selectable.release()  # proton's close() of the selectable leaves the descriptor alone
+                self.front._hold(device, sock)
+            if transport is not None:
+                transport.close_tail()
+                transport.close_head()
+            self._forget(conn)
+
         def _forget(self, conn: Any) -> None:
             for corr, (_, _, owner) in list(self.pending_methods.items()):
                 if owner == conn:
                     self._method_done(corr, exc=ConnectionError("the device disconnected before answering"))
             handle = self.conns.pop(conn, None)
+            self.feedback_links = [lk for lk in self.feedback_links if lk.connection != conn]
             for device, owner in list(self.desired_subs):
                 if owner == conn:
                     self.hub.detach(device, self.desired_subs.pop((device, owner)))
@@ -396,6 +493,14 @@ def _server_class() -> type[Any]:
             if address == _CBS:
                 link.gw_kind = "cbs"
                 return None
+            service_kind = {(_SERVICE_C2D, True): "service-c2d", (_FEEDBACK, False): "feedback"}.get(
+                (address.rstrip("/").lower(), bool(link.is_receiver)))
+            if service_kind is not None:
+                link.gw_kind = service_kind
+                expiry = getattr(link.connection, "gw_service", None)
+                if expiry is None or expiry <= self.front.clock():
+                    return _pick(_UNAUTHORIZED, None, "link")
+                return None
             match = _LINK_RE.search(address)
             kind = _KINDS[match.group(2).lower()] if match is not None else "refused"
             if match is None or (kind == "events" and not link.is_receiver) or (kind == "devicebound"
@@ -428,6 +533,10 @@ def _server_class() -> type[Any]:
                 if link.is_sender:
                     link.connection.gw_cbs_reply = link
                 return
+            if kind in ("service-c2d", "feedback"):
+                if kind == "feedback":
+                    self.feedback_links.append(link)
+                return
             device: str = link.gw_device
             conn = link.connection
             key = (device, str(kind))
@@ -450,6 +559,8 @@ def _server_class() -> type[Any]:
             self._unregister(event.link)
 
         def _unregister(self, link: Any) -> None:
+            if link in self.feedback_links:
+                self.feedback_links.remove(link)
             key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
             if self.links.get(key) == link:
                 del self.links[key]
@@ -484,6 +595,8 @@ def _server_class() -> type[Any]:
                 self._put_token(link, dlv, msg)
             elif kind == "events":
                 self._telemetry(link, dlv, msg)
+            elif kind == "service-c2d":
+                self._service_c2d(link, dlv, msg)
             elif kind == "twin-in":
                 self._twin(link, dlv, msg)
             elif kind == "methods-in":
@@ -505,8 +618,14 @@ def _server_class() -> type[Any]:
             match = _AUDIENCE_RE.search(str(props.get("name") or ""))
             device = unquote(match.group(1)) if match else ""
             token = msg.body if isinstance(msg.body, str) else None
+            if match is None:  # the hub itself: a service (policy) token, e.g. for C2D and feedback
+                self._verify_service(conn, msg, token)
+                return
             fault = self.hub.plan.take(device, Operation.CONNECT, "amqp")
             if fault is not None:
+                if fault.kind is FaultKind.STALL:
+                    self._stall(conn, device)
+                    return
                 if fault.kind is FaultKind.DROP:
                     self._cut(conn)
                     return
@@ -529,6 +648,7 @@ def _server_class() -> type[Any]:
             now = self.front.clock()
             reason = self.hub.authenticate(device, token, now)
             if reason is None:
+                self.front._release(device)  # its new connection ends the half-open old one, as a takeover
                 try:
                     from gateway.sas import parse_sas_token
 
@@ -541,6 +661,64 @@ def _server_class() -> type[Any]:
             status, code = _CBS_REFUSALS.get(reason, (401, _REFUSED))
             form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
             self._answer(conn, msg, status, f"{form.description} ({reason})")
+
+        def _verify_service(self, conn: Any, msg: Any, token: str | None) -> None:
+            from gateway.sas import parse_sas_token, verify_sas_token
+
+            now = self.front.clock()
+            try:
+                parsed = parse_sas_token(token or "")
+            except ValueError:
+                self._answer(conn, msg, 401, "ErrorCode:IotHubUnauthorizedAccess;malformed token")
+                return
+            why = verify_sas_token(token or "", self.hub.host_name, self.hub.service_key, now)
+            if parsed.key_name != self.hub.service_policy or why is not None:
+                status, code = (401, _UNAUTHORIZED) if why == "expired" else (401, _REFUSED)
+                form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
+                self._answer(conn, msg, status, f"{form.description} ({why or 'unknown policy'})")
+                return
+            conn.gw_service = float(parsed.expiry)
+            self._answer(conn, msg, 200, "OK")
+
+        def _service_c2d(self, link: Any, dlv: Any, msg: Any) -> None:
+            """A service's cloud-to-device message: queued for the device ``to`` names (IoT Hub's rules)."""
+            match = _TO_RE.match(str(msg.address or ""))
+            props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
+            ack = props.pop("iothub-ack", "none")
+            try:
+                if match is None:
+                    raise ValueError(f"'to' must be /devices/{{id}}/messages/devicebound, not {msg.address!r}")
+                self.hub.send_c2d(unquote(match.group(1)), _body_bytes(msg.body),
+                                  message_id=str(msg.id) if msg.id is not None else None, properties=props,
+                                  correlation_id=str(msg.correlation_id) if msg.correlation_id is not None else None,
+                                  ack=ack)
+            except KeyError:
+                self._close(link, "delivery", _pick(_NOT_FOUND, None, "delivery")[1], dlv)
+                return
+            except OverflowError:
+                self._close(link, "delivery", _pick(_QUEUE_FULL, None, "delivery")[1], dlv)
+                return
+            except ValueError:
+                self._close(link, "delivery", _pick(_ARGUMENT, None, "delivery")[1], dlv)
+                return
+            dlv.update(Delivery.ACCEPTED)
+            dlv.settle()
+
+        def _send_feedback(self) -> None:
+            """Hand pending feedback records to a service feedback receiver, one batch per message."""
+            self.feedback_links = [lk for lk in self.feedback_links if lk.state & Endpoint.LOCAL_ACTIVE]
+            for link in self.feedback_links:
+                if link.credit <= 0:
+                    continue
+                records = self.hub.take_feedback()
+                if not records:
+                    return
+                body = [{"originalMessageId": r.message_id, "description": r.description, "deviceId": r.device_id,
+                         "deviceGenerationId": "", "enqueuedTimeUtc": r.at, "statusCode": r.status}
+                        for r in records]
+                link.send(Message(body=json.dumps(body).encode(), content_type=_FEEDBACK_TYPE,
+                                  id=str(uuid.uuid4()), inferred=True))
+                return
 
         def _answer(self, conn: Any, request: Any, status: int, description: str,
                     info: dict[str, object] | None = None) -> None:
@@ -557,13 +735,17 @@ def _server_class() -> type[Any]:
 
         def _telemetry(self, link: Any, dlv: Any, msg: Any) -> None:
             device = link.gw_device
-            fault = self.hub.plan.take(device, Operation.TELEMETRY, "amqp")
+            props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
+            body = _body_bytes(msg.body)
+            fault = self.hub.plan.take(device, Operation.TELEMETRY, "amqp", properties=props, body=body)
             if fault is None:
                 self._record(device, msg)
                 dlv.update(Delivery.ACCEPTED)
                 dlv.settle()
                 return
-            if fault.kind is FaultKind.DROP:
+            if fault.kind is FaultKind.STALL:
+                self._stall(link.connection, device)
+            elif fault.kind is FaultKind.DROP:
                 self._cut(link.connection)
             elif fault.kind is FaultKind.NO_ACK:
                 self._record(device, msg)  # the hub took it; the acknowledgement is what gets lost
@@ -581,13 +763,7 @@ def _server_class() -> type[Any]:
                 self._close(link, where, form, dlv)
 
         def _record(self, device: str, msg: Any) -> None:
-            body = msg.body
-            if isinstance(body, memoryview):
-                body = bytes(body)
-            elif isinstance(body, str):
-                body = body.encode()
-            elif not isinstance(body, bytes):
-                body = repr(body).encode()
+            body = _body_bytes(msg.body)
             props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
             mid = msg.id
             self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props))
@@ -617,6 +793,9 @@ def _server_class() -> type[Any]:
                 return
             fault = self.hub.plan.take(device_id, op, "amqp")
             if fault is not None:
+                if fault.kind is FaultKind.STALL:
+                    self._stall(link.connection, device_id)
+                    return
                 if fault.kind is FaultKind.DROP:
                     self._cut(link.connection)
                     return
@@ -717,6 +896,9 @@ def _server_class() -> type[Any]:
             request.properties = cast(Any, {_METHOD_NAME: name})
             if fault is None:
                 link.send(request)
+            elif fault.kind is FaultKind.STALL:
+                self.pending_methods.pop(corr, None)  # nobody answers: the caller times out, as on a dead link
+                self._stall(conn, device)
             elif fault.kind is FaultKind.DROP:
                 self._cut(conn)
             elif fault.kind is FaultKind.NO_ACK:
@@ -762,14 +944,22 @@ def _server_class() -> type[Any]:
         def on_timer_task(self, event: Any) -> None:
             if self.stopping:
                 return
+            if self.feedback_links:
+                self._send_feedback()
             for (device, kind), link in list(self.links.items()):
                 if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
                     continue
-                record = self.hub.device(device)
-                while record is not None and link.credit > 0 and record.c2d:
-                    mid, body = record.c2d.popleft()
-                    dlv = link.send(Message(id=mid, body=body, inferred=True))
-                    dlv.gw_sent = (self.front.clock(), mid, body, device)
+                while link.credit > 0:
+                    entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
+                    if entry is None or entry.lock_token is None:
+                        break
+                    msg = Message(id=entry.message_id, body=entry.body, inferred=True,
+                                  address=f"/devices/{device}/messages/deviceBound",
+                                  correlation_id=entry.correlation_id, delivery_count=entry.delivery_count - 1)
+                    if entry.properties:
+                        msg.properties = cast(Any, dict(entry.properties))
+                    dlv = link.send(msg)
+                    dlv.gw_c2d = (device, entry.lock_token)
             event.container.schedule(self.front.c2d_poll, self)
 
         def on_accepted(self, event: Any) -> None:
@@ -782,15 +972,14 @@ def _server_class() -> type[Any]:
             self._settled_by_device(event.delivery)
 
         def _settled_by_device(self, dlv: Any) -> None:
-            sent = getattr(dlv, "gw_sent", None)
+            sent = getattr(dlv, "gw_c2d", None)
             if sent is None or getattr(dlv, "gw_done", False):
                 return
             dlv.gw_done = True
-            sent_at, mid, body, device = sent
-            record = self.hub.device(device)
-            if self.front.clock() - sent_at > self.front.lock_timeout:
-                if record is not None:
-                    record.c2d.appendleft((mid, body))  # the lock expired: the hub delivers it again
+            device, token = sent
+            now = self.front.clock()
+            if not self.hub.lock_valid(device, token, now):  # expired: the hub delivers it again
+                self.hub.settle_c2d(device, token, "abandon", now)  # puts it back if not yet done
                 if not dlv.settled:
                     self._close(dlv.link, "delivery", _pick(_LOCK_LOST, None, "delivery")[1], dlv)
                 return
@@ -801,8 +990,9 @@ def _server_class() -> type[Any]:
                 return
             if fault is not None and fault.kind is FaultKind.NO_ACK:
                 return
-            if dlv.remote_state in (Delivery.RELEASED, Delivery.MODIFIED) and record is not None:
-                record.c2d.appendleft((mid, body))
+            outcome: Settlement = "complete" if dlv.remote_state == Delivery.ACCEPTED else \
+                "reject" if dlv.remote_state == Delivery.REJECTED else "abandon"
+            self.hub.settle_c2d(device, token, outcome, now)
             if not dlv.settled:
                 dlv.update(dlv.remote_state)
                 dlv.settle()
@@ -813,6 +1003,14 @@ def _server_class() -> type[Any]:
 
     _SERVER_CLASS = _Server
     return _Server
+
+
+def _body_bytes(body: Any) -> bytes:
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body)
+    if isinstance(body, str):
+        return body.encode()
+    return repr(body).encode()
 
 
 class _Once:

@@ -14,6 +14,7 @@ aiohttp is imported here at module level: this module is the I/O side and is nev
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
@@ -25,12 +26,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from gateway.codes import CodeInfo, code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, Received
+from gateway.emulator.hub import Hub, QueuedC2D, Received, Settlement, twin_etag
 from gateway.sas import parse_sas_token, verify_sas_token
 
 __all__ = ["CHAOS_FORMS", "FORMS", "HttpFront", "Rendered", "render"]
@@ -54,12 +55,14 @@ _LOCK_LOST = code_of("DeviceMessageLockLost")
 _PRECONDITION = code_of("PreconditionFailed")
 _TOO_LARGE = code_of("MessageTooLarge")
 _BAD_ARGUMENT = code_of("ArgumentInvalid")
+_DEVICE_EXISTS = code_of("DeviceAlreadyExists")
 
 _NO_BODY_STATUSES: Final = frozenset({204, 304})  # HTTP forbids a body: only the header form fits
 _MAX_TELEMETRY: Final = 256 * 1024  # IoT Hub's device-to-cloud message limit
 _HUGE_CHUNK: Final = b" " * 65536
 _HUGE_CAP: Final = 1 << 30  # an endless body still ends somewhere if the client never hangs up
 _APP_PREFIX: Final = "iothub-app-"
+_WS_PROTOCOLS: Final = {"mqtt": "mqtt", "AMQPWSB10": "amqp"}  # WebSocket subprotocol -> front
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def render(
     elif form == "nested":
         body = _json({"Message": obj, "ExceptionMessage": ""})
     elif form == "escaped":
-        body = _json({"Message": json.dumps(obj), "ExceptionMessage": ""})
+        body = _json({"Message": json.dumps(obj, separators=(",", ":")), "ExceptionMessage": ""})
     elif form == "top":
         body = _json(obj)
     elif form == "malformed":
@@ -145,21 +148,8 @@ def _iso(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
 
 
-def _etag(version: int) -> str:
-    return f"AAAAAAAAAA{version}="
-
-
 def _json(value: object) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
-
-
-@dataclass
-class _Lock:
-    device_id: str
-    message_id: str
-    body: bytes
-    expires: float
-    deliveries: int = 1
 
 
 @dataclass
@@ -180,7 +170,8 @@ class HttpFront:
     """The HTTP face of an emulated :class:`~gateway.emulator.Hub`.
 
     ``default_form`` is the body form of errors whose fault names none (and of the front's own
-    answers: auth failures, unknown devices, offline method targets). ``retry_style`` is how a fault's
+    answers: auth failures, unknown devices, offline method targets); ``"escaped"`` (the numeric code
+    as JSON inside ``Message``) is what IoT Hub answers today (peer-sdks.md §9). ``retry_style`` is how a fault's
     ``retry_after`` is written. ``clock`` is the hub's wall clock (SAS expiry, C2D lock expiry), so a
     test can expire a lock without waiting a minute. ``service_key`` signs service calls (direct
     methods) under ``service_policy``; one is made up when not given (see
@@ -194,12 +185,13 @@ class HttpFront:
         hub: Hub,
         config: FrontConfig = FrontConfig(),  # noqa: B008 - frozen dataclass, safe as a default
         *,
-        default_form: str = "legacy",
+        default_form: str = "escaped",
         retry_style: str = "seconds",
         c2d_lock_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         service_key: str | None = None,
-        service_policy: str = "iothubowner",
+        service_policy: str | None = None,
+        websocket_ports: Mapping[str, int] | None = None,
     ) -> None:
         if default_form not in FORMS and default_form not in CHAOS_FORMS:
             raise ValueError(f"unknown HTTP error form {default_form!r}")
@@ -209,11 +201,12 @@ class HttpFront:
         self.retry_style = retry_style
         self.c2d_lock_seconds = c2d_lock_seconds
         self.clock = clock
-        key = service_key or "ZW11bGF0b3Itc2VydmljZS1rZXktZm9yLXRlc3RzLW9ubHk="  # base64, test-only
-        self._service = _ServiceKey(service_policy, key)
+        # the hub's own iothubowner key (random unless the hub was given one), or an override
+        self._service = _ServiceKey(service_policy or hub.service_policy, service_key or hub.service_key)
         self.stats = Stats()
-        self._locks: dict[str, _Lock] = {}
-        self._lost: set[str] = set()  # etags whose lock expired: a late settle is DeviceMessageLockLost
+        #: MQTT / AMQP over WebSockets on ``/$iothub/websocket``: the plain loopback port each frame is
+        #: piped to, by protocol ("mqtt", "amqp"); filled by ``start_fronts`` once those fronts run
+        self.websocket_ports: dict[str, int] = dict(websocket_ports or {})
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._stopping = asyncio.Event()
@@ -248,6 +241,11 @@ class HttpFront:
         app.router.add_get("/twins/{device}", self._twin_get)
         app.router.add_patch("/twins/{device}", self._twin_update)
         app.router.add_post("/twins/{device}/methods", self._method)
+        app.router.add_get("/$iothub/websocket", self._websocket)
+        app.router.add_get("/devices", self._registry_list)
+        app.router.add_get("/devices/{device}", self._registry_get)
+        app.router.add_put("/devices/{device}", self._registry_put)
+        app.router.add_delete("/devices/{device}", self._registry_delete)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port, ssl_context=self.config.ssl_context)
@@ -282,13 +280,10 @@ class HttpFront:
     # -- C2D (the hub side a service would drive) ------------------------------------------------
 
     def enqueue_c2d(self, device_id: str, body: bytes, message_id: str | None = None) -> str:
-        """Queue a cloud-to-device message for ``device_id``; returns its message id."""
-        device = self.hub.device(device_id)
-        if device is None:
+        """Queue a cloud-to-device message for ``device_id`` (``Hub.send_c2d``); returns its message id."""
+        if self.hub.device(device_id) is None:
             raise KeyError(f"no device {device_id!r} in the hub")
-        mid = message_id or uuid.uuid4().hex
-        device.c2d.append((mid, body))
-        return mid
+        return self.hub.send_c2d(device_id, body, message_id=message_id)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -343,13 +338,14 @@ class HttpFront:
 
     async def _apply(self, request: web.Request, device_id: str, operation: Operation,
                      work: Callable[[], web.StreamResponse | None] | None = None,
-                     answer: Callable[[], web.StreamResponse] | None = None) -> web.StreamResponse:
+                     answer: Callable[[], web.StreamResponse] | None = None, *,
+                     properties: Mapping[str, str] | None = None, body: bytes | None = None) -> web.StreamResponse:
         """Run the fault plan around one operation: error, delay, drop or no-ack, else ``work``/``answer``.
 
         ``work`` is the operation's effect (recording telemetry, locking a message); a DROP or NO_ACK
         fault happens after it, as when the hub acted but its answer never arrived.
         """
-        fault = self.hub.plan.take(device_id, operation, "http")
+        fault = self.hub.plan.take(device_id, operation, "http", properties=properties, body=body)
         try:
             return await self._faulted(request, fault, work, answer)
         except _Endless as endless:
@@ -368,7 +364,7 @@ class HttpFront:
             return early
         if fault is not None and fault.kind is FaultKind.DROP:
             return await self._drop(request)
-        if fault is not None and fault.kind is FaultKind.NO_ACK:
+        if fault is not None and fault.kind in (FaultKind.NO_ACK, FaultKind.STALL):  # HTTP: a stall never answers
             await self._stopping.wait()
             return await self._abandon(request)
         return self._count(answer() if answer is not None else web.Response(status=204))
@@ -428,65 +424,51 @@ class HttpFront:
         def work() -> None:
             self.hub.record(Received(device_id, message_id, body, "http", props))
 
-        return await self._apply(request, device_id, Operation.TELEMETRY, work)
-
-    def _requeue_expired(self, device_id: str) -> None:
-        now = self.clock()
-        device = self.hub.device(device_id)
-        for etag, lock in list(self._locks.items()):
-            if lock.device_id == device_id and lock.expires <= now:
-                del self._locks[etag]
-                self._lost.add(etag)
-                if device is not None:
-                    device.c2d.appendleft((lock.message_id, lock.body))
+        return await self._apply(request, device_id, Operation.TELEMETRY, work, properties=props, body=body)
 
     async def _c2d_receive(self, request: web.Request) -> web.StreamResponse:
         device_id = request.match_info["device"]
         refused = self._auth_device(request, device_id)
         if refused is not None:
             return refused
-        self._requeue_expired(device_id)
-        locked: list[tuple[str, _Lock]] = []
+        locked: list[QueuedC2D] = []
 
         def work() -> None:
-            device = self.hub.device(device_id)
-            if device is not None and device.c2d:
-                mid, body = device.c2d.popleft()
-                etag = uuid.uuid4().hex
-                lock = _Lock(device_id, mid, body, self.clock() + self.c2d_lock_seconds)
-                self._locks[etag] = lock
-                locked.append((etag, lock))
+            entry = self.hub.lock_c2d(device_id, self.c2d_lock_seconds, self.clock())
+            if entry is not None:
+                locked.append(entry)
 
         def answer() -> web.StreamResponse:
             if not locked:
                 return web.Response(status=204)
-            etag, lock = locked[0]
-            headers = {"ETag": f'"{etag}"', "iothub-messageid": lock.message_id,
-                       "iothub-deliverycount": str(lock.deliveries - 1), "iothub-to": f"/devices/{device_id}"}
-            return web.Response(status=200, body=lock.body, headers=headers)
+            entry = locked[0]
+            headers = {"ETag": f'"{entry.lock_token}"', "iothub-messageid": entry.message_id,
+                       "iothub-deliverycount": str(entry.delivery_count - 1), "iothub-to": f"/devices/{device_id}",
+                       "iothub-ack": entry.ack}
+            if entry.correlation_id:
+                headers["iothub-correlationid"] = entry.correlation_id
+            headers.update({f"{_APP_PREFIX}{k}": v for k, v in entry.properties.items()})
+            return web.Response(status=200, body=entry.body, headers=headers)
 
         return await self._apply(request, device_id, Operation.C2D_RECEIVE, work, answer)
 
-    def _settle(self, device_id: str, etag: str) -> tuple[_Lock | None, web.StreamResponse | None]:
-        self._requeue_expired(device_id)
-        etag = etag.strip('"')
-        lock = self._locks.get(etag)
-        if lock is None or lock.device_id != device_id:
-            if etag in self._lost:
-                return None, self.error(_LOCK_LOST, message="The message lock expired before it was settled")
-            return None, self.error(_PRECONDITION, message=f"No locked message with etag {etag}")
-        del self._locks[etag]
-        return lock, None
+    def _settle(self, device_id: str, etag: str, outcome: Settlement) -> web.StreamResponse | None:
+        why = self.hub.settle_c2d(device_id, etag.strip('"'), outcome, self.clock())
+        if why == "lost":
+            return self.error(_LOCK_LOST, message="The message lock expired before it was settled")
+        if why is not None:
+            return self.error(_PRECONDITION, message=f"No locked message with etag {etag}")
+        return None
 
     async def _c2d_settle(self, request: web.Request) -> web.StreamResponse:
         device_id = request.match_info["device"]
         refused = self._auth_device(request, device_id)
         if refused is not None:
             return refused
+        outcome: Settlement = "reject" if "reject" in request.query else "complete"  # reject dead-letters it
 
         def work() -> web.StreamResponse | None:
-            # complete and reject both end the message (reject dead-letters it on a real hub)
-            return self._settle(device_id, request.match_info["etag"])[1]
+            return self._settle(device_id, request.match_info["etag"], outcome)
 
         return await self._apply(request, device_id, Operation.C2D_SETTLE, work)
 
@@ -497,11 +479,7 @@ class HttpFront:
             return refused
 
         def work() -> web.StreamResponse | None:
-            lock, failed = self._settle(device_id, request.match_info["etag"])
-            device = self.hub.device(device_id)
-            if lock is not None and device is not None:
-                device.c2d.appendleft((lock.message_id, lock.body))
-            return failed
+            return self._settle(device_id, request.match_info["etag"], "abandon")
 
         return await self._apply(request, device_id, Operation.C2D_SETTLE, work)
 
@@ -517,17 +495,7 @@ class HttpFront:
         return await self._apply(request, device_id, Operation.TWIN_GET, None, lambda: self._twin_answer(device_id))
 
     def _twin_answer(self, device_id: str) -> web.StreamResponse:
-        device = self.hub.device(device_id)
-        assert device is not None
-        twin = {
-            "deviceId": device_id,
-            "etag": _etag(device.twin_version),
-            "version": device.twin_version,
-            "status": "enabled" if device.enabled else "disabled",
-            "connectionState": "Connected" if self.hub.is_online(device_id) else "Disconnected",
-            "properties": self.hub.twin_properties(device_id),
-        }
-        return web.json_response(twin)
+        return web.json_response(self.hub.service_twin(device_id))
 
     async def _twin_update(self, request: web.Request) -> web.StreamResponse:
         """The service's twin patch: desired properties merged, the connected device told (``Hub``)."""
@@ -548,7 +516,7 @@ class HttpFront:
         def work() -> web.StreamResponse | None:
             device = self.hub.device(device_id)
             assert device is not None
-            if expected != "*" and expected != _etag(device.twin_version):
+            if expected != "*" and expected != twin_etag(device.twin_version):
                 return self.error(_PRECONDITION, message=f"Twin etag {expected} does not match")
             self.hub.update_desired(device_id, desired)
             return None
@@ -589,6 +557,108 @@ class HttpFront:
         except ConnectionError:  # its method channel closed under the call: not online for methods
             return self.error(_NOT_ONLINE, message=f"Device {device_id} is not subscribed to methods")
         return self._count(web.json_response({"status": status, "payload": payload}))
+
+
+    # -- MQTT and AMQP over WebSockets ------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        """IoT Hub's port-443 path for MQTT (subprotocol ``mqtt``) and AMQP (``AMQPWSB10``): binary
+        frames piped to that front, which authenticates as on its own port."""
+        ws = web.WebSocketResponse(protocols=tuple(_WS_PROTOCOLS), max_msg_size=4 * _MAX_TELEMETRY)
+        await ws.prepare(request)
+        port = self.websocket_ports.get(_WS_PROTOCOLS.get(ws.ws_protocol or "", ""), 0)
+        if not port:
+            await ws.close(code=1002, message=b"subprotocol mqtt or AMQPWSB10 expected")
+            return ws
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await ws.close(code=1011, message=b"front unavailable")
+            return ws
+
+        async def upstream() -> None:
+            try:
+                async for msg in ws:
+                    if msg.type is WSMsgType.BINARY:
+                        writer.write(msg.data)
+                        await writer.drain()
+                    elif msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                        break
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def downstream() -> None:
+            try:
+                while data := await reader.read(65536):
+                    await ws.send_bytes(data)
+            except (ConnectionError, OSError, RuntimeError):
+                pass
+            finally:
+                await ws.close()
+
+        await asyncio.gather(upstream(), downstream())
+        return ws
+
+    # -- registry (service) -----------------------------------------------------------------------
+
+    async def _registry_get(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_service(request) or self._device(device_id)
+        if refused is not None:
+            return refused
+        return self._count(web.json_response(self.hub.registry_entry(device_id)))
+
+    async def _registry_list(self, request: web.Request) -> web.StreamResponse:
+        refused = self._auth_service(request)
+        if refused is not None:
+            return refused
+        try:
+            top = min(max(int(request.query.get("top", "1000")), 1), 1000)
+        except ValueError:
+            return self.error(_BAD_ARGUMENT, message="top must be a number")
+        entries = [self.hub.registry_entry(d.device_id) for d in self.hub.devices()[:top]]
+        return self._count(web.json_response(entries))
+
+    async def _registry_put(self, request: web.Request) -> web.StreamResponse:
+        """Create a device (or update its status/keys); an ``If-Match`` etag must match an existing one."""
+        device_id = request.match_info["device"]
+        refused = self._auth_service(request)
+        if refused is not None:
+            return refused
+        try:
+            body = json.loads(await request.read() or b"{}")
+            if not isinstance(body, dict) or body.get("deviceId", device_id) != device_id:
+                raise ValueError("deviceId does not match the path")
+            keys = ((body.get("authentication") or {}).get("symmetricKey") or {})
+            status = body.get("status", "enabled")
+            if status not in ("enabled", "disabled"):
+                raise ValueError("status must be enabled or disabled")
+        except (ValueError, TypeError, AttributeError) as exc:
+            return self.error(_BAD_ARGUMENT, message=f"Invalid device body: {exc}")
+        existing = self.hub.device(device_id)
+        if_match = (request.headers.get("If-Match") or "").strip().removeprefix("W/").strip('"')
+        if existing is not None and not if_match:
+            return self.error(_DEVICE_EXISTS, message=f"A device with ID '{device_id}' is already registered")
+        if existing is not None and if_match not in ("*", existing.etag):
+            return self.error(_PRECONDITION, message="Device etag does not match")
+        device = existing or self.hub.add_device(device_id, keys.get("primaryKey") or None,
+                                                 secondary_key=keys.get("secondaryKey") or None)
+        if existing is not None:
+            device.key = keys.get("primaryKey") or device.key
+            device.secondary_key = keys.get("secondaryKey") or device.secondary_key
+            device.etag = base64.b64encode(uuid.uuid4().bytes[:8]).decode()
+        device.enabled = status == "enabled"
+        return self._count(web.json_response(self.hub.registry_entry(device_id)))
+
+    async def _registry_delete(self, request: web.Request) -> web.StreamResponse:
+        device_id = request.match_info["device"]
+        refused = self._auth_service(request) or self._device(device_id)
+        if refused is not None:
+            return refused
+        self.hub.remove_device(device_id)
+        return self._count(web.Response(status=204))
 
 
 class _Endless(Exception):

@@ -16,7 +16,12 @@ How a fault is rendered (``Fault.form`` may pick the wire form: ``"packet[:reaso
   does; the message is not recorded.
 - TWIN_GET / TWIN_PATCH: ``$iothub/twin/res/{status}/?$rid=`` with an ``errorCode`` body.
 - DROP closes the socket without a word, NO_ACK records / accepts but never answers, DELAY answers
-  after ``Fault.delay`` seconds (without holding up other packets).
+  after ``Fault.delay`` seconds (without holding up other packets), STALL leaves the link half-open
+  (nothing read or answered any more, the socket kept until the device reconnects).
+- C2D_RECEIVE (a delivery to the device): DROP or STALL takes the link down with the message, which
+  is redelivered on the next connection.
+
+Cloud-to-device messages go out at QoS 1 and stay locked in the hub until the PUBACK (at least once).
 
 A second connection for a device takes over the first: MQTT 5 gets DISCONNECT 0x8E (Session taken
 over, read as ConnectionForcefullyClosedOnNewConnection); 3.1.1 has no way to say it, so the old socket
@@ -34,7 +39,7 @@ import time
 import uuid
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from adapters.mqtt.codec import (
     MQTT_5,
@@ -63,7 +68,7 @@ from adapters.mqtt.translate import WireForm, render
 from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, Received
+from gateway.emulator.hub import Hub, QueuedC2D, Received, Settlement
 
 __all__ = ["MqttFront"]
 
@@ -71,25 +76,26 @@ log = logging.getLogger(__name__)
 
 _TAKEOVER = code_of("ConnectionForcefullyClosedOnNewConnection")
 _EXPIRED = code_of("IotHubUnauthorized")
-_REFUSED = code_of("IotHubUnauthorizedAccess")
 _UNAVAILABLE = code_of("ServiceUnavailable")
 _TOO_LARGE = code_of("MessageTooLarge")
 _PROTOCOL = code_of("ProtocolViolation")
 _ARGUMENT = code_of("ArgumentInvalid")
 _VERSION = code_of("InvalidProtocolVersion")
 
-# Hub.authenticate's answers -> the code IoT Hub's refusal stands for. An expired token is IoT Hub's
-# 401003 (renew and retry); a wrong key or unknown device a permanent refusal; a disabled device gets
-# "server unavailable", as IoT Hub answers it on MQTT.
+# Hub.authenticate's answers -> (code, wire form). IoT Hub refuses a wrong key, an expired token and
+# an unknown device alike with CONNACK 5 "not authorized" on 3.1.1 (peer-sdks.md §9), which MQTT 5 says
+# as 0x87; a disabled device gets "server unavailable" (3 / 0x88).
+_NOT_AUTHORIZED = {MQTT_311: "connack:5", MQTT_5: "connack:0x87"}
 _AUTH_CODES = {
     "expired": _EXPIRED,
-    "mismatch": _REFUSED,
-    "malformed": _REFUSED,
-    "unknown": _REFUSED,
+    "mismatch": _EXPIRED,
+    "malformed": _EXPIRED,
+    "unknown": _EXPIRED,
     "disabled": _UNAVAILABLE,
 }
 _DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
 _MAX_PACKET = 256 * 1024  # IoT Hub's announced Maximum Packet Size
+_C2D_WINDOW = 16  # cloud-to-device messages in flight (unacknowledged) per connection
 _SUCCESS = 0
 
 
@@ -147,18 +153,23 @@ class _Session:
         self.pending_methods: dict[str, asyncio.Future[tuple[int, Any]]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
+        self.stalled = False  #: half-open: nothing is read or written any more (FaultKind.STALL)
+        self.released = asyncio.Event()  #: set when a stalled session may end (closed, taken over, stopped)
         self._ids = itertools.cycle(range(1, 0x10000))
         self._rids = itertools.count(1)
         self.subscribe_fault: Fault | None = None
+        self.c2d_inflight: dict[int, str] = {}  #: packet id -> the hub's lock token, until the PUBACK
+        self.c2d_qos = 1
 
     # -- output ---------------------------------------------------------------------------------
     def send(self, packet: Packet) -> None:
-        if not self.closed and not self.writer.is_closing():
+        if not self.closed and not self.stalled and not self.writer.is_closing():
             self.writer.write(encode(packet, self.version))
 
     def abort(self) -> None:
         """Close the socket without a goodbye (RST where possible)."""
         self.closed = True
+        self.released.set()
         transport = self.writer.transport
         with contextlib.suppress(Exception):
             transport.abort()
@@ -170,8 +181,21 @@ class _Session:
             if form is not None:
                 self.send(Disconnect(form.reason_code, _user_props(form)))
         self.closed = True
+        self.released.set()
         with contextlib.suppress(Exception):
             self.writer.close()
+
+    def stall(self) -> None:
+        """Go half-open: stop reading (the client's writes back up in TCP) and answering; keep the socket.
+
+        The session ends only when it is taken over, dropped or the front stops, as a dead link stays
+        open on the hub's side until something closes it.
+        """
+        self.stalled = True
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        self.front._log(f"stall {self.device_id}")
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -189,6 +213,9 @@ class _Session:
                 if self.closed:
                     return
                 await self._handle(packet)
+                if self.stalled:
+                    await self.released.wait()
+                    return
             await self.writer.drain()
             data = await self.reader.read(65536)
             if not data:
@@ -235,10 +262,16 @@ class _Session:
         if why is None and not username.startswith(expected):
             why = "mismatch"  # IoT Hub checks that the user name names this hub and device
         if why is not None:
-            self._refuse(_AUTH_CODES.get(why, _REFUSED), None)
+            code = _AUTH_CODES.get(why, _EXPIRED)
+            self._refuse(code, _NOT_AUTHORIZED[self.version] if code == _EXPIRED else None)
             return False
         fault = hub.plan.take(device_id, Operation.CONNECT, "mqtt")
         if fault is not None:
+            if fault.kind is FaultKind.STALL:
+                self.device_id = device_id
+                self.stall()
+                await self.released.wait()
+                return False
             if fault.kind is FaultKind.DROP:
                 self.abort()
                 return False
@@ -300,8 +333,9 @@ class _Session:
             self.closed = True
             with contextlib.suppress(Exception):
                 self.writer.close()
-        # PUBACKs for our QoS 1 deliveries are not tracked; anything else a client may not send
-        elif not isinstance(packet, PubAck):
+        elif isinstance(packet, PubAck):
+            self._c2d_acked(packet)
+        else:  # anything else a client may not send
             self.kick(_PROTOCOL)
 
     def _subscribe(self, packet: Subscribe) -> None:
@@ -324,7 +358,10 @@ class _Session:
             elif topic in allowed:
                 codes.append(min(options & 3, 1))
                 self.subscriptions.add(topic)
-                if topic == "$iothub/methods/POST/#":
+                if topic.endswith("/messages/devicebound/#"):
+                    self.c2d_qos = min(options & 3, 1)
+                    self.front.hub.watch_c2d(device, self, self._c2d_listener())
+                elif topic == "$iothub/methods/POST/#":
                     self.front.hub.serve_methods(device, self, self.invoke)
                 elif topic == _DESIRED_FILTER:
                     self.front.hub.watch_desired(device, self, self._desired_listener())
@@ -333,7 +370,55 @@ class _Session:
                 codes.append(form.reason_code if form is not None else 0x80)
         self.send(SubAck(packet.packet_id, codes, props))
         if f"devices/{device}/messages/devicebound/#" in self.subscriptions:
-            self.front._deliver_c2d(device)
+            self.pump_c2d()
+
+    # -- cloud-to-device: at least once -----------------------------------------------------------
+    def _c2d_listener(self) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+
+        def listener() -> None:  # any thread (the admin surface, AMQP's service link)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.pump_c2d)
+
+        return listener
+
+    def pump_c2d(self) -> None:
+        """Deliver queued messages, each locked until its PUBACK (QoS 1), as IoT Hub does; what is not
+        acknowledged when the connection ends goes back to the queue (``fail_pending``)."""
+        device = self.device_id or ""
+        if self.closed or self.stalled or f"devices/{device}/messages/devicebound/#" not in self.subscriptions:
+            return
+        hub = self.front.hub
+        while len(self.c2d_inflight) < _C2D_WINDOW:
+            entry = hub.lock_c2d(device, float("inf"), time.monotonic())
+            if entry is None or entry.lock_token is None:
+                return
+            topic = f"devices/{device}/messages/devicebound/{_c2d_bag(device, entry)}"
+            fault = hub.plan.take(device, Operation.C2D_RECEIVE, "mqtt", properties=entry.properties, body=entry.body)
+            if fault is not None and fault.kind in (FaultKind.DROP, FaultKind.STALL):
+                # the delivery dies with the link: given back when the session ends, redelivered later
+                self.c2d_inflight[-1] = entry.lock_token  # no packet id: only fail_pending gives it back
+                if fault.kind is FaultKind.DROP:
+                    self.abort()
+                else:
+                    self.stall()
+                return
+            if self.c2d_qos == 0:  # the device asked for at most once: it is done as it leaves
+                self.send(Publish(topic, entry.body, 0))
+                hub.settle_c2d(device, entry.lock_token, "complete", time.monotonic())
+                continue
+            packet_id = next(self._ids)
+            self.c2d_inflight[packet_id] = entry.lock_token
+            self.send(Publish(topic, entry.body, 1, packet_id))
+
+    def _c2d_acked(self, packet: PubAck) -> None:
+        token = self.c2d_inflight.pop(packet.packet_id, None)
+        if token is None:
+            return
+        # an MQTT 5 failure PUBACK gives the message back (IoT Hub's "abandon"); success completes it
+        outcome: Settlement = "abandon" if packet.reason_code >= 0x80 else "complete"
+        self.front.hub.settle_c2d(self.device_id or "", token, outcome, time.monotonic())
+        self.pump_c2d()
 
     async def _publish(self, packet: Publish) -> None:
         topic = packet.topic
@@ -363,12 +448,14 @@ class _Session:
         props = dict(parse_qsl(bag.rstrip("/"), keep_blank_values=True))
         message_id = props.pop("$.mid", None)
         received = Received(device, message_id, packet.payload, "mqtt", props)
-        fault = self.front.hub.plan.take(device, Operation.TELEMETRY, "mqtt")
+        fault = self.front.hub.plan.take(device, Operation.TELEMETRY, "mqtt", properties=props, body=packet.payload)
         if fault is None:
             self.front.hub.record(received)
             self._ack(packet)
             return
-        if fault.kind is FaultKind.DROP:
+        if fault.kind is FaultKind.STALL:
+            self.stall()
+        elif fault.kind is FaultKind.DROP:
             self.abort()
         elif fault.kind is FaultKind.NO_ACK:
             self.front.hub.record(received)
@@ -409,6 +496,9 @@ class _Session:
         if device is None:
             return
         fault = self.front.hub.plan.take(device.device_id, operation, "mqtt")
+        if fault is not None and fault.kind is FaultKind.STALL:
+            self.stall()
+            return
         if fault is not None and fault.kind is FaultKind.DROP:
             self.abort()
             return
@@ -464,6 +554,20 @@ class _Session:
         """Hub.MethodInvoker: forward a method call to this device and await its answer."""
         rid = f"{next(self._rids):x}"
         future: asyncio.Future[tuple[int, Any]] = asyncio.get_running_loop().create_future()
+        fault = self.front.hub.plan.take(self.device_id or "", Operation.METHOD, "mqtt")
+        if fault is not None:
+            if fault.kind is FaultKind.STALL:
+                self.stall()  # the request is never sent: the caller times out (GatewayTimeout)
+            elif fault.kind is FaultKind.DROP:
+                self.abort()
+                raise ConnectionError("the device's connection dropped")
+            elif fault.kind is FaultKind.DELAY:
+                await asyncio.sleep(fault.delay)
+            elif fault.kind is FaultKind.ERROR:
+                raise ConnectionError(f"method request refused with {fault.code}")
+            if fault.kind in (FaultKind.STALL, FaultKind.NO_ACK):
+                await asyncio.sleep(timeout)
+                raise TimeoutError
         self.pending_methods[rid] = future
         try:
             self.send(Publish(f"$iothub/methods/POST/{name}/?$rid={rid}", json.dumps(payload).encode(), 0))
@@ -490,6 +594,19 @@ class _Session:
         for future in self.pending_methods.values():
             if not future.done():
                 future.set_exception(ConnectionError("the device disconnected before answering"))
+        if self.c2d_inflight and self.device_id is not None:  # unacknowledged: redelivered on reconnect
+            self.front.hub.release_c2d(self.device_id, list(self.c2d_inflight.values()))
+            self.c2d_inflight.clear()
+
+
+def _c2d_bag(device: str, entry: QueuedC2D) -> str:
+    """The topic's property bag as IoT Hub writes it: system properties (``$.mid``, ``$.to``, ``$.cid``)
+    and the application properties, URL-encoded."""
+    pairs = [("$.mid", entry.message_id), ("$.to", f"/devices/{device}/messages/deviceBound")]
+    if entry.correlation_id:
+        pairs.append(("$.cid", entry.correlation_id))
+    pairs += sorted(entry.properties.items())
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs)
 
 
 class MqttFront:
@@ -513,12 +630,19 @@ class MqttFront:
         self.clock = clock  #: the time SAS token expiry is checked against
         self.log: list[str] = []  #: a short trail of what happened, for test failure messages
         self._server: asyncio.Server | None = None
+        self._plain: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
         self._port = 0
+        self._plain_port = 0
 
     @property
     def port(self) -> int:
         return self._port
+
+    @property
+    def plain_port(self) -> int:
+        """A loopback port without TLS, for the HTTP front's WebSocket bridge (TLS is on the HTTPS side)."""
+        return self._plain_port or self._port
 
     async def start(self) -> None:
         if self._server is not None:
@@ -527,9 +651,15 @@ class MqttFront:
             self._serve, self.config.host, self.config.port, ssl=self.config.ssl_context
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
+        if self.config.ssl_context is not None:
+            self._plain = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self._plain_port = int(self._plain.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        plain, self._plain = self._plain, None
+        if plain is not None:
+            plain.close()
         if server is not None:
             server.close()
         await self.drop_all()
@@ -554,22 +684,12 @@ class MqttFront:
         """How many connections are open (for ``device_id``, or in all)."""
         return sum(1 for s in self._sessions if not s.closed and device_id in (None, s.device_id))
 
-    def send_c2d(self, device_id: str, body: bytes, properties: dict[str, str] | None = None) -> None:
-        """Queue a cloud-to-device message; delivered now if the device listens on this front."""
-        device = self.hub.device(device_id) or self.hub.add_device(device_id)
-        bag = "&".join(f"{k}={v}" for k, v in (properties or {}).items())
-        device.c2d.append((bag, body))
-        self._deliver_c2d(device_id)
-
-    def _deliver_c2d(self, device_id: str) -> None:
-        device = self.hub.device(device_id)
-        topic_filter = f"devices/{device_id}/messages/devicebound/#"
-        for session in self._sessions:
-            if session.device_id == device_id and topic_filter in session.subscriptions and not session.closed:
-                while device is not None and device.c2d:
-                    bag, body = device.c2d.popleft()
-                    session.send(Publish(f"devices/{device_id}/messages/devicebound/{bag}", body, 0))
-                return
+    def send_c2d(self, device_id: str, body: bytes, properties: dict[str, str] | None = None,
+                 message_id: str | None = None) -> str:
+        """Queue a cloud-to-device message (``Hub.send_c2d``); delivered now if the device listens."""
+        if self.hub.device(device_id) is None:
+            self.hub.add_device(device_id)
+        return self.hub.send_c2d(device_id, body, properties=properties, message_id=message_id)
 
     def _log(self, line: str) -> None:
         self.log.append(line)

@@ -1,13 +1,84 @@
 """A local IoT Hub for tests, demos and users' own chaos tests.
 
 ``Hub`` is the protocol-agnostic state (registry, connections, received telemetry, cloud-to-device
-queues) and ``FaultPlan`` the script of failures; each transport's front (``adapters.<t>.emulator``)
-renders what they decide in its own wire form, from the same catalog the translators read.
+queues, twins) and ``FaultPlan`` the script of failures; each transport's front (``adapters.<t>.emulator``)
+renders what they decide in its own wire form, from the same catalog the translators read. The admin
+API (``gateway.emulator.admin``) changes faults and queues C2D while it runs.
+
+Where the emulator stands in for facts about the real hub, this is what it assumes (KNOWN: with its
+public source; ASSUMED: why this choice); one entry per behaviour, for the docs' table:
+
+- MQTT 3.1.1 connect with a wrong key, expired token, unknown device or a user name for another hub: CONNACK 5 (not
+  authorized). [KNOWN] peer-sdks.md §9 (azure-iot-sdk-c #373, iotedge #526, MicrosoftDocs #38897)
+- the same on MQTT 5: CONNACK 0x87 (Not authorized), no ``status`` property. [ASSUMED] 0x87 is MQTT 5's name for
+  3.1.1's 5 (paho maps 5 -> 135 too); the MQTT 5 preview names 135 for auth failures on DISCONNECT; 0x86 (bad user
+  name or password) is not used
+- a disabled device on MQTT: CONNACK 3 / 0x88 (server unavailable). [KNOWN] peer-sdks.md §8.10 (IoT Hub answers 3
+  for a disabled device)
+- a refused telemetry publish on MQTT 3.1.1 (any ERROR fault): the socket is closed (RST), the message not recorded.
+  [KNOWN] 3.1.1 has no failing PUBACK, IoT Hub drops the client (peer-sdks.md §9, C SDK and Python SDK behaviour)
+- a refused publish on MQTT 5: PUBACK (or DISCONNECT for QoS 0) with the reason code and IoT Hub's ``status`` +
+  ``trace-id`` user properties. [KNOWN] IoT Hub MQTT 5 preview reference; codes without a preview status get 0x83
+  with the six-digit code as ``status`` (our extension)
+- ``retry_after`` on MQTT: refused when a fault names ``transport="mqtt"``; a fault for every transport reaches MQTT
+  clients without it. [KNOWN] no retry-after in the MQTT 5 preview reference, none in 3.1.1
+- ``retry_after`` on HTTP / AMQP: ``Retry-After`` (seconds or date) or ``x-ms-retry-after-ms``; AMQP ``retry-after``
+  info. [ASSUMED] no IoT Hub client reads it (peer-sdks.md §6); rendered so clients can be tested against it
+- HTTP error bodies: default: the numeric code as JSON escaped inside ``Message`` (``504101``, ``404103``); legacy
+  ``ErrorCode:Name;``, nested, top-level and header-only forms selectable per fault or front. [KNOWN] peer-sdks.md
+  §9 (azure-iot-cli-extension #54, azure-iot-sdk-java #640) and §2.5
+- ``GET /devices/{id}`` for an unknown device: 404 with 404001 DeviceNotFound in that body. [ASSUMED] the registry
+  answers like every other service call
+- twin versions: desired and reported ``$version`` each count their own changes from 1; the twin's ``version``
+  counts every change. [KNOWN] IoT Hub twin docs (desired/reported versions are separate)
+- service twin fields: ``$metadata`` with ``$lastUpdated`` per top-level property (desired also
+  ``$lastUpdatedVersion``), ``etag``, ``deviceEtag``, ``lastActivityTime``, ``cloudToDeviceMessageCount``,
+  ``authenticationType: sas``, ``connectionState``. [KNOWN] twin JSON in IoT Hub docs; assumed: metadata kept only
+  for top-level properties, timestamps from the wall clock
+- device-side twin read (MQTT / AMQP): ``{"desired": {...,"$version"}, "reported": {...,"$version"}}`` without
+  ``$metadata``. [ASSUMED] what the device SDKs parse; metadata is service-side
+- C2D delivery: at least once: locked per delivery; MQTT publishes at QoS 1 (QoS 0 if the device subscribed at 0)
+  and completes on PUBACK, gives back what is unacknowledged when the connection ends (redelivered on reconnect); an
+  MQTT 5 failure PUBACK abandons. [KNOWN] IoT Hub C2D docs (lock, complete/reject/abandon, max delivery count);
+  assumed: the MQTT 5 failure PUBACK meaning
+- C2D lock timeout: 60 s on HTTP and AMQP (front setting); MQTT holds the lock until PUBACK or disconnect. [KNOWN]
+  IoT Hub docs (default lock timeout one minute)
+- maximum delivery count: 10 (``Hub(max_delivery_count=)``); past it the message is dead-lettered with feedback
+  ``DeliveryCountExceeded``. [KNOWN] IoT Hub default is 10
+- C2D queue depth: 50 per device (``OverflowError`` from ``Hub.send_c2d``, 403 from the admin API). [KNOWN] IoT
+  Hub's per-device queue limit of 50
+- message id: a UUID when the sender gives none. [KNOWN] issue 11 (the real hub adds one)
+- C2D feedback: recorded per the sender's ``ack`` (none/positive/negative/full) with status Success, Rejected or
+  DeliveryCountExceeded. [KNOWN] IoT Hub feedback docs; assumed: expiry (``Expired``) is not emulated
+- MQTT C2D topic: ``devices/{id}/messages/devicebound/`` + URL-encoded ``$.mid``, ``$.to``, ``$.cid``, then the
+  application properties. [KNOWN] IoT Hub MQTT docs and the device SDKs' parsers
+- keys: device and ``iothubowner`` keys random per hub unless given or loaded from ``--registry``. [ASSUMED]
+  predictable keys taught nothing about key handling (issue 11)
+- stall (half-open link): MQTT: the front stops reading (TCP backs up) and answering, keeps the socket until the
+  device reconnects, the front drops everything or stops; AMQP: proton lets go of the socket without a frame, held
+  open until the device authenticates again. [ASSUMED] a dead link as a client sees it; the real hub eventually
+  closes idle links (keep-alive 1.5x, AMQP idle timeout), which the emulator does not
+- a fault with ``for_seconds``: lasts from its first match, on the plan's monotonic clock. [ASSUMED] scenarios
+  script "throttled for two minutes" from the first refusal, whatever the set-up time
+- AMQP SASL: ``MSSBCBS``, ``ANONYMOUS`` and ``PLAIN`` offered (``AmqpFront(offer_mssbcbs=True)``, on in the
+  standalone emulator), each accepted, then CBS put-token proves identity. [KNOWN] uamqp asks for MSSBCBS
+  (peer-sdks.md §9); other SDKs use ANONYMOUS + CBS. [ASSUMED] the hub accepts the SASL step whatever it carries
+  and refuses at put-token; without the shim only proton's own ``ANONYMOUS``/``PLAIN`` are offered
+- MQTT and AMQP over WebSockets: on the HTTP(S) front at ``/$iothub/websocket`` with subprotocol ``mqtt`` or
+  ``AMQPWSB10``, binary frames piped to the MQTT / AMQP front (TLS is the HTTPS port's). [KNOWN] the SDKs' paths and
+  subprotocols (peer-sdks.md §9: azure-iot-sdk-c #138); [ASSUMED] the query string (``iothub-no-client-cert``) is
+  ignored
+- AMQP service side: a put-token whose ``name`` is the hub (not ``.../devices/...``) is checked as a service policy
+  token; C2D on ``/messages/devicebound`` with ``to=/devices/{id}/messages/devicebound`` and ``iothub-ack`` as an
+  application property (taken off before the device sees it); feedback on ``/messages/servicebound/feedback`` as a
+  JSON list (``originalMessageId``, ``deviceId``, ``statusCode``, ``description``, ``enqueuedTimeUtc``) with content
+  type ``application/vnd.microsoft.iothub.feedback.json``. [KNOWN] IoT Hub C2D docs and the service SDKs' sources;
+  [ASSUMED] an unknown device or a full queue rejects the delivery (404001 / 403004 conditions)
 """
 
 from __future__ import annotations
 
 from gateway.emulator.faults import Fault, FaultKind, FaultPlan, Operation
-from gateway.emulator.hub import Device, Hub, Received
+from gateway.emulator.hub import C2DFeedback, Device, Hub, QueuedC2D, Received
 
-__all__ = ["Device", "Fault", "FaultKind", "FaultPlan", "Hub", "Operation", "Received"]
+__all__ = ["C2DFeedback", "Device", "Fault", "FaultKind", "FaultPlan", "Hub", "Operation", "QueuedC2D", "Received"]

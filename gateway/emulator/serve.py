@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.emulator.admin import AdminServer
 from gateway.emulator.faults import Fault, FaultPlan
 from gateway.emulator.front import Front, FrontConfig, load_front
 from gateway.emulator.hub import Hub
@@ -66,10 +67,17 @@ async def start_fronts(
             if cls is None:
                 raise RuntimeError(f"this build has no {protocol} front")
             config = FrontConfig(host, (ports or {}).get(protocol, 0), context)
-            extra = {"cert_file": cert_file, "key_file": key_file} if protocol == "amqp" and context else {}
+            # AMQP: the SASL shim offers MSSBCBS (Azure's uamqp clients need it) and terminates TLS
+            extra: dict[str, Any] = {"offer_mssbcbs": True} if protocol == "amqp" else {}
             front: Front = cls(hub, config, **extra)
             await front.start()
             fronts[protocol] = front
+        http = fronts.get("http")
+        if http is not None and hasattr(http, "websocket_ports"):  # MQTT / AMQP over WebSockets on the HTTPS port
+            for protocol in ("mqtt", "amqp"):
+                plain = getattr(fronts.get(protocol), "plain_port", 0)
+                if plain:
+                    http.websocket_ports[protocol] = plain
     except BaseException:
         for front in fronts.values():
             with contextlib.suppress(Exception):
@@ -89,12 +97,32 @@ async def serve(
     faults: Sequence[Fault] = (),
     out: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
+    admin_port: int | None = 0,
+    registry: str | None = None,
 ) -> None:
-    """Run until ``stop`` is set (or SIGINT / SIGTERM), printing where to connect."""
+    """Run until ``stop`` is set (or SIGINT / SIGTERM), printing where to connect.
+
+    Keys are random per run unless ``registry`` names a file of them (written back at the end, so the
+    devices and the service key survive a restart). ``admin_port`` None: no admin API.
+    """
     hub = Hub(hub_name, FaultPlan(faults))
+    if registry is not None and Path(registry).exists():
+        hub.load_registry(registry)
     for device in devices:
         hub.add_device(device)
+    if registry is not None:
+        hub.save_registry(registry)
     fronts = await start_fronts(hub, host=host, ports=ports, cert_file=cert_file, key_file=key_file)
+    admin: AdminServer | None = None
+    if admin_port is not None:
+        admin = AdminServer(hub, "127.0.0.1", admin_port)
+        try:
+            await admin.start()
+        except BaseException:
+            for front in fronts.values():
+                with contextlib.suppress(Exception):
+                    await front.stop()
+            raise
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -104,12 +132,21 @@ async def serve(
         tls = 1 if cert_file else 0
         for protocol, front in fronts.items():
             out(f"{protocol}: {_SCHEMES[protocol][tls]}://{host}:{front.port}")
-        for device in devices:
-            out(f"device {device}: {hub.connection_string(device)}")
+        if admin is not None:
+            out(f"admin: {admin.url}")
+        out(f"service: {hub.service_connection_string}")
+        for registered in hub.devices():
+            out(f"device {registered.device_id}: {hub.connection_string(registered.device_id)}")
         out(f"faults: {len(faults)} scheduled; stop with Ctrl-C")
         sys.stdout.flush()
         await stop.wait()
     finally:
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.stop()
         for front in fronts.values():
             with contextlib.suppress(Exception):
                 await front.stop()
+        if registry is not None:
+            with contextlib.suppress(OSError):
+                hub.save_registry(registry)
