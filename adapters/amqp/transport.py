@@ -842,6 +842,9 @@ class _Bridge:
     def do_close(self) -> None:
         if self._stopped:
             return
+        # The thread must end by itself even if nobody awaits joined() any more (a caller's timeout cut
+        # close() short): a peer that never answers our close gets its socket cut after close_timeout.
+        self.container.schedule(self.owner.close_timeout, _Timer(self.do_abort))
         self.fail(None)
 
     def do_abort(self) -> None:

@@ -69,6 +69,7 @@ from gateway.codes import code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
 from gateway.emulator.hub import Hub, QueuedC2D, Received, Settlement
+from gateway.sas import parse_sas_token
 
 __all__ = ["MqttFront"]
 
@@ -306,7 +307,20 @@ class _Session:
             })
         self.send(ConnAck(_SUCCESS, False, props))
         self.front._log(f"connect {device_id} mqtt{'5' if self.version == MQTT_5 else '3.1.1'}")
+        with contextlib.suppress(ValueError):  # authenticate() already refused a token without se=
+            self.spawn(self._expire_at(parse_sas_token(password).expiry))
         return True
+
+    async def _expire_at(self, expiry: float) -> None:
+        """IoT Hub closes a connection when its SAS token expires: the device must reconnect with a new one.
+
+        The wall-clock expiry is turned into a delay once, when the connection is accepted. On the wire
+        (assumed): MQTT 5 gets DISCONNECT 0x87 Not authorized, 3.1.1 a bare close.
+        """
+        await asyncio.sleep(max(0.0, expiry - self.front.clock()))
+        self.front.expired_drops += 1
+        self.front._log(f"token expired {self.device_id}")
+        self.kick(_EXPIRED)
 
     def _refuse(self, code: int, hint: str | None) -> None:
         form = _pick(code, self.version, ("connack",), hint)
@@ -632,6 +646,7 @@ class MqttFront:
         self._server: asyncio.Server | None = None
         self._plain: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
+        self.expired_drops = 0  #: connections closed because their SAS token expired
         self._port = 0
         self._plain_port = 0
 
