@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 
 from gateway.handler import Handler, State
+from gateway.policy import PolicyConfig
 from tests.scenarios.conftest import Stage, fast_policy
 from tests.scenarios.kit import Recorder, outcomes, transport_for, until
 
@@ -43,9 +44,8 @@ async def test_an_exact_takeover_settles_with_one_instance_stopped(stage: Stage,
 
 
 async def test_bare_drops_on_mqtt311_park_and_alert_but_never_stop(stage: Stage) -> None:
-    config = fast_policy(SCALE).config
     # park for long enough that the fight visibly settles while we watch
-    policy = type(fast_policy())(dataclasses.replace(config, drops=dataclasses.replace(config.drops, takeover_park=600)))
+    policy = fast_policy(SCALE, drops=dataclasses.replace(PolicyConfig().drops, takeover_park=600))
     first, second = Recorder(), Recorder()
     a = Handler(transport_for(stage, "mqtt311"), policy=policy, identity="d1", on_state_change=first)
     b = Handler(transport_for(stage, "mqtt311"), policy=policy, identity="d1", on_state_change=second)
