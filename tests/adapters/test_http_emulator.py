@@ -98,8 +98,9 @@ def test_unknown_form_and_non_code_are_refused() -> None:
 def test_any_code_any_form_any_message_round_trips(code: int, form: str, message: str, retry: float | None) -> None:
     info: CodeInfo = lookup(code)
     err = back(code, form, message=message or None, retry_after=retry, now=1_700_000_000.0)
-    assert err.code == info.code
-    assert err.exact == info.known
+    assert err.code == info.code  # an unlisted code is rendered, and read back, as its family's
+    if info.known:
+        assert err.exact
     if retry is not None:
         assert err.retry_after is not None and abs(err.retry_after - retry) <= 0.001
 
