@@ -104,7 +104,7 @@ class Received:
     body: bytes
     transport: str
     properties: dict[str, str]
-    enqueued: float = field(default_factory=time.time)  #: wall-clock arrival (the Event Hub's enqueued time)
+    enqueued: float = field(default_factory=time.time, compare=False)  #: wall-clock arrival (Event Hub enqueued time)
 
 
 
