@@ -59,6 +59,12 @@ _SERVICE_C2D: Final = "/messages/devicebound"
 _FEEDBACK: Final = "/messages/servicebound/feedback"
 _TO_RE: Final = re.compile(r"^/devices/([^/]+)/messages/devicebound/?$", re.IGNORECASE)
 _FEEDBACK_TYPE: Final = "application/vnd.microsoft.iothub.feedback.json"
+#: the built-in Event Hub-compatible endpoint: telemetry read the way back ends read it
+_EH_RE: Final = re.compile(r"^(?:amqps?://[^/]+)?/?([^/]+)/ConsumerGroups/([^/]+)/Partitions/(\d+)/?$", re.IGNORECASE)
+_EH_SELECTOR: Final = re.compile(
+    r"amqp\.annotation\.x-opt-(offset|sequence-number|enqueued-time)\s*(>=|>)\s*'?([^']*)'?")
+_MANAGEMENT: Final = "$management"
+PARTITIONS: Final = 2  # the emulator's partition count (IoT Hub's default is 4; 2 keeps tests small)
 
 _UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
 _REFUSED: Final = code_of("IotHubUnauthorizedAccess")
@@ -137,6 +143,8 @@ class AmqpFront:
         #: put :class:`~gateway.emulator.sasl.SaslShim` in front (TLS + SASL with MSSBCBS, for uamqp clients);
         #: proton then listens on loopback only
         self.offer_mssbcbs = offer_mssbcbs
+        #: the built-in Event Hub-compatible endpoint's entity name: the hub's name, as on IoT Hub
+        self.event_hub_name = hub.host_name.split(".")[0]
         self._shim: Any = None
         self._plain_shim: Any = None  # the same SASL layer without TLS, for the WebSocket bridge
         self._port = 0
@@ -339,6 +347,7 @@ def _server_class() -> type[Any]:
             # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
             self.desired_subs: dict[tuple[str, Any], object] = {}
             self.feedback_links: list[Any] = []  # the service's feedback receivers
+            self.eh_links: list[Any] = []  # Event Hub-compatible partition receivers
             self.stopping = False
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
@@ -431,6 +440,7 @@ def _server_class() -> type[Any]:
                     self._method_done(corr, exc=ConnectionError("the device disconnected before answering"))
             handle = self.conns.pop(conn, None)
             self.feedback_links = [lk for lk in self.feedback_links if lk.connection != conn]
+            self.eh_links = [lk for lk in self.eh_links if lk.connection != conn]
             for device, owner in list(self.desired_subs):
                 if owner == conn:
                     self.hub.detach(device, self.desired_subs.pop((device, owner)))
@@ -493,6 +503,19 @@ def _server_class() -> type[Any]:
             if address == _CBS:
                 link.gw_kind = "cbs"
                 return None
+            if address == _MANAGEMENT:
+                link.gw_kind = "management"
+                return None
+            eh = _EH_RE.match(address) if link.is_sender else None
+            if eh is not None:
+                link.gw_kind = "eventhub"
+                if eh.group(1).lower() != self.front.event_hub_name.lower() or int(eh.group(3)) >= PARTITIONS:
+                    return _pick(_ADDRESS, None, "link")
+                expiry = getattr(link.connection, "gw_service", None)
+                if expiry is None or expiry <= self.front.clock():
+                    return _pick(_UNAUTHORIZED, None, "link")
+                link.gw_eh = [int(eh.group(3)), _eh_start(self.hub, link.remote_source)]
+                return None
             service_kind = {(_SERVICE_C2D, True): "service-c2d", (_FEEDBACK, False): "feedback"}.get(
                 (address.rstrip("/").lower(), bool(link.is_receiver)))
             if service_kind is not None:
@@ -533,6 +556,13 @@ def _server_class() -> type[Any]:
                 if link.is_sender:
                     link.connection.gw_cbs_reply = link
                 return
+            if kind == "management":
+                if link.is_sender:
+                    link.connection.gw_mgmt_reply = link
+                return
+            if kind == "eventhub":
+                self.eh_links.append(link)
+                return
             if kind in ("service-c2d", "feedback"):
                 if kind == "feedback":
                     self.feedback_links.append(link)
@@ -561,6 +591,8 @@ def _server_class() -> type[Any]:
         def _unregister(self, link: Any) -> None:
             if link in self.feedback_links:
                 self.feedback_links.remove(link)
+            if link in self.eh_links:
+                self.eh_links.remove(link)
             key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
             if self.links.get(key) == link:
                 del self.links[key]
@@ -597,6 +629,10 @@ def _server_class() -> type[Any]:
                 self._telemetry(link, dlv, msg)
             elif kind == "service-c2d":
                 self._service_c2d(link, dlv, msg)
+            elif kind == "management":
+                dlv.update(Delivery.ACCEPTED)
+                dlv.settle()
+                self._management(link.connection, msg)
             elif kind == "twin-in":
                 self._twin(link, dlv, msg)
             elif kind == "methods-in":
@@ -671,7 +707,8 @@ def _server_class() -> type[Any]:
             except ValueError:
                 self._answer(conn, msg, 401, "ErrorCode:IotHubUnauthorizedAccess;malformed token")
                 return
-            why = verify_sas_token(token or "", self.hub.host_name, self.hub.service_key, now)
+            # any resource the service key signs: the hub itself, or its Event Hub-compatible entity
+            why = verify_sas_token(token or "", parsed.resource_uri, self.hub.service_key, now)
             if parsed.key_name != self.hub.service_policy or why is not None:
                 status, code = (401, _UNAUTHORIZED) if why == "expired" else (401, _REFUSED)
                 form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
@@ -719,6 +756,51 @@ def _server_class() -> type[Any]:
                 link.send(Message(body=json.dumps(body).encode(), content_type=_FEEDBACK_TYPE,
                                   id=str(uuid.uuid4()), inferred=True))
                 return
+
+        def _send_events(self) -> None:
+            """Stream telemetry to each partition receiver from its cursor, as the Event Hub-compatible
+            endpoint does: the body and application properties as sent, IoT Hub's annotations added."""
+            self.eh_links = [lk for lk in self.eh_links if lk.state & Endpoint.LOCAL_ACTIVE]
+            for link in self.eh_links:
+                partition, cursor = link.gw_eh
+                if link.credit <= 0:
+                    continue
+                for index, received in self.hub.telemetry_from(cursor):
+                    cursor = index + 1
+                    if _partition(received.device_id) != partition:
+                        continue
+                    link.send(_event(index, received))
+                    if link.credit <= 0:
+                        break
+                link.gw_eh[1] = cursor
+
+        def _management(self, conn: Any, msg: Any) -> None:
+            """``$management`` READ of the entity or a partition (what Event Hubs clients ask first)."""
+            reply = getattr(conn, "gw_mgmt_reply", None)
+            if reply is None or not reply.state & Endpoint.LOCAL_ACTIVE:
+                return
+            props = msg.properties or {}
+            name = str(props.get("name") or "")
+            kind = str(props.get("type") or "")
+            status, body = 200, None
+            if getattr(conn, "gw_service", 0) <= self.front.clock():
+                status = 401
+            elif props.get("operation") != "READ" or name.lower() != self.front.event_hub_name.lower():
+                status = 404
+            elif kind == "com.microsoft:eventhub":
+                body = {"name": name, "type": kind, "created_at": proton.timestamp(0),
+                        "partition_count": PARTITIONS, "partition_ids": [str(p) for p in range(PARTITIONS)]}
+            elif kind == "com.microsoft:partition" and str(props.get("partition", "")).isdigit() \
+                    and int(props["partition"]) < PARTITIONS:
+                body = _partition_info(self.hub, name, int(props["partition"]))
+            else:
+                status = 404
+            answer = Message(correlation_id=msg.id if msg.id is not None else msg.correlation_id,
+                             address=msg.reply_to, body=body)
+            answer.properties = cast(Any, {"status-code": status,
+                                           "status-description": "OK" if status == 200 else "Not found"
+                                           if status == 404 else "Unauthorized"})
+            reply.send(answer)
 
         def _answer(self, conn: Any, request: Any, status: int, description: str,
                     info: dict[str, object] | None = None) -> None:
@@ -946,6 +1028,8 @@ def _server_class() -> type[Any]:
                 return
             if self.feedback_links:
                 self._send_feedback()
+            if self.eh_links:
+                self._send_events()
             for (device, kind), link in list(self.links.items()):
                 if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
                     continue
@@ -1003,6 +1087,71 @@ def _server_class() -> type[Any]:
 
     _SERVER_CLASS = _Server
     return _Server
+
+
+def _partition(device_id: str) -> int:
+    """The partition a device's telemetry lands in: stable per device, as IoT Hub hashes it."""
+    import zlib
+
+    return zlib.crc32(device_id.encode()) % PARTITIONS
+
+
+def _eh_start(hub: Hub, source: Any) -> int:
+    """Where a partition receiver starts: its selector filter (offset or sequence number; ``@latest``
+    is the end), else the beginning."""
+    described: Any = None
+    if source is not None and source.filter is not None:
+        data = source.filter
+        data.rewind()
+        if data.next() is not None:
+            described = data.get_object()
+    text = ""
+    for value in dict(described or {}).values():
+        text = str(getattr(value, "value", value))
+    match = _EH_SELECTOR.search(text)
+    if match is None:
+        return 0
+    what, op, value = match.groups()
+    if value == "@latest":
+        return hub.received_total
+    if what == "enqueued-time":
+        with contextlib.suppress(ValueError):
+            after = float(value) / 1000.0
+            return next((i for i, r in hub.telemetry_from(0) if r.enqueued > after), hub.received_total)
+        return 0
+    try:
+        number = int(value)
+    except ValueError:
+        return 0
+    return max(0, number + (1 if op == ">" else 0))
+
+
+def _event(index: int, received: Received) -> Any:
+    import proton
+
+    message = proton.Message(body=received.body, id=received.message_id, inferred=True)
+    message.properties = cast(Any, dict(received.properties))
+    message.annotations = cast(Any, {
+        proton.symbol("x-opt-sequence-number"): int(index),
+        proton.symbol("x-opt-offset"): str(index),
+        proton.symbol("x-opt-enqueued-time"): proton.timestamp(int(received.enqueued * 1000)),
+        proton.symbol("iothub-connection-device-id"): received.device_id,
+        proton.symbol("iothub-message-source"): "Telemetry",
+    })
+    return message
+
+
+def _partition_info(hub: Hub, name: str, partition: int) -> dict[str, Any]:
+    import proton
+
+    mine = [(i, r) for i, r in hub.telemetry_from(0) if _partition(r.device_id) == partition]
+    last = mine[-1] if mine else None
+    return {"name": name, "type": "com.microsoft:partition", "partition": str(partition),
+            "begin_sequence_number": mine[0][0] if mine else 0,
+            "last_enqueued_sequence_number": last[0] if last else -1,
+            "last_enqueued_offset": str(last[0]) if last else "-1",
+            "last_enqueued_time_utc": proton.timestamp(int(last[1].enqueued * 1000) if last else 0),
+            "is_partition_empty": last is None}
 
 
 def _body_bytes(body: Any) -> bytes:

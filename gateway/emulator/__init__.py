@@ -68,6 +68,15 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   ``AMQPWSB10``, binary frames piped to the MQTT / AMQP front (TLS is the HTTPS port's). [KNOWN] the SDKs' paths and
   subprotocols (peer-sdks.md §9: azure-iot-sdk-c #138); [ASSUMED] the query string (``iothub-no-client-cert``) is
   ignored
+- built-in Event Hub-compatible endpoint (on the AMQP front): entity = the hub's name; 2 partitions (a device always
+  lands in the same one: CRC-32 of its id); a service token signed with the ``iothubowner`` key for any audience;
+  ``$management`` READ of the entity and of a partition; receivers on
+  ``{entity}/ConsumerGroups/{any}/Partitions/{n}`` honour ``x-opt-offset`` / ``x-opt-sequence-number`` /
+  ``x-opt-enqueued-time`` selector filters; events carry the body and application properties as sent, with
+  ``x-opt-sequence-number``, ``x-opt-offset`` (the same number as text), ``x-opt-enqueued-time``,
+  ``iothub-connection-device-id`` and ``iothub-message-source``. [KNOWN] Event Hubs AMQP conventions and IoT Hub's
+  routing docs; [ASSUMED] partition count and hashing, offsets as sequence numbers, consumer groups not kept apart,
+  no redirect from the hub's own name to a ``servicebus.windows.net`` host, only the last 10,000 messages kept
 - AMQP service side: a put-token whose ``name`` is the hub (not ``.../devices/...``) is checked as a service policy
   token; C2D on ``/messages/devicebound`` with ``to=/devices/{id}/messages/devicebound`` and ``iothub-ack`` as an
   application property (taken off before the device sees it); feedback on ``/messages/servicebound/feedback`` as a

@@ -104,6 +104,7 @@ class Received:
     body: bytes
     transport: str
     properties: dict[str, str]
+    enqueued: float = field(default_factory=time.time, compare=False)  #: wall-clock arrival (Event Hub enqueued time)
 
 
 
@@ -424,6 +425,14 @@ class Hub:
             first = self.received_total - len(self.received)
             items = self.received[max(0, index - first):]
             return [r for r in items if device_id in (None, r.device_id)], self.received_total
+
+    def telemetry_from(self, index: int) -> list[tuple[int, Received]]:
+        """Telemetry from the ``index``-th message ever received on, each with its index (the Event
+        Hub-compatible endpoint's sequence number); what is no longer kept is skipped."""
+        with self._lock:
+            first = self.received_total - len(self.received)
+            start = max(0, index - first)
+            return [(first + start + n, r) for n, r in enumerate(self.received[start:])]
 
     def _touch(self, device_id: str) -> None:
         device = self._devices.get(device_id)
