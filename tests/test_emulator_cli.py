@@ -54,7 +54,8 @@ async def test_standalone_emulator_serves_tls_and_scripted_faults(tmp_path: path
         assert lines["mqtt"].startswith("mqtts://") and lines["amqp"].startswith("amqps://")
         for proto in ("mqtt", "amqp"):  # a real TLS handshake, verified against the test CA
             assert (await asyncio.to_thread(_tls_handshake, lines[proto], tls_files.ca_pem)).startswith("TLS")
-        transport = HttpTransport(lines["device d1"], endpoint=lines["http"], ssl=tls_files.client_context(),
+        transport = HttpTransport(lines["device d1"], host="127.0.0.1", port=int(lines["http"].rsplit(":", 1)[1]),
+                                  ssl=tls_files.client_context(),
                                   timeout=10)
         await transport.connect()
         try:

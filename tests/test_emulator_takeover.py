@@ -43,9 +43,9 @@ async def _disconnect_of(transport: Any) -> Disconnected:
 
 async def test_amqp_connection_takes_the_identity_from_mqtt(fronts: tuple[Hub, MqttFront, AmqpFront]) -> None:
     hub, mqtt_front, amqp_front = fronts
-    mqtt = MqttTransport(hub.connection_string("d1"), host="127.0.0.1", port=mqtt_front.port, tls=False, protocol=5)
+    mqtt = MqttTransport(hub.connection_string("d1"), host="127.0.0.1", port=mqtt_front.port, ssl=None, protocol=5)
     amqp = AmqpTransport.from_connection_string(hub.connection_string("d1"), host="127.0.0.1",
-                                                port=amqp_front.port, tls=False)
+                                                port=amqp_front.port, ssl=None)
     try:
         await asyncio.wait_for(mqtt.connect(), STEP)
         assert hub.online() == {"d1": "mqtt"}
@@ -61,8 +61,8 @@ async def test_amqp_connection_takes_the_identity_from_mqtt(fronts: tuple[Hub, M
 async def test_mqtt_connection_takes_the_identity_from_amqp(fronts: tuple[Hub, MqttFront, AmqpFront]) -> None:
     hub, mqtt_front, amqp_front = fronts
     amqp = AmqpTransport.from_connection_string(hub.connection_string("d1"), host="127.0.0.1",
-                                                port=amqp_front.port, tls=False)
-    mqtt = MqttTransport(hub.connection_string("d1"), host="127.0.0.1", port=mqtt_front.port, tls=False)
+                                                port=amqp_front.port, ssl=None)
+    mqtt = MqttTransport(hub.connection_string("d1"), host="127.0.0.1", port=mqtt_front.port, ssl=None)
     try:
         await asyncio.wait_for(amqp.connect(), STEP)
         await asyncio.wait_for(mqtt.connect(), STEP)
