@@ -113,6 +113,12 @@ _ROWS: Final[tuple[tuple[str, str, bool], ...]] = (
     ("com.microsoft:precondition-failed", "PreconditionFailed", True),
 )
 
+# What a condition means when the peer gave no description and the code's own text would mislead
+# (423000's describes an HTTP proxy).
+_CONDITION_TEXT: Final[Mapping[str, str]] = MappingProxyType({
+    "amqp:resource-locked": "another link holds the entity for now (often our own stale one); retry with backoff",
+})
+
 _TABLE: Final[dict[str, tuple[CodeInfo, bool]]] = {
     cond: (lookup(code_of(name)), exact) for cond, name, exact in _ROWS
 }
@@ -295,7 +301,7 @@ def _translate(
 
     shown = raw_name[:_MAX_CONDITION] if key else "closed with no condition"
     short = desc[:_MAX_DESCRIPTION] if desc is not None else None
-    message = f"{shown}: {short or row.description}"
+    message = f"{shown}: {short or _CONDITION_TEXT.get(key) or row.description}"
     native_condition = raw_name[:_MAX_CONDITION] if key else None
     native = {"condition": native_condition, "description": short, "info": native_info}
     if (bare_key or info_key) and len(raw_name) <= _MEMO_TEXT and (desc is None or len(desc) <= _MEMO_TEXT):

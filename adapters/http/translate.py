@@ -18,9 +18,10 @@ IoT Hub says which error it means in several places, and the SDKs each read only
 4. the bare status, as its generic ``status * 1000`` family (``exact=False``).
 
 A code the body or header gives that is not a six-digit error code is ignored, never raised: the next
-source decides. A six-digit code the catalog does not list (``429999``) stands for its family's code
-(``429000``, inexact; ``codes.lookup``): it is used only when no later source names a listed code, and
-the number itself stays in ``native``. Only the status itself is validated (``ValueError`` outside 100-599).
+source decides. So does a six-digit code the catalog does not list (``429999``): it says no more than
+its family (``codes.lookup``), and the status the response carries says at least as much, so a later
+source decides, the status last (inexact); the number itself stays in ``native``. Only the status
+itself is validated (``ValueError`` outside 100-599).
 
 Work is capped so a hostile response costs little: only the first :data:`BODY_LIMIT` bytes of a body are
 read, at most :data:`HEADER_LIMIT` header fields are examined, and every scan is linear in what it reads
@@ -186,10 +187,10 @@ def translate(
     tracking: str | None = None
     if body is not None:
         info, message, tracking = _body(body, native)
-    unlisted: CodeInfo | None = None
     if info is not None and not info.known:
-        # An unlisted code says no more than its family: a listed code from a header still wins.
-        unlisted, info = info, None
+        # An unlisted code says no more than its family, and the status, which the hub did state, says
+        # at least as much: the next source decides (the number stays in native's body_error_code).
+        info = None
     if info is None and found:
         if _ERRORCODE in found:
             info = _resolve(found[_ERRORCODE])
@@ -198,7 +199,7 @@ def translate(
             if sub.isascii() and sub.isdigit() and len(sub) <= 3 and 1 <= int(sub) <= 999:
                 info = _ROWS.get(status * 1000 + int(sub))
     if info is None:
-        info = unlisted or _FAMILIES[status]
+        info = _FAMILIES[status]
         exact = False
     else:
         exact = info.known

@@ -697,8 +697,8 @@ def translate_topic(topic: object, payload: object = None) -> IoTHubError | None
                 native["error_code"] = _text(code_value, 32)
                 with contextlib.suppress(ValueError):  # not a six-digit code: the status decides
                     listed = lookup(parse_code(code_value))
-                    # An unlisted code says no more than its family (inexact, codes.lookup).
-                    info, exact = listed, listed.known
+                    if listed.known:  # an unlisted code says no more than the topic's own status
+                        info, exact = listed, True
             tracking_id = _text(_field(body, "trackingid"), _MAX_ID) or None
             text = _text(_field(body, "message"), _MAX_TEXT)
             if text:

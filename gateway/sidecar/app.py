@@ -185,6 +185,9 @@ class Api:
         properties: dict[str, str] = {}
         for name, value in request.headers.items():
             if name.lower().startswith(_APP_PREFIX) and len(name) > len(_APP_PREFIX):
+                if not (_is_utf8(name) and _is_utf8(value)):
+                    # aiohttp hands undecodable header bytes over as surrogates: no transport can send them.
+                    return self.error(_ARGUMENT, "iothub-app-* header names and values must be UTF-8")
                 properties[name[len(_APP_PREFIX):]] = value
         if len(properties) > _MAX_PROPERTIES:
             return self.error(_ARGUMENT, f"at most {_MAX_PROPERTIES} iothub-app-* properties")
@@ -338,6 +341,14 @@ class Api:
 
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text=openapi_text(), content_type="application/json")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def openapi_text() -> str:

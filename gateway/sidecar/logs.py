@@ -2,9 +2,10 @@
 
 State changes are logged with ``extra={"device": ..., "code": ..., "name": ..., "action": ...}``; both
 formats show those fields. The redaction runs on the fully formatted line (traceback included), so no
-code path can log a secret by accident. An identical warning or error (same logger, same template, same
-arguments) is logged at most once per ``interval`` seconds; the next one that passes says how many were
-suppressed.
+code path can log a secret by accident. A record whose message cannot be formatted is still written
+(its template, redacted) instead of going to logging's error path, which would print its raw
+arguments to stderr. An identical warning or error (same logger, same template, same arguments) is
+logged at most once per ``interval`` seconds; the next one that passes says how many were suppressed.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class TextFormatter(logging.Formatter):
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            return self._format(record)
+        except Exception:
+            return self._redact(_unformattable(record))
+
+    def _format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         fields = _fields(record)
         extra = " ".join(f"{k}={v}" for k, v in fields.items() if f"{k}={v}" not in line)
@@ -88,6 +95,13 @@ class JsonFormatter(logging.Formatter):
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
+        try:
+            return self._format(record)
+        except Exception:
+            return self._redact(json.dumps({"level": record.levelname.lower(), "logger": record.name,
+                                            "msg": _unformattable(record)}))
+
+    def _format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
@@ -101,6 +115,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return self._redact(json.dumps(data, default=str))
+
+
+def _unformattable(record: logging.LogRecord) -> str:
+    """A line for a record whose message cannot be formatted. Formatting errors must not reach logging's
+    own error path, which prints the record's raw arguments to stderr without redaction."""
+    try:
+        template = str(record.msg)[:200]
+    except Exception:
+        template = "?"
+    return f"{record.levelname} {record.name}: (unformattable log message) {template}"
 
 
 def setup_logging(fmt: str, level: str, redact: Redactor, *, interval: float = 10.0,

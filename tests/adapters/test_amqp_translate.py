@@ -749,3 +749,11 @@ def test_hostile_cbs(status: Any, description: Any, info: Any) -> None:
     else:
         assert err is not None
         _check(err)
+
+
+def test_resource_locked_is_a_transient_retry_not_an_identity_conflict() -> None:
+    # C# treats it as a transient resource fault, Java as retryable (peer-sdks.md): never 409002.
+    err = translate("amqp:resource-locked")
+    assert (err.code, err.exact, err.retryable) == (423000, False, True)
+    assert err.action.value == "retry" and "proxy" not in err.message
+    assert translate("amqp:resource-locked", "locked by another link").message.endswith("locked by another link")

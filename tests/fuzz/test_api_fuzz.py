@@ -78,6 +78,17 @@ async def test_non_utf8_authorization_is_401_with_a_code(tmp_path: Path, start_s
     assert ok.status == 200
 
 
+async def test_undecodable_application_properties_are_refused_with_a_code(tmp_path: Path, start_sidecar: Any) -> None:
+    run = await start_sidecar(fake_config(tmp_path))
+    for header in (b"iothub-app-room: kitch\xffen", b"iothub-app-r\xffom: kitchen"):
+        request = (b"POST /v1/devices/dev-mqtt/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                   + header + b"\r\n\r\nx")
+        status, headers, body = await raw_request(run.client.server.port, request)
+        assert status == 400
+        assert_coded_answer(status, headers, body)
+    assert run.sidecar.outbox.counts()["pending"] == 0  # nothing undeliverable was accepted
+
+
 @pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 50_000, b"[" * 5_000 + b"]" * 5_000])
 async def test_deeply_nested_json_is_400_argument_invalid(tmp_path: Path, start_sidecar: Any, body: bytes) -> None:
     run = await start_sidecar(fake_config(tmp_path, api={"max_body": 1_000_000}))
@@ -108,8 +119,12 @@ async def test_classify_with_a_deeply_nested_payload_is_coded(tmp_path: Path, st
         b"GET / HTTP/9.9\r\n\r\n",
         b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"G\x00T / HTTP/1.1\r\n\r\n",
+        b"GET /v1/codes/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",  # a path that is not UTF-8
+        b"GET /v1/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: \xff1\r\n\r\n",
+        b"GET /v1/dead-letters?limit=%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n",
     ],
-    ids=["long-url", "big-header", "big-auth-header", "tls-hello", "bad-version", "smuggling", "nul-method"],
+    ids=["long-url", "big-header", "big-auth-header", "tls-hello", "bad-version", "smuggling", "nul-method",
+         "non-utf8-path", "non-utf8-event-id", "non-utf8-query"],
 )
 async def test_errors_aiohttp_answers_itself_carry_the_catalog_body(
     tmp_path: Path, start_sidecar: Any, request_bytes: bytes

@@ -201,3 +201,22 @@ def test_a_secret_is_blanked_as_json_spells_it():
     r = Redactor([token])
     out = r(json.dumps({"message": f"got {token}"}))
     assert "quoted" not in out and MASK in out
+
+
+def test_an_unformattable_log_record_never_reaches_stderr_unredacted(capsys: Any):
+    from gateway.sidecar.logs import JsonFormatter
+
+    stream = io.StringIO()
+    logger = logging.getLogger("test.unformattable")
+    logger.propagate = False  # only our handlers: pytest's own capture would raise on the bad record
+    for formatter in (TextFormatter(Redactor([PLANTED_KEY])), JsonFormatter(Redactor([PLANTED_KEY]))):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        try:
+            logger.warning("bad %d template", PLANTED_KEY)  # a TypeError while formatting
+        finally:
+            logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert PLANTED_KEY not in err and PLANTED_KEY not in stream.getvalue()
+    assert stream.getvalue().count("(unformattable log message)") == 2
