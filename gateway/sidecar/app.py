@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.aio import cancel_and_wait
 from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
 from gateway.errors import IoTHubError, make_error
 from gateway.outbox import OutboxFull, StorageError
@@ -313,12 +314,12 @@ class Api:
                 text = self.redact(json.dumps(data, default=str))
                 await response.write(f"id: {event_id}\nevent: {kind}\ndata: {text}\n\n".encode())
                 next_event = asyncio.ensure_future(anext(stream))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:  # the client went away: nothing to answer
+            return response
         finally:
-            next_event.cancel()
-            with contextlib.suppress(BaseException):
-                await next_event
+            # Only the cancellation we cause is absorbed: a server shutdown cancelling this handler
+            # still propagates (aiohttp closes the connection).
+            await cancel_and_wait(next_event)
             await stream.aclose()
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
