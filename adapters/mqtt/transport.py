@@ -427,6 +427,9 @@ class _Link:
         props = dict(parse_qsl(bag, keep_blank_values=True))
         message_id = props.pop("$.mid", None)
         correlation_id = props.pop("$.cid", None)
+        # IoT Hub's system properties ($.to, $.ct, $.exp, ...) start with "$", which no application property
+        # may: what is left are the sender's own properties, as AMQP and HTTP deliver them.
+        props = {k: v for k, v in props.items() if not k.startswith("$")}
         if qos > 0:
             self.unsettled.add(mid)
         token = f"{self.generation}:{mid}:{qos}"
