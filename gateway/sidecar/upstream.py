@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.aio import cancel_and_wait
@@ -39,6 +40,7 @@ from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.surface import DeviceSurface
 from gateway.tls import client_context
 from gateway.transport import Message, Transport
 
@@ -50,12 +52,44 @@ __all__ = [
     "TransportFactory",
     "TransportSpec",
     "build_transport",
+    "rfc3339",
+    "split_system",
+    "storage_view",
 ]
 
 log = logging.getLogger("gateway.sidecar")
 
 _TIMED_OUT = code_of("OperationTimedOut")
 _PERMANENT = frozenset({Action.FAIL})
+
+
+#: Where the API keeps a message's system properties among its stored properties (MQTT's names: app
+#: property names starting with ``$`` are refused, so these never collide with the app's).
+SYSTEM_KEYS = {"$.ct": "content_type", "$.ce": "content_encoding", "$.cid": "correlation_id",
+               "$.ctime": "creation_time"}
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    """An epoch time as the API shows it: RFC 3339 in UTC with milliseconds (None stays None)."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def storage_view(failure: Any) -> dict[str, Any] | None:
+    """A StorageFailure as the API shows it (``since`` in RFC 3339), or None."""
+    if failure is None:
+        return None
+    data: dict[str, Any] = failure.to_dict()
+    data["since"] = rfc3339(data.get("since"))
+    return data
+
+
+def split_system(properties: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Stored properties -> (application properties, Message system-property keyword arguments)."""
+    app = {k: v for k, v in properties.items() if k not in SYSTEM_KEYS}
+    system = {SYSTEM_KEYS[k]: v for k, v in properties.items() if k in SYSTEM_KEYS}
+    return app, system
 
 
 class ProtocolUnavailable(RuntimeError):
@@ -97,16 +131,17 @@ def _http(spec: TransportSpec) -> Transport:
 
 def _mqtt(spec: TransportSpec) -> Transport:
     mod = _adapter("mqtt", "adapters.mqtt.transport")
-    # Telemetry only: the sidecar does not consume cloud-to-device traffic (yet), so subscribe to nothing.
+    # The whole device surface: C2D is acknowledged only when an app settles it (see surface.py).
     transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(),
-                                             protocol=spec.mqtt_version, subscribe=())
+                                             protocol=spec.mqtt_version, subscribe=("c2d", "twin", "methods"))
     return transport
 
 
 def _amqp(spec: TransportSpec) -> Transport:
     mod = _adapter("amqp", "adapters.amqp.transport")
     transport: Transport = mod.AmqpTransport.from_connection_string(
-        spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(), receive_c2d=False,
+        spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(), receive_c2d=True,
+        subscribe=("methods", "twin"),
     )
     return transport
 
@@ -204,8 +239,12 @@ class DevicePipeline:
         self._clock = clock
         self.last_error: IoTHubError | None = None
         self.last_error_at: float | None = None
+        self.surface = DeviceSurface(device_id, protocol, lambda: self.handler,
+                                     now=lambda: rfc3339(self._clock()) or "",
+                                     timeout=lambda: self.policy.config.operation.timeout)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
-                               on_state_change=self._on_state, on_undelivered=self._on_undelivered)
+                               on_state_change=self._on_state, on_undelivered=self._on_undelivered,
+                               on_inbound=self.surface.on_inbound)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: dict[str, str] = {}
@@ -233,6 +272,7 @@ class DevicePipeline:
         if pending and deadline > 0:
             _, pending = await asyncio.wait(pending, timeout=deadline)
         await cancel_and_wait(pending)
+        await self.surface.close()
         await self.handler.close()
         return len(pending)
 
@@ -246,15 +286,16 @@ class DevicePipeline:
             "protocol": self.protocol,
             "state": change.state.value,
             "connected": change.state in (State.CONNECTED, State.THROTTLED) and self.handler.state is not State.PARKED,
-            "since": change.at,
+            "since": rfc3339(change.at),
             "reason": change.reason,
-            "next_attempt_at": change.until,
+            "next_attempt_at": rfc3339(change.until),
             "last_error": self._error_view(),
             "held": self.handler.held(self.device_id),
             "queued": counts["pending"] + counts["inflight"],
             "inflight": len(self._tasks),
             "messages": counts,
-            "storage": self.outbox.failure.to_dict() if self.outbox.failure is not None else None,
+            "storage": storage_view(self.outbox.failure),
+            "listeners": self.surface.listeners(),
         }
 
     def snapshot(self) -> DeviceSnapshot:
@@ -267,7 +308,7 @@ class DevicePipeline:
         if err is None:
             return None
         return {"code": err.code, "name": err.name, "action": self.policy.action_for(err).value,
-                "message": err.message, "transport": err.transport, "at": self.last_error_at}
+                "message": err.message, "transport": err.transport, "at": rfc3339(self.last_error_at)}
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -331,7 +372,8 @@ class DevicePipeline:
         if timeout <= 0:
             await self._dead(item, _TIMED_OUT, "deadline passed before delivery", now)
             return
-        message = Message(item.id, self.device_id, item.body, item.properties)
+        app, system = split_system(item.properties)
+        message = Message(item.id, self.device_id, item.body, app, **system)
         try:
             receipt = await self.handler.send(message, timeout=timeout)
         except asyncio.CancelledError:
@@ -353,7 +395,9 @@ class DevicePipeline:
         duplicate = receipt.possible_duplicate or item.possible_duplicate
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
-        await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate))
+        if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
+            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": receipt.attempts,
+                                              "possible_duplicate": duplicate, "at": rfc3339(done)})
 
     async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
         """Settle a message in the outbox. The send already happened, so while storage fails keep trying
@@ -399,7 +443,7 @@ class DevicePipeline:
                     extra={"device": self.device_id, "code": code, "code_name": row.name, "action": "dead_letter",
                            "message_id": item.id})
         self.events.publish("dead_letter", {"device": self.device_id, "id": item.id, "code": code,
-                                            "name": row.name, "reason": reason[:200], "at": now})
+                                            "name": row.name, "reason": reason[:200], "at": rfc3339(now)})
 
     def _note_error(self, err: IoTHubError) -> None:
         self.last_error = err
@@ -429,9 +473,10 @@ class DevicePipeline:
                        "reason": change.reason or None})
         self.events.publish("state", {
             "device": self.device_id, "transport": self.protocol, "state": change.state.value,
-            "code": change.code, "name": name, "action": action, "until": change.until,
-            "reason": change.reason, "at": change.at,
+            "code": change.code, "name": name, "action": action, "until": rfc3339(change.until),
+            "reason": change.reason, "at": rfc3339(change.at),
         })
+        self.surface.on_state(change)
         if change.state is State.CONNECTED:
             self._failures = 0
             self._wake.set()
