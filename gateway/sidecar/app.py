@@ -415,7 +415,7 @@ class Api:
         if outcome not in _OUTCOMES:
             return self.error(family(404), f"no such settle outcome {outcome[:40]!r}: complete, reject or abandon")
         try:
-            await surface.settle(request.match_info["lock_token"], outcome)  # type: ignore[arg-type]
+            await surface.settle(request.match_info["lock"], outcome)  # type: ignore[arg-type]
         except IoTHubError as err:
             return self.upstream_error(err)
         return web.Response(status=204)
@@ -645,7 +645,7 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_get("/v1/devices", api.devices, allow_head=False)
     r.add_get("/v1/devices/{device_id}", api.device, allow_head=False)
     r.add_get("/v1/devices/{device_id}/c2d", api.c2d_stream, allow_head=False)
-    r.add_post("/v1/devices/{device_id}/c2d/{lock_token}/{outcome}", api.settle_c2d)
+    r.add_post("/v1/devices/{device_id}/c2d/{lock}/{outcome}", api.settle_c2d)
     r.add_get("/v1/devices/{device_id}/methods", api.methods_stream, allow_head=False)
     r.add_post("/v1/devices/{device_id}/methods/{rid}/response", api.method_response)
     r.add_get("/v1/devices/{device_id}/twin", api.twin, allow_head=False)

