@@ -208,7 +208,10 @@ class Api:
                 if not (_is_utf8(name) and _is_utf8(value)):
                     # aiohttp hands undecodable header bytes over as surrogates: no transport can send them.
                     return self.error(_ARGUMENT, "iothub-app-* header names and values must be UTF-8")
-                properties[name[len(_APP_PREFIX):]] = value
+                key = name[len(_APP_PREFIX):]
+                if key.startswith("$"):  # IoT Hub's own names (the system properties are stored so too)
+                    return self.error(_ARGUMENT, "iothub-app-* property names must not start with '$'")
+                properties[key] = value
         if len(properties) > _MAX_PROPERTIES:
             return self.error(_ARGUMENT, f"at most {_MAX_PROPERTIES} iothub-app-* properties")
         system = self._system_properties(request)

@@ -124,6 +124,7 @@ async def test_a_message_the_app_left_unsettled_goes_to_the_next_app(emulated: A
     async with client.get(f"/v1/devices/{device}/c2d") as stream:
         hub.send_c2d(device, b"x", message_id="left")
         _, first = await next_event(stream)
+        assert first["message_id"] == "left"
     async with client.get(f"/v1/devices/{device}/c2d") as stream:
         _, second = await next_event(stream)
         assert second["message_id"] == "left"
@@ -181,7 +182,7 @@ async def test_twin_get_patch_reported_and_desired_stream(emulated: Any, protoco
 
 
 async def test_http_devices_say_which_surface_they_lack(emulated: Any):
-    sidecar, client = emulated
+    _, client = emulated
     device = DEVICES["http"]
     await connected(client, device)
     for path in ("methods", "twin/desired"):
