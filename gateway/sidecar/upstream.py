@@ -164,10 +164,13 @@ def build_transport(spec: TransportSpec, factories: Mapping[str, TransportFactor
 
 
 class EventHub:
-    """Fan-out of sidecar events (state changes, dead letters) to SSE subscribers, with a short replay."""
+    """Fan-out of sidecar events (state changes, deliveries, dead letters) to SSE subscribers, with a short
+    replay. ``delivered`` events are replayed from their own ring, so a busy sidecar's deliveries never
+    push the rarer state changes and dead letters out of the replay a reconnecting page asks for."""
 
     def __init__(self, keep: int = 200, queue_size: int = 1000) -> None:
         self._recent: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
+        self._delivered: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
         self._subscribers: set[asyncio.Queue[tuple[int, str, dict[str, Any]] | None]] = set()
         self._next = 1
         self._queue_size = queue_size
@@ -175,7 +178,7 @@ class EventHub:
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         event = (self._next, kind, data)
         self._next += 1
-        self._recent.append(event)
+        (self._delivered if kind == "delivered" else self._recent).append(event)
         for queue in list(self._subscribers):
             if queue.full():  # a stalled reader loses its oldest events, never blocks the sidecar
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -183,7 +186,7 @@ class EventHub:
             queue.put_nowait(event)
 
     def recent(self, after: int = 0) -> list[tuple[int, str, dict[str, Any]]]:
-        return [e for e in self._recent if e[0] > after]
+        return sorted(e for ring in (self._recent, self._delivered) for e in ring if e[0] > after)
 
     async def subscribe(self, after: int | None = None) -> AsyncGenerator[tuple[int, str, dict[str, Any]], None]:
         queue: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue(self._queue_size)

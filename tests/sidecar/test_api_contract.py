@@ -188,3 +188,15 @@ async def test_papercuts(tmp_path: Path, start_sidecar: Any):
     again = await (await client.post("/v1/devices/dev-mqtt/messages", data=b"x", headers=headers)).json()
     assert first["status"] == "pending" and first["duplicate"] is False
     assert again["status"] == "delivered" and again["duplicate"] is True  # the stored message's own status
+
+
+def test_deliveries_do_not_push_state_changes_out_of_the_replay():
+    from gateway.sidecar.upstream import EventHub
+
+    hub = EventHub(keep=10)
+    hub.publish("state", {"state": "connected"})
+    for i in range(50):
+        hub.publish("delivered", {"id": str(i)})
+    replay = hub.recent(0)
+    assert [kind for _, kind, _ in replay].count("state") == 1 and len(replay) == 11
+    assert [e[0] for e in replay] == sorted(e[0] for e in replay)

@@ -14,6 +14,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
+from gateway.codes import code_of
+from gateway.emulator import Operation
 from gateway.sidecar.app import make_app
 from gateway.sidecar.config import OutboxConfig, parse_config
 from gateway.sidecar.service import Sidecar
@@ -197,3 +199,38 @@ async def test_http_devices_say_which_surface_they_lack(emulated: Any):
     resp = await client.get("/v1/devices/nobody/c2d")
     body = await resp.json()
     assert resp.status == 404 and body["transport"] == "api" and body["action"] == "fail"
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp"])
+async def test_hub_refusals_come_back_as_their_codes_through_the_handler(emulated: Any, protocol: str):
+    """The handler's behaviour applies: a throttled twin patch is retried and succeeds; a refusal comes
+    back with its code and the upstream transport's name."""
+    sidecar, client = emulated
+    device = DEVICES[protocol]
+    hub = sidecar.emulator.hub
+    await connected(client, device)
+    hints = {} if protocol == "mqtt" else {"retry_after": 0.05}
+    hub.plan.add(Operation.TWIN_PATCH, code_of("ThrottlingException"), device=device, transport=protocol, **hints)
+    ok = await client.patch(f"/v1/devices/{device}/twin/reported", json={"after": "throttle"})
+    assert ok.status == 200, await ok.text()
+    assert hub.device(device).twin_reported.get("after") == "throttle"
+
+    hub.plan.add(Operation.TWIN_PATCH, code_of("ArgumentInvalid"), device=device, transport=protocol)
+    refused = await client.patch(f"/v1/devices/{device}/twin/reported", json={"x": 1})
+    body = await refused.json()
+    assert refused.status == 400 and body["code"] // 1000 == 400 and body["transport"] == protocol
+
+
+@pytest.mark.parametrize("protocol", ["amqp", "http"])
+async def test_a_settle_the_hub_refuses_answers_its_code(emulated: Any, protocol: str):
+    sidecar, client = emulated
+    device = DEVICES[protocol]
+    hub = sidecar.emulator.hub
+    await connected(client, device)
+    async with client.get(f"/v1/devices/{device}/c2d") as stream:
+        hub.send_c2d(device, b"x", message_id="lost")
+        _, msg = await next_event(stream)
+        hub.plan.add(Operation.C2D_SETTLE, code_of("DeviceMessageLockLost"), device=device, transport=protocol)
+        resp = await client.post(f"/v1/devices/{device}/c2d/{msg['lock']}/complete")
+        body = await resp.json()
+        assert resp.status == 412 and body["name"] == "DeviceMessageLockLost" and body["transport"] == protocol
