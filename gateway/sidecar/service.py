@@ -138,7 +138,8 @@ class Sidecar:
             self.pipelines[device.id] = DevicePipeline(
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
-                redact=self.redactor,
+                redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
+                c2d_max_held=cfg.delivery.c2d_max_held,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():

@@ -230,6 +230,8 @@ class DevicePipeline:
         max_inflight: int = 8,
         clock: Callable[[], float] = time.time,
         redact: Callable[[str], str] = str,
+        c2d_poll_interval: float = 1.0,
+        c2d_max_held: int = 100,
     ) -> None:
         self.device_id = device_id
         self._redact = redact
@@ -244,7 +246,8 @@ class DevicePipeline:
         self.last_error_at: float | None = None
         self.surface = DeviceSurface(device_id, protocol, lambda: self.handler,
                                      now=lambda: rfc3339(self._clock()) or "",
-                                     timeout=lambda: self.policy.config.operation.timeout)
+                                     timeout=lambda: self.policy.config.operation.timeout,
+                                     poll_interval=c2d_poll_interval, max_held=c2d_max_held)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
                                on_state_change=self._on_state, on_undelivered=self._on_undelivered,
                                on_inbound=self.surface.on_inbound)

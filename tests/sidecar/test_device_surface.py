@@ -27,12 +27,11 @@ WAIT = 20.0
 
 @pytest.fixture
 async def emulated(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, TestClient[Any, Any]]]:
-    cfg = parse_config({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}}}, env={})
+    cfg = parse_config({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}},
+                        "delivery": {"c2d_poll_interval": 0.05}}, env={})  # HTTP C2D polling, fast for the test
     cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
     sidecar = Sidecar(cfg)
     await sidecar.start()
-    for pipeline in sidecar.pipelines.values():
-        pipeline.surface.poll_interval = 0.05  # HTTP C2D polling, fast for the test
     client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
     await client.start_server()
     try:
