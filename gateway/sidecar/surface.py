@@ -7,8 +7,8 @@ C2D: the sidecar never accepts from the hub what no app took. Nothing is settled
 settles it through REST. Over HTTP the hub is polled only while an app listens (and only while fewer
 than ``max_outstanding`` messages wait for the app's verdict), so an absent app leaves messages queued
 at the hub. MQTT and AMQP push C2D from connect on; what arrives while no app listens is held here,
-unsettled (bounded by ``max_held``: past that MQTT leaves the message unacknowledged and AMQP/HTTP
-abandon it, so the hub keeps it), and streamed to the next app that listens. A connection loss voids
+unsettled (bounded by ``max_held``: past that a message is simply left unsettled, never abandoned, and
+the hub redelivers it after the next connect), and streamed to the next app that listens. A connection loss voids
 MQTT and AMQP locks: what was held or outstanding from it is forgotten (the hub redelivers it) and a
 late settle answers DeviceMessageLockLost. An app whose stream ends leaves its unsettled messages to the
 next listener.
@@ -62,7 +62,7 @@ log = logging.getLogger("gateway.sidecar")
 _LOCK_LOST = code_of("DeviceMessageLockLost")
 _NOT_FOUND = code_of("GenericNotFound")
 _NOT_IMPLEMENTED = code_of("GenericNotImplemented")
-_THROTTLED = code_of("ThrottlingException")
+_LOST = frozenset({State.RETRYING, State.STOPPED, State.CLOSED})
 
 #: The status answered to a method call no app subscribed to (the Azure device SDKs' "not implemented").
 NO_SUBSCRIBER_STATUS = 501
@@ -230,8 +230,10 @@ class DeviceSurface:
                 sub.put("desired", data)
 
     def on_state(self, change: StateChange) -> None:
-        """A lost MQTT or AMQP connection takes its locks with it: the hub redelivers those messages."""
-        if change.state is State.CONNECTED or self.protocol == "http":
+        """A lost MQTT or AMQP connection takes its locks with it: the hub redelivers those messages.
+        (A reconnect the handler makes without passing through these states, a token renewal, is caught
+        at settle: the transport answers DeviceMessageLockLost and the entry is dropped.)"""
+        if change.state not in _LOST or self.protocol == "http":
             return
         if self._held or self._outstanding:
             log.info("%s: connection lost; %d unsettled C2D message(s) go back to the hub", self.device_id,
@@ -241,11 +243,11 @@ class DeviceSurface:
 
     def _c2d(self, message: C2DMessage) -> None:
         if len(self._held) >= self.max_held:
-            # Bounded: the hub keeps it (MQTT: no PUBACK; AMQP/HTTP: abandoned, the hub redelivers).
+            # Bounded: left unsettled, so the hub keeps it and redelivers it after the next connect (or when
+            # its lock lapses). Not abandoned: the hub would send it straight back, counting deliveries until
+            # it dead-letters the message.
             log.warning("%s: %d C2D messages wait for an app; one more is left with the hub", self.device_id,
                         len(self._held))
-            if self.protocol != "mqtt":
-                self._spawn(self._settle_upstream(message.lock_token, "abandon"))
             return
         self._held.append((message, self._now()))
         self._dispatch()
@@ -290,7 +292,13 @@ class DeviceSurface:
             raise make_error(_NOT_IMPLEMENTED, transport="mqtt", device_id=self.device_id,
                              message=f"IoT Hub's MQTT surface cannot {outcome} a C2D message (MQTT has no negative "
                                      "acknowledgement); complete it, or use protocol amqp or http")
-        await self._settle_upstream(lock_token, outcome, raise_errors=True)
+        try:
+            await self._settle_upstream(lock_token, outcome, raise_errors=True)
+        except IoTHubError as err:
+            if err.code == _LOCK_LOST:  # gone for good (the hub redelivers the message): forget it
+                self._outstanding.pop(lock_token, None)
+                self._room.set()
+            raise
         self._outstanding.pop(lock_token, None)
         self._room.set()
 

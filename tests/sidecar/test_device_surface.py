@@ -233,3 +233,35 @@ async def test_a_settle_the_hub_refuses_answers_its_code(emulated: Any, protocol
         resp = await client.post(f"/v1/devices/{device}/c2d/{msg['lock']}/complete")
         body = await resp.json()
         assert resp.status == 412 and body["name"] == "DeviceMessageLockLost" and body["transport"] == protocol
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp"])
+async def test_past_the_hold_bound_messages_stay_with_the_hub_unsettled(tmp_path: Path, protocol: str):
+    device = "bounded"
+    cfg = parse_config({"delivery": {"c2d_max_held": 1}, "devices": [{"id": device, "protocol": protocol}]}, env={})
+    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
+    sidecar = Sidecar(cfg)
+    await sidecar.start()
+    client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
+    await client.start_server()
+    try:
+        hub = sidecar.emulator.hub
+        await connected(client, device)
+        for mid in ("one", "two", "three"):
+            hub.send_c2d(device, mid.encode(), message_id=mid)
+        async with asyncio.timeout(WAIT):
+            while not sidecar.pipelines[device].surface._held:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        async with client.get(f"/v1/devices/{device}/c2d") as stream:
+            _, msg = await next_event(stream)
+            assert msg["message_id"] == "one"
+            assert (await client.post(f"/v1/devices/{device}/c2d/{msg['lock']}/complete")).status == 204
+        await asyncio.sleep(0.3)
+        state = hub.device(device)
+        waiting = {e.message_id for e in state.locked.values()} | {getattr(e, "message_id", None) for e in state.c2d}
+        assert {"two", "three"} <= waiting  # not completed, not abandoned into a redelivery loop
+        assert not hub.dead_letters and all(e.delivery_count <= 1 for e in state.locked.values())
+    finally:
+        await client.close()
+        await sidecar.stop()
