@@ -351,6 +351,7 @@ class Api:
         except (ConnectionResetError, TimeoutError):  # the client went away or stalled: nothing to answer
             return response
         finally:
+            response.stop_streaming()  # its keep-alive task ends with the stream
             await stream.aclose()
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
@@ -396,6 +397,8 @@ class Api:
         except (ConnectionResetError, TimeoutError):
             return response
         finally:
+            if response.prepared:
+                response.stop_streaming()
             surface.unsubscribe(kind, sub)
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
