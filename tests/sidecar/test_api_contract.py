@@ -200,3 +200,18 @@ def test_deliveries_do_not_push_state_changes_out_of_the_replay():
     replay = hub.recent(0)
     assert [kind for _, kind, _ in replay].count("state") == 1 and len(replay) == 11
     assert [e[0] for e in replay] == sorted(e[0] for e in replay)
+
+
+def test_the_demo_reads_the_events_rfc3339_times():
+    import io
+    import time
+
+    from gateway.sidecar.demo import Story
+    from gateway.sidecar.upstream import rfc3339
+
+    out = io.StringIO()
+    story = Story(out)
+    story.quiet = False
+    story.state_event({"device": "d", "state": "throttled", "code": 429001, "name": "ThrottlingException",
+                            "action": "throttle", "until": rfc3339(time.time() + 5)})
+    assert "next try in" in out.getvalue()
