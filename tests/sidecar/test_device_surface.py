@@ -265,3 +265,24 @@ async def test_past_the_hold_bound_messages_stay_with_the_hub_unsettled(tmp_path
     finally:
         await client.close()
         await sidecar.stop()
+
+
+async def test_a_lost_connection_voids_the_locks_it_gave(tmp_path: Path, start_sidecar: Any):
+    """MQTT/AMQP locks die with their connection: the app's late settle is 412 DeviceMessageLockLost (the
+    hub redelivers the message), and nothing held from the dead connection is streamed later."""
+    from gateway.errors import make_error
+    from gateway.transport import C2DMessage, Inbound
+    from tests.sidecar.fakes import fake_config
+
+    run = await start_sidecar(fake_config(tmp_path, ("dev-amqp", "amqp")))
+    transport = run.upstream.transports["dev-amqp"]
+    await run.wait_for(lambda: run.sidecar.pipelines["dev-amqp"].handler.state.value == "connected")
+    async with run.client.get("/v1/devices/dev-amqp/c2d") as stream:
+        transport.emit(Inbound("c2d", C2DMessage("dev-amqp", "lock-1", "m-1", b"x"), "dev-amqp"))
+        _, msg = await next_event(stream)
+        assert msg["lock"] == "lock-1"
+        transport.drop(make_error(code_of("ServerBusy"), transport="amqp"))
+        await run.wait_for(lambda: not run.sidecar.pipelines["dev-amqp"].surface._outstanding)
+        late = await run.client.post("/v1/devices/dev-amqp/c2d/lock-1/complete")
+        body = await late.json()
+        assert late.status == 412 and body["name"] == "DeviceMessageLockLost"
