@@ -49,12 +49,22 @@ _ARGUMENT_INVALID = code_of("ArgumentInvalid")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One telemetry message. ``id`` is stable across resends so the far end can drop duplicates."""
+    """One telemetry message. ``id`` is stable across resends so the far end can drop duplicates.
+
+    The system properties IoT Hub routes on (``content_type`` and ``content_encoding``: routing on the
+    body needs both), ``correlation_id`` and ``creation_time`` (RFC 3339, UTC) are None when not set;
+    each transport maps them to its wire (HTTP ``iothub-contenttype`` ..., MQTT ``$.ct`` ..., AMQP
+    ``content-type`` ...).
+    """
 
     id: str
     device_id: str
     body: bytes
     properties: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    content_encoding: str | None = None
+    correlation_id: str | None = None
+    creation_time: str | None = None
 
 
 def check_properties(message: Message, transport: str) -> None:

@@ -23,14 +23,16 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from aiohttp_sse import EventSourceResponse
 
-from gateway.aio import cancel_and_wait
 from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
 from gateway.errors import IoTHubError, make_error
 from gateway.outbox import OutboxFull, StorageError
 from gateway.sidecar.metrics import CONTENT_TYPE
 from gateway.sidecar.security import RateLimiter, token_matches
 from gateway.sidecar.service import Sidecar, UnknownDevice
+from gateway.sidecar.surface import ORIGIN, DeviceSurface, Subscription
+from gateway.sidecar.upstream import rfc3339, storage_view
 
 __all__ = ["API_KEY", "Api", "api_error", "classify", "make_app", "openapi_text", "status_page"]
 
@@ -48,20 +50,32 @@ _APP_PREFIX = "iothub-app-"
 _MAX_PROPERTIES = 64
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 _SSE_HEARTBEAT = 15.0
+_SSE_RETRY_MS = 2000
+_PRINTABLE = re.compile(r"[\x20-\x7e]{1,256}")
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+_OUTCOMES = ("complete", "reject", "abandon")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def api_error(code: int | CodeInfo, message: str, *, retry_after: float | None = None,
               redact: Callable[[str], str] = str) -> web.Response:
-    """An answer in the catalog's conventions: status from the code, body ``to_dict()`` + ``errorCode``."""
-    err = make_error(code, transport="http", message=message, retry_after=retry_after)
+    """An answer in the catalog's conventions: status from the code, body ``to_dict()`` + ``errorCode``.
+
+    The sidecar's own refusals say ``"transport": "api"``; their ``action`` is what the app should do
+    with this request: ``fail`` (fix it, do not retry) unless the code is one to retry (429, 503, 5xx).
+    """
+    err = make_error(code, transport="http", message=message, retry_after=retry_after, native={"origin": ORIGIN})
     return _error_response(err, redact)
 
 
 def _error_response(err: IoTHubError, redact: Callable[[str], str]) -> web.Response:
     body = err.to_dict()
     body["errorCode"] = err.code
+    if err.native.get("origin") == ORIGIN:  # the sidecar's own answer: no upstream transport involved
+        body["transport"] = "api"
+        if not err.retryable:
+            body["action"] = "fail"
     headers = {"iothub-errorcode": err.name}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
@@ -130,7 +144,9 @@ class Api:
             if wait > 0:
                 return self.error(_THROTTLED, "too many requests from this client", retry_after=wait)
             if self.token is not None and not self._authorized(request):
-                    response = self.error(_UNAUTHORIZED, "missing or wrong bearer token")
+                    # (worded so that the redactor, which hides whatever follows "bearer", leaves it whole)
+                    response = self.error(_UNAUTHORIZED, "missing or wrong API token: send it as the header "
+                                                         "Authorization with scheme Bearer")
                     response.headers["WWW-Authenticate"] = 'Bearer realm="iothub-gateway"'
                     return response
         try:
@@ -142,7 +158,10 @@ class Api:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return self.error(family(exc.status) if 300 <= exc.status <= 599 else _SERVER, exc.reason)
+            answer = self.error(family(exc.status) if 300 <= exc.status <= 599 else _SERVER, exc.reason)
+            if "Allow" in exc.headers:  # 405: say which methods the resource has (RFC 9110)
+                answer.headers["Allow"] = exc.headers["Allow"]
+            return answer
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
@@ -189,9 +208,15 @@ class Api:
                 if not (_is_utf8(name) and _is_utf8(value)):
                     # aiohttp hands undecodable header bytes over as surrogates: no transport can send them.
                     return self.error(_ARGUMENT, "iothub-app-* header names and values must be UTF-8")
-                properties[name[len(_APP_PREFIX):]] = value
+                key = name[len(_APP_PREFIX):]
+                if key.startswith("$"):  # IoT Hub's own names (the system properties are stored so too)
+                    return self.error(_ARGUMENT, "iothub-app-* property names must not start with '$'")
+                properties[key] = value
         if len(properties) > _MAX_PROPERTIES:
             return self.error(_ARGUMENT, f"at most {_MAX_PROPERTIES} iothub-app-* properties")
+        system = self._system_properties(request)
+        if isinstance(system, web.Response):
+            return system
         ttl: float | None = None
         if "ttl" in request.query:
             try:
@@ -202,7 +227,7 @@ class Api:
                 return self.error(_ARGUMENT, "ttl must be a positive number of seconds")
         try:
             accepted = await self.sidecar.accept(device_id, raw, properties=properties, message_id=message_id,
-                                                 ttl=ttl)
+                                                 ttl=ttl, system=system)
         except StorageError as exc:
             return self.storage_error(exc)
         except OutboxFull as exc:
@@ -212,6 +237,25 @@ class Api:
         except ValueError as exc:
             return self.error(_ARGUMENT, str(exc))
         return self.json(accepted, status=202, headers={"Location": f"/v1/messages/{accepted['id']}"})
+
+    def _system_properties(self, request: web.Request) -> dict[str, str] | web.Response:
+        """The POST's system properties, stored by their MQTT names: its ``Content-Type`` (as sent),
+        ``iothub-contentencoding``, ``iothub-correlationid`` and ``iothub-creation-time-utc`` (RFC 3339;
+        the time it is accepted when absent: a message may wait in the outbox for hours)."""
+        system: dict[str, str] = {}
+        headers = {"Content-Type": "$.ct", "iothub-contentencoding": "$.ce", "iothub-correlationid": "$.cid",
+                   "iothub-creation-time-utc": "$.ctime"}
+        for header, key in headers.items():
+            value = request.headers.get(header)
+            if value is None:
+                continue
+            if not _PRINTABLE.fullmatch(value):
+                return self.error(_ARGUMENT, f"{header} must be 1-256 printable ASCII characters")
+            if key == "$.ctime" and not _RFC3339.fullmatch(value):
+                return self.error(_ARGUMENT, f"{header} must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
+            system[key] = value
+        system.setdefault("$.ctime", rfc3339(self.sidecar.clock()) or "")
+        return system
 
     async def get_message(self, request: web.Request) -> web.StreamResponse:
         item = await self.sidecar.message(request.match_info["message_id"])
@@ -295,35 +339,132 @@ class Api:
                 after = max(0, int(raw))
             except ValueError:
                 return self.error(_ARGUMENT, "Last-Event-ID / after must be a whole number")
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Accel-Buffering": "no"})
+        response = self._sse()
         await response.prepare(request)
-        await response.write(b"retry: 2000\n\n")
         stream = self.sidecar.events.subscribe(after)
-        next_event = asyncio.ensure_future(anext(stream))
         try:
-            while True:
-                done, _ = await asyncio.wait({next_event}, timeout=_SSE_HEARTBEAT)
-                if not done:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                try:
-                    event_id, kind, data = next_event.result()
-                except StopAsyncIteration:
-                    break
-                text = self.redact(json.dumps(data, default=str))
-                await response.write(f"id: {event_id}\nevent: {kind}\ndata: {text}\n\n".encode())
-                next_event = asyncio.ensure_future(anext(stream))
-        except ConnectionResetError:  # the client went away: nothing to answer
+            first = True
+            async for event_id, kind, data in stream:
+                await response.send(self.redact(json.dumps(data, default=str)), id=str(event_id), event=kind,
+                                    retry=_SSE_RETRY_MS if first else None)
+                first = False
+        except (ConnectionResetError, TimeoutError):  # the client went away or stalled: nothing to answer
             return response
         finally:
-            # Only the cancellation we cause is absorbed: a server shutdown cancelling this handler
-            # still propagates (aiohttp closes the connection).
-            await cancel_and_wait(next_event)
+            response.stop_streaming()  # its keep-alive task ends with the stream
             await stream.aclose()
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
+
+    @staticmethod
+    def _sse() -> EventSourceResponse:
+        # aiohttp-sse frames the events and sends a comment as keep-alive every _SSE_HEARTBEAT seconds;
+        # a reader that stalls past its send timeout is cut off instead of holding memory.
+        return EventSourceResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                   ping_interval=_SSE_HEARTBEAT, send_timeout=30.0)
+
+    # -- the device surface: C2D, methods, twin ----------------------------------------------------------
+
+    def _surface(self, request: web.Request) -> DeviceSurface | web.Response:
+        device_id = request.match_info["device_id"]
+        pipeline = self.sidecar.pipeline(device_id)
+        if pipeline is None:
+            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        return pipeline.surface
+
+    def upstream_error(self, err: IoTHubError) -> web.Response:
+        """An upstream (or surface) refusal as the API's answer: its own code, transport and action."""
+        self.sidecar.metrics.message("api", "rejected", err.code)
+        return _error_response(err, self.redact)
+
+    async def _stream(self, request: web.Request, kind: str) -> web.StreamResponse:
+        surface = self._surface(request)
+        if isinstance(surface, web.Response):
+            return surface
+        try:
+            sub: Subscription = surface.subscribe(kind)
+        except IoTHubError as err:
+            return self.upstream_error(err)
+        response = self._sse()
+        try:
+            await response.prepare(request)
+            first = True
+            async for event, data in sub:
+                await response.send(self.redact(json.dumps(data, default=str)), event=event,
+                                    retry=_SSE_RETRY_MS if first else None)
+                first = False
+        except (ConnectionResetError, TimeoutError):
+            return response
+        finally:
+            if response.prepared:
+                response.stop_streaming()
+            surface.unsubscribe(kind, sub)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+    async def c2d_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, "c2d")
+
+    async def methods_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, "methods")
+
+    async def desired_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._stream(request, "desired")
+
+    async def settle_c2d(self, request: web.Request) -> web.StreamResponse:
+        surface = self._surface(request)
+        if isinstance(surface, web.Response):
+            return surface
+        outcome = request.match_info["outcome"]
+        if outcome not in _OUTCOMES:
+            return self.error(family(404), f"no such settle outcome {outcome[:40]!r}: complete, reject or abandon")
+        try:
+            await surface.settle(request.match_info["lock"], outcome)  # type: ignore[arg-type]
+        except IoTHubError as err:
+            return self.upstream_error(err)
+        return web.Response(status=204)
+
+    async def method_response(self, request: web.Request) -> web.StreamResponse:
+        surface = self._surface(request)
+        if isinstance(surface, web.Response):
+            return surface
+        data = await self.json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        status = data.get("status")
+        valid = isinstance(status, int) and not isinstance(status, bool) and 0 <= status <= 999
+        if not valid or set(data) - {"status", "payload"}:
+            return self.error(_ARGUMENT, 'the body must be {"status": <int 0-999>, "payload": <any JSON>}')
+        try:
+            await surface.respond(request.match_info["rid"], int(status), data.get("payload"))  # type: ignore[arg-type]
+        except IoTHubError as err:
+            return self.upstream_error(err)
+        return web.Response(status=204)
+
+    async def twin(self, request: web.Request) -> web.StreamResponse:
+        surface = self._surface(request)
+        if isinstance(surface, web.Response):
+            return surface
+        try:
+            twin = await surface.twin()
+        except IoTHubError as err:
+            return self.upstream_error(err)
+        return self.json(twin)
+
+    async def patch_reported(self, request: web.Request) -> web.StreamResponse:
+        surface = self._surface(request)
+        if isinstance(surface, web.Response):
+            return surface
+        data = await self.json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        try:
+            version = await surface.patch_reported(data)
+        except IoTHubError as err:
+            return self.upstream_error(err)
+        return self.json({"version": version})
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         text = self.redact(self.sidecar.metrics.render().decode())
@@ -333,8 +474,7 @@ class Api:
         return self.json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.StreamResponse:
-        failure = self.sidecar.storage_failure
-        storage = failure.to_dict() if failure is not None else None
+        storage = storage_view(self.sidecar.storage_failure)
         if not self.sidecar.ready:
             return self.json({"status": "not ready", "accepting": self.sidecar.accepting, "storage": storage},
                              status=503)
@@ -510,6 +650,13 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_get("/v1/messages/{message_id}", api.get_message, allow_head=False)
     r.add_get("/v1/devices", api.devices, allow_head=False)
     r.add_get("/v1/devices/{device_id}", api.device, allow_head=False)
+    r.add_get("/v1/devices/{device_id}/c2d", api.c2d_stream, allow_head=False)
+    r.add_post("/v1/devices/{device_id}/c2d/{lock}/{outcome}", api.settle_c2d)
+    r.add_get("/v1/devices/{device_id}/methods", api.methods_stream, allow_head=False)
+    r.add_post("/v1/devices/{device_id}/methods/{rid}/response", api.method_response)
+    r.add_get("/v1/devices/{device_id}/twin", api.twin, allow_head=False)
+    r.add_patch("/v1/devices/{device_id}/twin/reported", api.patch_reported)
+    r.add_get("/v1/devices/{device_id}/twin/desired", api.desired_stream, allow_head=False)
     r.add_post("/v1/classify", api.classify)
     r.add_get("/v1/codes", api.codes, allow_head=False)
     r.add_get("/v1/codes/{code}", api.code, allow_head=False)
@@ -519,8 +666,8 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_post("/v1/dead-letters/{message_id}/replay", api.replay)
     r.add_get("/v1/openapi.json", api.openapi, allow_head=False)
     r.add_get("/metrics", api.metrics, allow_head=False)
-    r.add_get("/healthz", api.healthz, allow_head=False)
-    r.add_get("/readyz", api.readyz, allow_head=False)
+    r.add_get("/healthz", api.healthz)  # HEAD too: load balancers probe with it
+    r.add_get("/readyz", api.readyz)
     r.add_get("/", status_page, allow_head=False)
     r.add_get("/static/{name}", status_page, allow_head=False)
     return app

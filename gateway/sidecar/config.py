@@ -103,6 +103,8 @@ class OutboxConfig:
 class DeliveryConfig:
     max_inflight: int = 8  #: sends in flight per device
     shutdown_deadline: float = 10.0  #: on SIGTERM, how long in-flight sends may finish before being persisted
+    c2d_poll_interval: float = 1.0  #: HTTP devices: seconds between C2D polls while an app listens
+    c2d_max_held: int = 100  #: C2D messages held unsettled per device for apps; past that the hub keeps them
 
 
 @dataclass(frozen=True)
@@ -397,12 +399,16 @@ def parse_config(
     )
 
     raw = c.table(data, "delivery")
-    c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline"})
+    c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline", "c2d_poll_interval", "c2d_max_held"})
     dl = DeliveryConfig()
     delivery = DeliveryConfig(
         max_inflight=c.number(raw, "max_inflight", "[delivery]", dl.max_inflight, whole=True, minimum=1,
                               maximum=1000),
         shutdown_deadline=c.number(raw, "shutdown_deadline", "[delivery]", dl.shutdown_deadline, maximum=3600),
+        c2d_poll_interval=c.number(raw, "c2d_poll_interval", "[delivery]", dl.c2d_poll_interval, minimum=0.01,
+                                   maximum=3600),
+        c2d_max_held=c.number(raw, "c2d_max_held", "[delivery]", dl.c2d_max_held, whole=True, minimum=1,
+                              maximum=10000),
     )
 
     raw = c.table(data, "logging")

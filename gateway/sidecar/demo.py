@@ -73,6 +73,18 @@ def _demo_config(outbox: Path) -> SidecarConfig:
     }, source="<demo>", env={})
 
 
+def _epoch(value: Any) -> float | None:
+    """An event's RFC 3339 time (or epoch seconds) as epoch seconds; None if it is neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
 def _utc(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -116,7 +128,7 @@ class Story:
         if self.quiet:
             return
         extra = ""
-        until = data.get("until")
+        until = _epoch(data.get("until"))  # events carry RFC 3339 times
         if until is not None and data.get("state") in ("throttled", "parked", "disconnected-retrying"):
             extra = f"until {_utc(until)}" if until - time.time() > 60 else f"next try in {until - time.time():.1f}s"
         if data.get("code") is None:

@@ -40,6 +40,9 @@ from gateway.sidecar.upstream import (
     TransportFactory,
     TransportSpec,
     build_transport,
+    rfc3339,
+    split_system,
+    storage_view,
 )
 
 __all__ = ["Sidecar", "StartError", "UnknownDevice", "run"]
@@ -135,7 +138,8 @@ class Sidecar:
             self.pipelines[device.id] = DevicePipeline(
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
-                redact=self.redactor,
+                redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
+                c2d_max_held=cfg.delivery.c2d_max_held,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():
@@ -185,11 +189,12 @@ class Sidecar:
     def _on_storage(self, failure: StorageFailure | None) -> None:
         """Storage failed or works again: say so on the event stream; wake the pipelines on recovery."""
         if failure is None:
-            self.events.publish("storage", {"state": "ok", "at": self.clock()})
+            self.events.publish("storage", {"state": "ok", "at": rfc3339(self.clock())})
             for pipeline in self.pipelines.values():
                 pipeline.notify()
         else:
-            self.events.publish("storage", {"state": "failed", **failure.to_dict(), "at": self.clock()})
+            self.events.publish("storage", {"state": "failed", **(storage_view(failure) or {}),
+                                            "at": rfc3339(self.clock())})
 
     async def _sweep(self) -> None:
         """Once a second: probe a failed storage, dead-letter pending messages whose deadline passed (those
@@ -218,7 +223,7 @@ class Sidecar:
         self.metrics.message(pipeline.protocol if pipeline else "unknown", "dead_letter", item.code)
         self.events.publish("dead_letter", {"device": item.device_id, "id": item.id, "code": item.code,
                                             "name": lookup(item.code).name if item.code else None,
-                                            "reason": "deadline passed before delivery", "at": self.clock()})
+                                            "reason": "deadline passed before delivery", "at": rfc3339(self.clock())})
 
     async def stop(self) -> None:
         """Stop accepting, stop the pipelines (within the shutdown deadline), close the outbox."""
@@ -248,9 +253,12 @@ class Sidecar:
         return self.pipelines.get(device_id)
 
     async def accept(self, device_id: str, body: bytes, *, properties: Mapping[str, str] | None = None,
-                     message_id: str | None = None, ttl: float | None = None) -> dict[str, Any]:
-        """Persist one message (durable on return). Raises OutboxFull, UnknownDevice, ValueError or
-        StorageError."""
+                     message_id: str | None = None, ttl: float | None = None,
+                     system: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Persist one message (durable on return). ``system``: its system properties, by their MQTT names
+        (``$.ct``, ``$.ce``, ``$.cid``, ``$.ctime``), stored beside the application properties. Posting
+        an id again answers the stored message's own status with ``duplicate`` true. Raises OutboxFull,
+        UnknownDevice, ValueError or StorageError."""
         pipeline = self.pipelines.get(device_id)
         if pipeline is None:
             raise UnknownDevice(device_id)
@@ -258,8 +266,10 @@ class Sidecar:
         ttl = ttl if ttl is not None else (self.config.outbox.ttl or None)
         deadline = now + ttl if ttl else None
         duplicate = False
+        status = "pending"
+        stored = {**(properties or {}), **(system or {})}
         try:
-            mid = await self.outbox.put(device_id, body, now=now, properties=properties, deadline=deadline,
+            mid = await self.outbox.put(device_id, body, now=now, properties=stored, deadline=deadline,
                                         message_id=message_id)
         except ValueError:
             # The app's id is taken: the same message posted again (idempotent while the first one is in
@@ -269,12 +279,12 @@ class Sidecar:
                 raise
             if existing.device_id != device_id:
                 raise ValueError(f"message id {message_id!r} is already used by another device's message") from None
-            mid, duplicate, deadline = existing.id, True, existing.deadline
+            mid, duplicate, deadline, status = existing.id, True, existing.deadline, existing.status
         else:
             self.metrics.message(pipeline.protocol, "accepted")
             pipeline.notify()
-        return {"id": mid, "device_id": device_id, "status": "pending" if not duplicate else "duplicate",
-                "duplicate": duplicate, "deadline": deadline}
+        return {"id": mid, "device_id": device_id, "status": status, "duplicate": duplicate,
+                "deadline": rfc3339(deadline)}
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         item = await self.outbox.aget(message_id)
@@ -322,6 +332,11 @@ class Sidecar:
 def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:
     data = item.to_dict(with_body=with_body)
     data["name"] = lookup(item.code).name if item.code is not None else None
+    for key in ("accepted_at", "deadline", "done_at"):
+        data[key] = rfc3339(data[key])
+    if with_body:
+        data["properties"], system = split_system(item.properties)
+        data["system_properties"] = system
     return data
 
 

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.aio import cancel_and_wait
@@ -39,6 +40,7 @@ from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.surface import DeviceSurface
 from gateway.tls import client_context
 from gateway.transport import Message, Transport
 
@@ -50,12 +52,44 @@ __all__ = [
     "TransportFactory",
     "TransportSpec",
     "build_transport",
+    "rfc3339",
+    "split_system",
+    "storage_view",
 ]
 
 log = logging.getLogger("gateway.sidecar")
 
 _TIMED_OUT = code_of("OperationTimedOut")
 _PERMANENT = frozenset({Action.FAIL})
+
+
+#: Where the API keeps a message's system properties among its stored properties (MQTT's names: app
+#: property names starting with ``$`` are refused, so these never collide with the app's).
+SYSTEM_KEYS = {"$.ct": "content_type", "$.ce": "content_encoding", "$.cid": "correlation_id",
+               "$.ctime": "creation_time"}
+
+
+def rfc3339(epoch: float | None) -> str | None:
+    """An epoch time as the API shows it: RFC 3339 in UTC with milliseconds (None stays None)."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def storage_view(failure: Any) -> dict[str, Any] | None:
+    """A StorageFailure as the API shows it (``since`` in RFC 3339), or None."""
+    if failure is None:
+        return None
+    data: dict[str, Any] = failure.to_dict()
+    data["since"] = rfc3339(data.get("since"))
+    return data
+
+
+def split_system(properties: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Stored properties -> (application properties, Message system-property keyword arguments)."""
+    app = {k: v for k, v in properties.items() if k not in SYSTEM_KEYS}
+    system = {SYSTEM_KEYS[k]: v for k, v in properties.items() if k in SYSTEM_KEYS}
+    return app, system
 
 
 class ProtocolUnavailable(RuntimeError):
@@ -97,16 +131,17 @@ def _http(spec: TransportSpec) -> Transport:
 
 def _mqtt(spec: TransportSpec) -> Transport:
     mod = _adapter("mqtt", "adapters.mqtt.transport")
-    # Telemetry only: the sidecar does not consume cloud-to-device traffic (yet), so subscribe to nothing.
+    # The whole device surface: C2D is acknowledged only when an app settles it (see surface.py).
     transport: Transport = mod.MqttTransport(spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(),
-                                             protocol=spec.mqtt_version, subscribe=())
+                                             protocol=spec.mqtt_version, subscribe=("c2d", "twin", "methods"))
     return transport
 
 
 def _amqp(spec: TransportSpec) -> Transport:
     mod = _adapter("amqp", "adapters.amqp.transport")
     transport: Transport = mod.AmqpTransport.from_connection_string(
-        spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(), receive_c2d=False,
+        spec.connection, host=spec.host, port=spec.port, ssl=spec.ssl_context(), receive_c2d=True,
+        subscribe=("methods", "twin"),
     )
     return transport
 
@@ -129,10 +164,13 @@ def build_transport(spec: TransportSpec, factories: Mapping[str, TransportFactor
 
 
 class EventHub:
-    """Fan-out of sidecar events (state changes, dead letters) to SSE subscribers, with a short replay."""
+    """Fan-out of sidecar events (state changes, deliveries, dead letters) to SSE subscribers, with a short
+    replay. ``delivered`` events are replayed from their own ring, so a busy sidecar's deliveries never
+    push the rarer state changes and dead letters out of the replay a reconnecting page asks for."""
 
     def __init__(self, keep: int = 200, queue_size: int = 1000) -> None:
         self._recent: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
+        self._delivered: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
         self._subscribers: set[asyncio.Queue[tuple[int, str, dict[str, Any]] | None]] = set()
         self._next = 1
         self._queue_size = queue_size
@@ -140,7 +178,7 @@ class EventHub:
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         event = (self._next, kind, data)
         self._next += 1
-        self._recent.append(event)
+        (self._delivered if kind == "delivered" else self._recent).append(event)
         for queue in list(self._subscribers):
             if queue.full():  # a stalled reader loses its oldest events, never blocks the sidecar
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -148,7 +186,7 @@ class EventHub:
             queue.put_nowait(event)
 
     def recent(self, after: int = 0) -> list[tuple[int, str, dict[str, Any]]]:
-        return [e for e in self._recent if e[0] > after]
+        return sorted(e for ring in (self._recent, self._delivered) for e in ring if e[0] > after)
 
     async def subscribe(self, after: int | None = None) -> AsyncGenerator[tuple[int, str, dict[str, Any]], None]:
         queue: asyncio.Queue[tuple[int, str, dict[str, Any]] | None] = asyncio.Queue(self._queue_size)
@@ -192,6 +230,8 @@ class DevicePipeline:
         max_inflight: int = 8,
         clock: Callable[[], float] = time.time,
         redact: Callable[[str], str] = str,
+        c2d_poll_interval: float = 1.0,
+        c2d_max_held: int = 100,
     ) -> None:
         self.device_id = device_id
         self._redact = redact
@@ -204,8 +244,13 @@ class DevicePipeline:
         self._clock = clock
         self.last_error: IoTHubError | None = None
         self.last_error_at: float | None = None
+        self.surface = DeviceSurface(device_id, protocol, lambda: self.handler,
+                                     now=lambda: rfc3339(self._clock()) or "",
+                                     timeout=lambda: self.policy.config.operation.timeout,
+                                     poll_interval=c2d_poll_interval, max_held=c2d_max_held)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
-                               on_state_change=self._on_state, on_undelivered=self._on_undelivered)
+                               on_state_change=self._on_state, on_undelivered=self._on_undelivered,
+                               on_inbound=self.surface.on_inbound)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: dict[str, str] = {}
@@ -233,6 +278,7 @@ class DevicePipeline:
         if pending and deadline > 0:
             _, pending = await asyncio.wait(pending, timeout=deadline)
         await cancel_and_wait(pending)
+        await self.surface.close()
         await self.handler.close()
         return len(pending)
 
@@ -246,15 +292,16 @@ class DevicePipeline:
             "protocol": self.protocol,
             "state": change.state.value,
             "connected": change.state in (State.CONNECTED, State.THROTTLED) and self.handler.state is not State.PARKED,
-            "since": change.at,
+            "since": rfc3339(change.at),
             "reason": change.reason,
-            "next_attempt_at": change.until,
+            "next_attempt_at": rfc3339(change.until),
             "last_error": self._error_view(),
             "held": self.handler.held(self.device_id),
             "queued": counts["pending"] + counts["inflight"],
             "inflight": len(self._tasks),
             "messages": counts,
-            "storage": self.outbox.failure.to_dict() if self.outbox.failure is not None else None,
+            "storage": storage_view(self.outbox.failure),
+            "listeners": self.surface.listeners(),
         }
 
     def snapshot(self) -> DeviceSnapshot:
@@ -267,7 +314,7 @@ class DevicePipeline:
         if err is None:
             return None
         return {"code": err.code, "name": err.name, "action": self.policy.action_for(err).value,
-                "message": err.message, "transport": err.transport, "at": self.last_error_at}
+                "message": err.message, "transport": err.transport, "at": rfc3339(self.last_error_at)}
 
     # -- the loop --------------------------------------------------------------------------------------
 
@@ -331,7 +378,8 @@ class DevicePipeline:
         if timeout <= 0:
             await self._dead(item, _TIMED_OUT, "deadline passed before delivery", now)
             return
-        message = Message(item.id, self.device_id, item.body, item.properties)
+        app, system = split_system(item.properties)
+        message = Message(item.id, self.device_id, item.body, app, **system)
         try:
             receipt = await self.handler.send(message, timeout=timeout)
         except asyncio.CancelledError:
@@ -353,7 +401,9 @@ class DevicePipeline:
         duplicate = receipt.possible_duplicate or item.possible_duplicate
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
-        await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate))
+        if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
+            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": receipt.attempts,
+                                              "possible_duplicate": duplicate, "at": rfc3339(done)})
 
     async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
         """Settle a message in the outbox. The send already happened, so while storage fails keep trying
@@ -399,7 +449,7 @@ class DevicePipeline:
                     extra={"device": self.device_id, "code": code, "code_name": row.name, "action": "dead_letter",
                            "message_id": item.id})
         self.events.publish("dead_letter", {"device": self.device_id, "id": item.id, "code": code,
-                                            "name": row.name, "reason": reason[:200], "at": now})
+                                            "name": row.name, "reason": reason[:200], "at": rfc3339(now)})
 
     def _note_error(self, err: IoTHubError) -> None:
         self.last_error = err
@@ -429,9 +479,10 @@ class DevicePipeline:
                        "reason": change.reason or None})
         self.events.publish("state", {
             "device": self.device_id, "transport": self.protocol, "state": change.state.value,
-            "code": change.code, "name": name, "action": action, "until": change.until,
-            "reason": change.reason, "at": change.at,
+            "code": change.code, "name": name, "action": action, "until": rfc3339(change.until),
+            "reason": change.reason, "at": rfc3339(change.at),
         })
+        self.surface.on_state(change)
         if change.state is State.CONNECTED:
             self._failures = 0
             self._wake.set()

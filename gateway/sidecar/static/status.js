@@ -23,12 +23,22 @@ async function getJSON(url) {
   return response.json();
 }
 
-function clock(at) {
-  return typeof at === "number" ? new Date(at * 1000).toISOString().slice(11, 19) + "Z" : "";
+// The API's times are RFC 3339 strings; epoch seconds are still read.
+function epoch(at) {
+  if (typeof at === "number") return at;
+  if (typeof at !== "string") return null;
+  const ms = Date.parse(at);
+  return Number.isNaN(ms) ? null : ms / 1000;
 }
 
-function until(at) {
-  if (typeof at !== "number") return "";
+function clock(at) {
+  const t = epoch(at);
+  return t === null ? "" : new Date(t * 1000).toISOString().slice(11, 19) + "Z";
+}
+
+function until(value) {
+  const at = epoch(value);
+  if (at === null) return "";
   const seconds = at - Date.now() / 1000;
   if (seconds <= 0) return "now";
   if (seconds < 120) return `in ${seconds.toFixed(1)} s`;
