@@ -328,6 +328,7 @@ def _server_class() -> type[Any]:
         return _SERVER_CLASS
     import proton
     from proton import Delivery, Endpoint, Link, Message
+    from proton import _message as _pm  # the raw getters (see _record)
     from proton.handlers import MessagingHandler
     from proton.reactor import ApplicationEvent
 
@@ -848,7 +849,16 @@ def _server_class() -> type[Any]:
             body = _body_bytes(msg.body)
             props = {str(k): str(v) for k, v in (msg.properties or {}).items()}
             mid = msg.id
-            self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props))
+            annotations = msg.annotations or {}
+            # proton's content_type / content_encoding getters answer symbol('None') when unset: read the C fields
+            raw = msg._msg
+            system = {name: str(value) for name, value in (
+                ("$.ct", _pm.pn_message_get_content_type(raw)),  # type: ignore[attr-defined]
+                ("$.ce", _pm.pn_message_get_content_encoding(raw)),  # type: ignore[attr-defined]
+                ("$.cid", msg.correlation_id), ("$.ctime", annotations.get("iothub-creation-time-utc")))
+                if value is not None}
+            self.hub.record(Received(device, str(mid) if mid is not None else None, body, "amqp", props,
+                                     system=system))
 
         # -- twin -----------------------------------------------------------------------------------
         def _twin(self, link: Any, dlv: Any, msg: Any) -> None:

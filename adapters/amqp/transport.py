@@ -95,6 +95,7 @@ _TWIN_REPORTED: Final = "/properties/reported"
 _TWIN_DESIRED: Final = "/notifications/twin/properties/desired"
 _METHOD_NAME: Final = "IoThub-methodname"
 _METHOD_STATUS: Final = "IoThub-status"
+_CREATION_TIME: Final = "iothub-creation-time-utc"  #: a message annotation, as the C# SDK sends it
 # The condition a twin answer's error is read under: no condition exists on the wire (the status and the
 # body say it all), and an unknown one lets translate() fall back on the status family.
 _TWIN_ANSWER: Final = "iothub:twin-response"
@@ -783,6 +784,12 @@ class _Bridge:
         pmsg.id = message.id
         pmsg.body = bytes(message.body)
         pmsg.properties = cast(Any, dict(message.properties) if message.properties else None)
+        # IoT Hub's system properties: the AMQP message's own fields, creation time as an annotation
+        pmsg.content_type = message.content_type
+        pmsg.content_encoding = message.content_encoding
+        pmsg.correlation_id = message.correlation_id
+        pmsg.annotations = cast(Any, {self.proton.symbol(_CREATION_TIME): message.creation_time}
+                                if message.creation_time else None)
         self.pending[sender.send(pmsg)] = fut
 
     def do_settle(self, token: str, outcome: SettleOutcome, fut: asyncio.Future[None]) -> None:

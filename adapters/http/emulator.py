@@ -61,6 +61,9 @@ _NO_BODY_STATUSES: Final = frozenset({204, 304})  # HTTP forbids a body: only th
 _MAX_TELEMETRY: Final = 256 * 1024  # IoT Hub's device-to-cloud message limit
 _HUGE_CHUNK: Final = b" " * 65536
 _HUGE_CAP: Final = 1 << 30  # an endless body still ends somewhere if the client never hangs up
+#: IoT Hub's system-property headers on device telemetry, and the MQTT names the hub records them under
+_SYSTEM_HEADERS = (("iothub-contenttype", "$.ct"), ("iothub-contentencoding", "$.ce"),
+                   ("iothub-correlationid", "$.cid"), ("iothub-creation-time-utc", "$.ctime"))
 _APP_PREFIX: Final = "iothub-app-"
 _WS_PROTOCOLS: Final = {"mqtt": "mqtt", "AMQPWSB10": "amqp"}  # WebSocket subprotocol -> front
 
@@ -420,9 +423,10 @@ class HttpFront:
             return self.error(_TOO_LARGE, message=f"Message size {len(body)} exceeds {_MAX_TELEMETRY} bytes")
         props = {k[len(_APP_PREFIX):]: v for k, v in request.headers.items() if k.lower().startswith(_APP_PREFIX)}
         message_id = request.headers.get("iothub-messageid")
+        system = {name: request.headers[header] for header, name in _SYSTEM_HEADERS if header in request.headers}
 
         def work() -> None:
-            self.hub.record(Received(device_id, message_id, body, "http", props))
+            self.hub.record(Received(device_id, message_id, body, "http", props, system=system))
 
         return await self._apply(request, device_id, Operation.TELEMETRY, work, properties=props, body=body)
 

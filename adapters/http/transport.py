@@ -275,6 +275,10 @@ class HttpTransport:
         headers = {"iothub-messageid": message.id, "Content-Type": "application/octet-stream"}
         for key, value in message.properties.items():
             headers[_APP_PREFIX + key] = value
+        # IoT Hub's system properties over HTTP (routing on the body needs content type and encoding)
+        system = (("iothub-contenttype", message.content_type), ("iothub-contentencoding", message.content_encoding),
+                  ("iothub-correlationid", message.correlation_id), ("iothub-creation-time-utc", message.creation_time))
+        headers.update((header, value) for header, value in system if value is not None)
         _check_headers(headers, device_id)
         await self._call("POST", f"/devices/{_seg(device_id)}/messages/events", device_id=device_id,
                          body=message.body, headers=headers)

@@ -461,7 +461,8 @@ class _Session:
         device = self.device_id or ""
         props = dict(parse_qsl(bag.rstrip("/"), keep_blank_values=True))
         message_id = props.pop("$.mid", None)
-        received = Received(device, message_id, packet.payload, "mqtt", props)
+        system = {k: props.pop(k) for k in [k for k in props if k.startswith("$")]}  # $.ct, $.ce, $.cid, ...
+        received = Received(device, message_id, packet.payload, "mqtt", props, system=system)
         fault = self.front.hub.plan.take(device, Operation.TELEMETRY, "mqtt", properties=props, body=packet.payload)
         if fault is None:
             self.front.hub.record(received)

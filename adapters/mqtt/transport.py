@@ -503,12 +503,25 @@ class _Link:
 
 
 @functools.lru_cache(maxsize=1024)
-def _events_prefix(device: str, properties: tuple[tuple[str, str], ...]) -> str:
+def _events_prefix(device: str, properties: tuple[tuple[str, str], ...],
+                   system: tuple[tuple[str, str], ...] = ()) -> str:
     """The telemetry topic up to the message id, made once per device and property set: telemetry
     mostly repeats both, and quoting them again for every message was most of send()'s own cost.
-    Names and values are quoted whole (``&``, ``=``, ``/`` included), and ``$.mid`` comes last, from us."""
+    Names and values are quoted whole (``&``, ``=``, ``/`` included); IoT Hub's system properties
+    (``$.ct``, ``$.ce``, ``$.cid``, ``$.ctime``) follow with their names as the hub spells them, and
+    ``$.mid`` comes last, from us."""
     bag = "".join(f"{quote(k, safe='.')}={quote(v, safe='')}&" for k, v in properties)
+    bag += "".join(f"{k}={quote(v, safe='')}&" for k, v in system)
     return f"devices/{device}/messages/events/{bag}$.mid="
+
+
+def _system(message: Message) -> tuple[tuple[str, str], ...]:
+    """The message's system properties under IoT Hub's MQTT names (empty for plain telemetry)."""
+    if (message.content_type or message.content_encoding or message.correlation_id or message.creation_time) is None:
+        return ()
+    pairs = (("$.ct", message.content_type), ("$.ce", message.content_encoding), ("$.cid", message.correlation_id),
+             ("$.ctime", message.creation_time))
+    return tuple((k, v) for k, v in pairs if v is not None)
 
 
 def _method_topic(status: int, rid: str) -> str:
@@ -786,7 +799,8 @@ class MqttTransport:
             check_properties(message, "mqtt")
         message_id = message.id
         mid_part = message_id if message_id.isascii() and message_id.isalnum() else quote(message_id, safe="")
-        topic = _events_prefix(message.device_id or self.device_id, tuple(message.properties.items())) + mid_part
+        topic = _events_prefix(message.device_id or self.device_id, tuple(message.properties.items()),
+                               _system(message)) + mid_part
         if len(message.body) + len(topic) > MAX_MESSAGE:
             raise make_error(_TOO_LARGE, transport="mqtt", device_id=message.device_id, exact=False,
                              message=f"message {message_id!r} is larger than IoT Hub's {MAX_MESSAGE} bytes; "

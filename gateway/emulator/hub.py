@@ -105,6 +105,8 @@ class Received:
     transport: str
     properties: dict[str, str]
     enqueued: float = field(default_factory=time.time, compare=False)  #: wall-clock arrival (Event Hub enqueued time)
+    #: IoT Hub's system properties as sent, by their MQTT names (``$.ct``, ``$.ce``, ``$.cid``, ``$.ctime``)
+    system: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 
