@@ -189,6 +189,8 @@ class C2DMessage:
     properties: Mapping[str, str] = field(default_factory=dict)
     delivery_count: int = 0
     correlation_id: str | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1070,9 +1070,14 @@ class _Bridge:
         msg_id = message.id
         corr = message.correlation_id
         count = message.delivery_count
+        # proton's content_type / content_encoding getters answer symbol('None') when unset: read the C fields
+        raw = getattr(message, "_msg", None)
+        ctype = self.proton._message.pn_message_get_content_type(raw) if raw is not None else None
+        cenc = self.proton._message.pn_message_get_content_encoding(raw) if raw is not None else None
         c2d = C2DMessage(self.device_id, token, str(msg_id) if msg_id is not None else None, body,
                          {str(k): str(v) for k, v in (message.properties or {}).items()},
-                         count if isinstance(count, int) else 0, str(corr) if corr is not None else None)
+                         count if isinstance(count, int) else 0, str(corr) if corr is not None else None,
+                         str(ctype) if ctype is not None else None, str(cenc) if cenc is not None else None)
         self.emit(Inbound("c2d", c2d, self.device_id))
 
     def on_twin_message(self, message: Any) -> None:

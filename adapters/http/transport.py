@@ -592,7 +592,8 @@ def _c2d_message(device_id: str, headers: Mapping[str, str], body: bytes) -> C2D
     # isdigit() alone admits "²" and 5,000-digit numbers, on which int() raises: a count is a small number
     delivery_count = int(count) if count.isascii() and count.isdigit() and len(count) <= 9 else 0
     return C2DMessage(device_id, etag, headers.get("iothub-messageid"), body, props, delivery_count,
-                      headers.get("iothub-correlationid"))
+                      headers.get("iothub-correlationid"), headers.get("iothub-contenttype"),
+                      headers.get("iothub-contentencoding"))
 
 
 def _seg(value: str) -> str:

@@ -427,6 +427,7 @@ class _Link:
         props = dict(parse_qsl(bag, keep_blank_values=True))
         message_id = props.pop("$.mid", None)
         correlation_id = props.pop("$.cid", None)
+        content_type, content_encoding = props.pop("$.ct", None), props.pop("$.ce", None)
         # IoT Hub's system properties ($.to, $.ct, $.exp, ...) start with "$", which no application property
         # may: what is left are the sender's own properties, as AMQP and HTTP deliver them.
         props = {k: v for k, v in props.items() if not k.startswith("$")}
@@ -434,7 +435,7 @@ class _Link:
             self.unsettled.add(mid)
         token = f"{self.generation}:{mid}:{qos}"
         self._put(Inbound("c2d", C2DMessage(self.owner.device_id, token, message_id, payload, props, 0,
-                                            correlation_id), self.owner.device_id))
+                                            correlation_id, content_type, content_encoding), self.owner.device_id))
 
     def _method(self, call: MethodCall) -> None:
         if self._room():

@@ -96,8 +96,8 @@ def c2d_view(message: C2DMessage, received_at: str) -> dict[str, Any]:
         "lock": message.lock_token,  # not "lock_token": the redactor blanks any "...token" field
         "message_id": message.message_id,
         "correlation_id": message.correlation_id,
-        "content_type": system.pop("$.ct", None),
-        "content_encoding": system.pop("$.ce", None),
+        "content_type": message.content_type or system.pop("$.ct", None),
+        "content_encoding": message.content_encoding or system.pop("$.ce", None),
         "delivery_count": message.delivery_count,
         "properties": props,
         "system_properties": system,
