@@ -6,10 +6,17 @@ SASL ANONYMOUS or PLAIN, claims-based security (put-token on ``$cbs``, answered 
 cloud-to-device messages on ``/devices/{id}/messages/devicebound`` with a lock that expires. A second
 attach for the same device and link kind detaches the first with ``amqp:link:stolen``.
 
+Connections may be multiplexed, as IoT Hub allows: many devices on one connection, each with its own
+put-token on the connection's ``$cbs`` and its own links (and session). A fault then targets one device
+(``"delivery"``, ``"link"``, ``"cbs"``), that device's link's ``"session"`` (every device on it: one
+when each device has its own session, as the Azure SDKs open them) or the whole ``"connection"``.
+
 Failures come from the hub's shared :class:`~gateway.emulator.FaultPlan` and are put on the wire by
 :func:`adapters.amqp.translate.render`, so what the adapter reads back is the catalog's own form.
 ``Fault.form`` picks where an ERROR lands: ``"delivery"`` (reject it; telemetry's default),
-``"link"``, ``"session"``, ``"connection"`` (CONNECT's default) or ``"cbs"`` (the put-token answer);
+``"link"``, ``"session"``, ``"connection"`` (CONNECT's default) or ``"cbs"`` (the put-token answer;
+CONNECT's default on a connection that already carries other devices, so one device's refusal leaves
+its neighbours alone);
 ``"<where>:<n>"`` picks the n-th wire form ``render`` offers (``-1``: the generic one).
 
 Proton is imported when the front starts, not when this module is imported.
@@ -671,7 +678,10 @@ def _server_class() -> type[Any]:
                     self._later(fault.delay, lambda: self._verify(conn, msg, device, token))
                     return
                 assert fault.code is not None
-                where, form = _pick(fault.code, fault, "connection")
+                # A connection carrying other devices (multiplexed) answers one device's refusal on $cbs,
+                # as IoT Hub does, rather than closing the neighbours' connection with it.
+                shared = any(other != device for other in conn.gw_auth)
+                where, form = _pick(fault.code, fault, "cbs" if shared else "connection")
                 if where == "cbs":
                     status = int(form.info.get("status-code", fault.code // 1000))  # type: ignore[call-overload]
                     self._answer(conn, msg, status, form.description, form.info)
