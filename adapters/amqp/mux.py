@@ -267,7 +267,7 @@ class AmqpMux:
         """A connection with room for ``device``: an open or opening one, else a new one (single-flight)."""
         loop = asyncio.get_running_loop()
         for conn in self._conns:
-            if not conn.dead and len(conn.members) < self.devices_per_connection:
+            if not conn.dead and not conn.stopped and len(conn.members) < self.devices_per_connection:
                 conn.members.add(device.device_id)
                 return conn
         self._index += 1
@@ -617,6 +617,7 @@ class AmqpMux:
                 member.events.put_nowait(Disconnected(err))  # first: the supervisor learns the cause
             if not member.ready.done():
                 member.ready.set_exception(err or _not_connected(member.device_id, "closed before it was up"))
+                member.ready.exception()  # retrieved: nobody may be waiting any more (a timed-out connect)
             for fut in pending:
                 if not fut.done():
                     fut.set_exception(gone)
@@ -635,6 +636,9 @@ class AmqpMux:
         if conn.stopped:
             return
         conn.stopped = True
+        # first: the pool forgets the connection before any device hears of the loss (a device whose
+        # handler reconnects at once must not be given the dead connection again)
+        self._call(lambda: self._conn_failed(conn, err))
         for member in list(conn.joined.values()):
             self._fail_member(member, None if err is None else _copy_for(err, member.device_id))
         conn.joined.clear()
@@ -646,7 +650,6 @@ class AmqpMux:
         for path in conn.tls_files:
             _CA_BUNDLES.release(path)
         conn.tls_files.clear()
-        self._call(lambda: self._conn_failed(conn, err))
 
     def _endpoint_error(self, where: str, endpoint: Any, cond: Any) -> None:
         if where in ("connection", "transport"):
