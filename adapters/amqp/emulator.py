@@ -349,6 +349,8 @@ def _server_class() -> type[Any]:
             self.conns: dict[Any, Any] = {}  # connection -> handle object given to Hub.attach
             # (device, "events"|"devicebound"|"twin-in"|"twin-out"|"methods-in"|"methods-out") -> link
             self.links: dict[tuple[str, str], Any] = {}
+            #: device -> its devicebound link: what the C2D tick walks (not every link of every device)
+            self.c2d_links: dict[str, Any] = {}
             # correlation id -> (future, its loop, connection) of a method call waiting for the device
             self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
             # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
@@ -454,6 +456,8 @@ def _server_class() -> type[Any]:
             for key, link in list(self.links.items()):
                 if link.connection == conn:
                     del self.links[key]
+                    if self.c2d_links.get(key[0]) == link:
+                        del self.c2d_links[key[0]]
                     if handle is not None:
                         self.hub.detach(key[0], handle)
 
@@ -581,6 +585,8 @@ def _server_class() -> type[Any]:
             if old is not None and old != link and old.state & Endpoint.LOCAL_ACTIVE:
                 self._close(old, *_pick(_STOLEN, None, "link"))
             self.links[key] = link
+            if kind == "devicebound":
+                self.c2d_links[device] = link
             handle = self.conns.setdefault(conn, object())
             self.hub.attach(device, "amqp", handle, kick=lambda: self.post(lambda: self._taken_over(conn)))
             if str(kind).startswith("methods-") and all(
@@ -603,6 +609,8 @@ def _server_class() -> type[Any]:
             key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
             if self.links.get(key) == link:
                 del self.links[key]
+            if self.c2d_links.get(key[0]) == link:
+                del self.c2d_links[key[0]]
 
         def _close(self, endpoint: Any, where: str, form: RenderedCondition, delivery: Any = None) -> None:
             """Put ``form`` on the endpoint ``where`` names (relative to ``endpoint``)."""
@@ -1040,9 +1048,13 @@ def _server_class() -> type[Any]:
                 self._send_feedback()
             if self.eh_links:
                 self._send_events()
-            for (device, kind), link in list(self.links.items()):
-                if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
+            for device, link in list(self.c2d_links.items()):
+                if not link.state & Endpoint.LOCAL_ACTIVE or link.credit <= 0:
                     continue
+                known = self.hub.device(device)
+                if known is None or not (known.c2d or known.locked):
+                    continue  # nothing queued or locked (a lock-free peek: the next tick catches a race);
+                    # with thousands of multiplexed devices a full lock_c2d per device per tick is the cost
                 while link.credit > 0:
                     entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
                     if entry is None or entry.lock_token is None:
