@@ -35,13 +35,13 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from adapters.amqp.emulator import AmqpFront  # noqa: E402
-from adapters.amqp.mux import AmqpMux  # noqa: E402
-from adapters.amqp.transport import AmqpTransport  # noqa: E402
-from gateway.emulator import Hub  # noqa: E402
-from gateway.handler import Handler, State  # noqa: E402
-from gateway.sas import make_sas_token  # noqa: E402
-from gateway.transport import Message, Transport  # noqa: E402
+from adapters.amqp.emulator import AmqpFront
+from adapters.amqp.mux import AmqpMux
+from adapters.amqp.transport import AmqpTransport
+from gateway.emulator import Hub
+from gateway.handler import Handler, State
+from gateway.sas import make_sas_token
+from gateway.transport import Message, Transport
 
 KEY = "c2NhbGUtYmVuY2gtZGV2aWNlLWtleS0wMTIzNDU2Nzg5YWI="  # one key for every bench device (local only)
 HUB_HOST = "scale.azure-devices.net"
@@ -195,6 +195,7 @@ def main() -> None:
             parent.recv()
             proc.join(30)
         conns = result["connections"]
+        ratio = result["rejoin_peak_per_s"] / max(1.0, result["rejoin_even_per_s"])
         print(f"[{result['mode']}] N={n:,}: connected in {result['connect_s']:.2f} s "
               f"({n / result['connect_s']:,.0f} devices/s) over {len(conns)} connection(s)")
         print(f"  RSS {result['rss_per_device_kb']:.1f} KB per idle device; threads {result['threads_before']} -> "
@@ -203,7 +204,7 @@ def main() -> None:
         print(f"  telemetry: {result['msgs']:,} messages at {result['msgs_per_s']:,.0f} msg/s through the handlers")
         print(f"  hub restart: all back in {result['reconnect_s']:.2f} s over {result['reconnect_connections']} "
               f"new connection(s); rejoin peak {result['rejoin_peak_per_s']:,}/s vs even "
-              f"{result['rejoin_even_per_s']:,.0f}/s (ratio {result['rejoin_peak_per_s'] / max(1.0, result['rejoin_even_per_s']):.2f})")
+              f"{result['rejoin_even_per_s']:,.0f}/s (ratio {ratio:.2f})")
 
 
 if __name__ == "__main__":
