@@ -14,13 +14,14 @@ import pytest
 
 from adapters.amqp.emulator import AmqpFront
 from adapters.amqp.mux import DEVICES_PER_CONNECTION, AmqpMux, MuxDevice
+from adapters.amqp.transport import AmqpTransport
 from gateway.codes import code_of
 from gateway.emulator import Hub
 from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
 from gateway.handler import Handler
 from gateway.tls import client_context
-from gateway.transport import Disconnected, GetTwin, Message, UnsupportedRequest
+from gateway.transport import C2DMessage, Disconnected, GetTwin, Inbound, Message, SettleC2D, UnsupportedRequest
 
 STEP = 5.0
 DEVICES = [f"leaf-{i}" for i in range(6)]
@@ -249,3 +250,59 @@ async def test_handlers_deliver_everything_across_a_dropped_shared_connection(hu
     finally:
         for h in handlers:
             await h.close()
+
+
+async def test_c2d_reaches_its_device_only_and_settles(hub: Hub, front: AmqpFront, mux: AmqpMux) -> None:
+    a, b = device(mux, hub, DEVICES[0]), device(mux, hub, DEVICES[1])
+    await connect_all([a, b])
+    hub.send_c2d(a.device_id, b"for-a", message_id="c2d-1")
+    event = await next_event(a)
+    assert isinstance(event, Inbound) and event.kind == "c2d"
+    c2d = event.payload
+    assert isinstance(c2d, C2DMessage) and c2d.device_id == a.device_id and c2d.body == b"for-a"
+    await a.request(SettleC2D.of(c2d), timeout=STEP)
+    known = hub.device(a.device_id)
+    assert known is not None and not known.c2d and not known.locked  # completed: gone from the hub
+    with pytest.raises(IoTHubError) as caught:  # settled once: its lock is gone
+        await a.request(SettleC2D.of(c2d), timeout=STEP)
+    assert caught.value.code == code_of("DeviceMessageLockLost")
+    await b.send(Message("b-quiet", b.device_id, b"x"))  # the neighbour heard nothing meanwhile
+    assert b.connected
+
+
+async def test_a_stolen_link_affects_only_that_device(hub: Hub, front: AmqpFront, mux: AmqpMux,
+                                                      tls_files: Any) -> None:
+    devices = [device(mux, hub, d) for d in DEVICES[:3]]
+    await connect_all(devices)
+    thief = AmqpTransport.from_connection_string(hub.connection_string(DEVICES[0]), host="localhost",
+                                                 port=front.port, ssl=client_context(str(tls_files.ca_pem)),
+                                                 connect_timeout=STEP)
+    try:
+        await asyncio.wait_for(thief.connect(), STEP)
+        event = await next_event(devices[0])
+        assert isinstance(event, Disconnected) and event.error.code == code_of("LinkCreationConflict")
+        assert event.error.device_id == DEVICES[0]
+        await asyncio.gather(*(d.send(Message(f"{d.device_id}-s", d.device_id, b"x")) for d in devices[1:]))
+        assert front.connections() == 2 and mux.connections() == [2]
+    finally:
+        await thief.close()
+
+
+async def test_cbs_renews_each_devices_token_on_the_live_connection(hub: Hub, front: AmqpFront,
+                                                                    mux: AmqpMux) -> None:
+    minted: list[str] = []
+
+    def short_token() -> str:
+        minted.append(DEVICES[0])
+        return hub.token(DEVICES[0], int(time.time() + 2))  # renewed after max(1 s, 80% of ~2 s)
+
+    renewing = mux.device(DEVICES[0], token=short_token, connect_timeout=STEP, send_timeout=STEP)
+    steady = device(mux, hub, DEVICES[1])
+    await connect_all([renewing, steady])
+    assert renewing.credential_expiry is None  # CBS renews: the handler never reconnects for it
+    deadline = asyncio.get_running_loop().time() + STEP
+    while len(minted) < 3 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(minted) >= 3 and renewing.connected and steady.connected
+    await renewing.send(Message("renewed", DEVICES[0], b"x"))
+    assert mux.connection_attempts == 1
