@@ -285,10 +285,18 @@ class AmqpMux:
     def _leave(self, conn: _Conn, device_id: str) -> None:
         conn.members.discard(device_id)
 
+    def _close_if_empty(self, conn: _Conn) -> None:
+        """The last device closed: close its connection (no new device is given it from now on)."""
+        if conn.members or conn.dead:
+            return
+        conn.dead = True
+        if conn in self._conns:
+            self._conns.remove(conn)
+        self._post(lambda: self._fail_conn(conn, None))
+
     def _conn_failed(self, conn: _Conn, err: IoTHubError | None) -> None:
         """Loop side: a connection is gone. The pool's one backoff starts (a clean close by us: none)."""
-        if conn.dead:
-            return
+        news = not conn.dead  # False: closed by _close_if_empty, no backoff for that
         conn.dead = True
         if conn in self._conns:
             self._conns.remove(conn)
@@ -296,7 +304,7 @@ class AmqpMux:
             conn.opened.set_exception(err or make_error(_NOT_CONNECTED, transport=TRANSPORT,
                                                          message="the AMQP connection closed before it opened"))
             conn.opened.exception()  # retrieved: the joiners read it from their own memberships
-        if err is None or self._closed:
+        if err is None or self._closed or not news:
             return
         self._failures += 1
         first, cap = self.backoff
@@ -901,6 +909,8 @@ class MuxDevice:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done, 5.0)
         mux._leave(member.conn, self.device_id)
+        if self._closing:
+            mux._close_if_empty(member.conn)
 
     def _live(self) -> _Member:
         m = self._member

@@ -100,6 +100,17 @@ async def test_devices_share_one_connection_and_one_thread(hub: Hub, front: Amqp
     await devices[0].close()  # one device leaves: the connection stays for the others
     await devices[1].send(Message("after-leave", devices[1].device_id, b"x"))
     assert front.connections() == 1 and mux.connections() == [len(DEVICES) - 1]
+    for leaving in devices[1:]:  # the last one out closes the connection
+        await leaving.close()
+    assert mux.connections() == []
+    for _ in range(50):
+        if front.connections() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert front.connections() == 0
+    await devices[0].connect()  # and a device coming back opens a new one
+    await devices[0].send(Message("reopened", devices[0].device_id, b"x"))
+    assert mux.connection_attempts == 2 and front.connections() == 1
 
 
 async def test_the_pool_opens_a_new_connection_past_the_cap(hub: Hub, front: AmqpFront, tls_files: Any) -> None:
