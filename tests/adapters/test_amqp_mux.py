@@ -317,3 +317,28 @@ async def test_cbs_renews_each_devices_token_on_the_live_connection(hub: Hub, fr
     assert len(minted) >= 3 and renewing.connected and steady.connected
     await renewing.send(Message("renewed", DEVICES[0], b"x"))
     assert mux.connection_attempts == 1
+
+
+async def test_a_shared_session_error_reaches_every_device_on_it_once(hub: Hub, front: AmqpFront,
+                                                                      tls_files: Any) -> None:
+    m = AmqpMux(host="localhost", port=front.port, ssl=client_context(str(tls_files.ca_pem)),
+                hub_host=hub.host_name, session_per_device=False)
+    try:
+        devices = [device(m, hub, d) for d in DEVICES[:4]]
+        await connect_all(devices)
+        hub.plan.add("telemetry", _THROTTLED, device=DEVICES[0], transport="amqp", form="session")
+        with pytest.raises(IoTHubError):
+            await devices[0].send(Message("s-1", DEVICES[0], b"x"))
+        async def stream(d: MuxDevice) -> list[Any]:
+            return [e async for e in d.events()]
+
+        seen = await asyncio.wait_for(asyncio.gather(*(stream(d) for d in devices)), STEP)
+        for d, events in zip(devices, seen, strict=True):
+            assert len(events) == 1 and isinstance(events[0], Disconnected)
+            assert events[0].error.code == _THROTTLED and events[0].error.device_id == d.device_id
+        # the connection itself stayed: everyone rejoins it on a new shared session
+        await connect_all(devices)
+        await asyncio.gather(*(d.send(Message(f"{d.device_id}-s", d.device_id, b"x")) for d in devices))
+        assert m.connection_attempts == 1 and front.connections() == 1
+    finally:
+        await m.close()
