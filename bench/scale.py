@@ -11,6 +11,7 @@ counted against the gateway. The gateway process runs one ``Handler`` per device
 - the hub restart: the front cuts every socket; time until all are back, the connections the pool
   opened for it, and the peak rejoins per second against an even spread over that time.
 
+``--shared-session`` shares one session per connection (less memory per device).
 ``--per-connection`` runs the same with one ``AmqpTransport`` (one connection and one proton thread)
 per device, for the ratio (keep N small: it costs a thread per device).
 
@@ -90,13 +91,14 @@ def fds() -> int:
 
 
 async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection, port: int,
-              hub_host: str) -> dict[str, Any]:
+              hub_host: str, shared_session: bool = False) -> dict[str, Any]:
     def token_for(device_id: str) -> Any:
         return lambda: make_sas_token(f"{hub_host}/devices/{device_id}", KEY, int(time.time() + 3600))
 
     gc.collect()
     rss0, threads0, fds0 = rss_kb(), _status("Threads"), fds()
-    mux = AmqpMux(host="127.0.0.1", port=port, ssl=None, hub_host=hub_host) if not per_connection else None
+    mux = AmqpMux(host="127.0.0.1", port=port, ssl=None, hub_host=hub_host,
+                  session_per_device=not shared_session) if not per_connection else None
     transports: list[Transport] = []
     for i in range(n):
         device_id = f"leaf-{i}"
@@ -158,7 +160,7 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
     if mux is not None:
         await mux.close()
     return {
-        "mode": "per-connection" if per_connection else "mux",
+        "mode": "per-connection" if per_connection else "mux, shared session" if shared_session else "mux",
         "n": n,
         "connect_s": connect_s,
         "rss_per_device_kb": (rss1 - rss0) / n,
@@ -181,6 +183,7 @@ def main() -> None:
     parser.add_argument("n", nargs="*", type=int, default=[1000], help="device counts (default 1000)")
     parser.add_argument("--messages", type=int, default=5, help="telemetry messages per device")
     parser.add_argument("--per-connection", action="store_true", help="one AmqpTransport per device instead")
+    parser.add_argument("--shared-session", action="store_true", help="mux with one session per connection")
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
     for n in args.n:
@@ -189,7 +192,8 @@ def main() -> None:
         proc.start()
         port, hub_host = parent.recv()
         try:
-            result = asyncio.run(run(n, args.messages, args.per_connection, parent, port, hub_host))
+            result = asyncio.run(run(n, args.messages, args.per_connection, parent, port, hub_host,
+                                     args.shared_session))
         finally:
             parent.send("stop")
             parent.recv()
