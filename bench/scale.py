@@ -63,6 +63,8 @@ def _hub_process(n: int, pipe: Connection) -> None:
             command = await loop.run_in_executor(None, pipe.recv)
             if command == "count":
                 pipe.send(hub.received_total)
+            elif command == "cpu":
+                pipe.send(time.process_time())
             elif command == "drop":
                 await front.drop_all()
                 pipe.send(front.connections())
@@ -117,18 +119,23 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
             back.append(time.monotonic())
 
     handlers = [Handler(t, identity=f"leaf-{i}", on_state_change=on_change) for i, t in enumerate(transports)]
-    t0 = time.monotonic()
+    def hub_cpu() -> float:
+        hub_pipe.send("cpu")
+        return float(hub_pipe.recv())
+
+    t0, cpu0, hub0 = time.monotonic(), time.process_time(), hub_cpu()
     for h in handlers:
         await h.start()
     await asyncio.gather(*(h.wait_connected(300.0) for h in handlers))
     connect_s = time.monotonic() - t0
+    connect_cpu, connect_hub_cpu = time.process_time() - cpu0, hub_cpu() - hub0
     await asyncio.sleep(1.0)
     gc.collect()
     rss1, threads1, fds1 = rss_kb(), _status("Threads"), fds()
 
     hub_pipe.send("count")
     before = hub_pipe.recv()
-    t1 = time.monotonic()
+    t1, cpu1, hub1 = time.monotonic(), time.process_time(), hub_cpu()
 
     async def burst(h: Handler, i: int) -> None:
         for k in range(messages):
@@ -136,6 +143,7 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
 
     await asyncio.gather(*(burst(h, i) for i, h in enumerate(handlers)))
     send_s = time.monotonic() - t1
+    send_cpu, send_hub_cpu = time.process_time() - cpu1, hub_cpu() - hub1
     hub_pipe.send("count")
     delivered = hub_pipe.recv() - before
 
@@ -163,6 +171,8 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
         "mode": "per-connection" if per_connection else "mux, shared session" if shared_session else "mux",
         "n": n,
         "connect_s": connect_s,
+        "connect_cpu": (connect_cpu, connect_hub_cpu),
+        "send_cpu": (send_cpu, send_hub_cpu),
         "rss_per_device_kb": (rss1 - rss0) / n,
         "threads_before": threads0,
         "threads": threads1,
@@ -202,6 +212,8 @@ def main() -> None:
         ratio = result["rejoin_peak_per_s"] / max(1.0, result["rejoin_even_per_s"])
         print(f"[{result['mode']}] N={n:,}: connected in {result['connect_s']:.2f} s "
               f"({n / result['connect_s']:,.0f} devices/s) over {len(conns)} connection(s)")
+        print(f"  CPU seconds (gateway / emulator): connect {result['connect_cpu'][0]:.1f} / "
+              f"{result['connect_cpu'][1]:.1f}, telemetry {result['send_cpu'][0]:.1f} / {result['send_cpu'][1]:.1f}")
         print(f"  RSS {result['rss_per_device_kb']:.1f} KB per idle device; threads {result['threads_before']} -> "
               f"{result['threads']} (python {result['python_threads']}); +{result['fds']} fds "
               f"({result['fds'] / n:.3f} per device)")
