@@ -233,7 +233,6 @@ class AmqpMux:
         self._proton: Any = None
         self._container: Any = None
         self._injector: Any = None
-        self._started = threading.Event()
         self._finished: asyncio.Future[None] | None = None
         self._cmd_lock = threading.Lock()
         self._cmds: deque[Callable[[], None]] = deque()
@@ -270,6 +269,10 @@ class AmqpMux:
     async def close(self) -> None:
         """Close every connection and end the proton thread. Idempotent."""
         self._closed = True
+        for conn in list(self._conns):  # one still waiting for the pool's backoff never opens now
+            if not conn.opened.done():
+                self._conn_failed(conn, make_error(_NOT_CONNECTED, transport=TRANSPORT,
+                                                   message="the AMQP mux is closed"))
         if self._thread is None or self._finished is None:
             return
         self._post(self._do_shutdown)
