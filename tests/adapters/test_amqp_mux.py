@@ -19,7 +19,7 @@ from gateway.codes import code_of
 from gateway.emulator import Hub
 from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
-from gateway.handler import Handler
+from gateway.handler import Handler, State
 from gateway.tls import client_context
 from gateway.transport import C2DMessage, Disconnected, GetTwin, Inbound, Message, SettleC2D, UnsupportedRequest
 
@@ -342,3 +342,29 @@ async def test_a_shared_session_error_reaches_every_device_on_it_once(hub: Hub, 
         assert m.connection_attempts == 1 and front.connections() == 1
     finally:
         await m.close()
+
+
+async def test_handlers_one_devices_401_and_throttle_leave_the_neighbours_connected(hub: Hub, front: AmqpFront,
+                                                                                   mux: AmqpMux) -> None:
+    changes: dict[str, list[State]] = {d: [] for d in DEVICES[:4]}
+    handlers = [Handler(device(mux, hub, d), identity=d,
+                        on_state_change=lambda c, d=d: changes[d].append(c.state)) for d in DEVICES[:4]]
+    try:
+        for h in handlers[1:]:
+            await h.start()
+        await asyncio.wait_for(asyncio.gather(*(h.wait_connected() for h in handlers[1:])), STEP * 2)
+        hub.plan.add("connect", _UNAUTHORIZED, device=DEVICES[0], transport="amqp")
+        hub.plan.add("telemetry", _THROTTLED, device=DEVICES[1], transport="amqp", form="link")
+        await handlers[0].start()  # its first connect is refused: its own policy decides what next
+        sends = [h.send(Message(f"{d}-h", d, b"x"), timeout=STEP * 4)
+                 for h, d in zip(handlers[1:], DEVICES[1:4], strict=True)]
+        receipts = await asyncio.wait_for(asyncio.gather(*sends), STEP * 5)
+        assert [r.id for r in receipts] == [f"{d}-h" for d in DEVICES[1:4]]
+        assert State.CONNECTED not in changes[DEVICES[0]][:2] and changes[DEVICES[0]]  # refused first
+        assert changes[DEVICES[1]].count(State.CONNECTED) >= 2  # throttled, its link dropped, came back
+        for d in DEVICES[2:4]:  # the neighbours never left CONNECTED
+            assert changes[d] == [State.CONNECTING, State.CONNECTED], changes[d]
+        assert front.connections() == 1 and mux.connection_attempts == 1
+    finally:
+        for h in handlers:
+            await h.close()
