@@ -7,7 +7,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from gateway.codes import code_of
 from gateway.emulator import Hub
 from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
-from gateway.handler import Handler, State
+from gateway.handler import Handler, State, StateChange
 from gateway.tls import client_context
 from gateway.transport import C2DMessage, Disconnected, GetTwin, Inbound, Message, SettleC2D, UnsupportedRequest
 
@@ -347,8 +347,10 @@ async def test_a_shared_session_error_reaches_every_device_on_it_once(hub: Hub, 
 async def test_handlers_one_devices_401_and_throttle_leave_the_neighbours_connected(hub: Hub, front: AmqpFront,
                                                                                    mux: AmqpMux) -> None:
     changes: dict[str, list[State]] = {d: [] for d in DEVICES[:4]}
-    handlers = [Handler(device(mux, hub, d), identity=d,
-                        on_state_change=lambda c, d=d: changes[d].append(c.state)) for d in DEVICES[:4]]
+    def recorder(device_id: str) -> Callable[[StateChange], None]:
+        return lambda change: changes[device_id].append(change.state)
+
+    handlers = [Handler(device(mux, hub, d), identity=d, on_state_change=recorder(d)) for d in DEVICES[:4]]
     try:
         for h in handlers[1:]:
             await h.start()
