@@ -642,10 +642,8 @@ class AmqpMux:
         session = member.session
         own = [session] if self.session_per_device else [member.sender, member.receiver]
         for endpoint in own:  # its own session, or its own links on the shared one
-            if endpoint is not None and not conn.stopped and \
-                    not endpoint.state & self._proton.Endpoint.LOCAL_CLOSED:
-                with contextlib.suppress(Exception):
-                    endpoint.close()
+            if endpoint is not None and not conn.stopped:
+                self._close_when_open(endpoint)
         if err is not None:
             err.device_id = err.device_id or member.device_id
         was_up = member.up
@@ -683,6 +681,27 @@ class AmqpMux:
             member.events.put_nowait(None)
 
         self._call(on_loop)
+
+    def _close_when_open(self, endpoint: Any) -> None:
+        """Close a session or link, but not before the peer's begin/attach reply has come.
+
+        Proton forgets a session's channel as soon as its END goes out; a BEGIN reply still on the way
+        then fails the whole connection ("begin reply to unknown channel"), every device on it with it.
+        A device leaving early (its connect timed out) would tear down its neighbours.
+        """
+        state = endpoint.state
+        if state & self._proton.Endpoint.LOCAL_CLOSED:
+            return
+        if state & self._proton.Endpoint.REMOTE_UNINIT:
+            endpoint.gw_close_pending = True  # closed by _on_remote_open
+            return
+        with contextlib.suppress(Exception):
+            endpoint.close()
+
+    def _on_remote_open(self, endpoint: Any) -> None:
+        if getattr(endpoint, "gw_close_pending", False):
+            endpoint.gw_close_pending = False
+            self._close_when_open(endpoint)
 
     def _fail_conn(self, conn: _Conn, err: IoTHubError | None) -> None:
         """The connection is gone: every device on it hears it once, with the code."""
@@ -1077,6 +1096,13 @@ def _mux_handler_class() -> type[Any]:
                 self.mux._on_receiver_settled(event.delivery)
             else:
                 self.mux._on_outcome(event.delivery)
+
+        # (MessagingHandler's child handlers get these events too: proton dispatches to both)
+        def on_session_remote_open(self, event: Any) -> None:
+            self.mux._on_remote_open(event.session)
+
+        def on_link_remote_open(self, event: Any) -> None:
+            self.mux._on_remote_open(event.link)
 
         def on_connection_remote_close(self, event: Any) -> None:
             self.mux._endpoint_error("connection", event.connection, event.connection.remote_condition)

@@ -90,8 +90,29 @@ class Peer:
                 for fn in batch:
                     fn()
 
+        self.hold_begin = False  # answer no BEGIN until release_begins()
+        self.held: list[Any] = []
+        handler = Handler()
+        for child in handler.handlers:  # the child that answers BEGIN by itself: hold it when asked
+            if type(child).__name__ == "EndpointStateHandler":
+                answer_begin = child.on_session_remote_open
+
+                def on_session_remote_open(event: Any, answer_begin: Any = answer_begin) -> None:
+                    if peer.hold_begin:
+                        peer.held.append(event.session)
+                    else:
+                        answer_begin(event)
+
+                child.on_session_remote_open = on_session_remote_open
+                answer_end = child.on_session_remote_close
+
+                def on_session_remote_close(event: Any, answer_end: Any = answer_end) -> None:
+                    if event.session not in peer.held:  # a held one answers BEGIN first, late
+                        answer_end(event)
+
+                child.on_session_remote_close = on_session_remote_close
         self.injector = proton.reactor.EventInjector()
-        self.container = proton.reactor.Container(Handler())
+        self.container = proton.reactor.Container(handler)
         self.thread = threading.Thread(target=self.container.run, name="peer-proton", daemon=True)
 
     def post(self, fn: Callable[[], None]) -> None:
@@ -100,6 +121,17 @@ class Peer:
         with self._lock:
             self._cmds.append(fn)
         self.injector.trigger(proton.reactor.ApplicationEvent("peer_cmd"))
+
+    def release_begins(self) -> None:
+        def release() -> None:
+            self.hold_begin = False
+            for session in self.held:
+                session.open()  # the BEGIN reply, after the device's END
+                if session.state & session.REMOTE_CLOSED:
+                    session.close()
+            self.held.clear()
+
+        self.post(release)
 
     def close_session(self, device: str, condition: str) -> None:
         from proton import Condition
@@ -210,3 +242,21 @@ async def test_a_connection_closed_by_the_peer_reaches_every_device_once(peer: P
     await asyncio.wait_for(asyncio.gather(*(d.connect() for d in ds)), STEP)
     await send_all(ds, "back")
     assert mux.connection_attempts == 2 and len(peer.conns) == 2
+
+
+async def test_a_device_leaving_before_its_session_is_answered_leaves_the_connection_up(peer: Peer,
+                                                                                       mux: AmqpMux) -> None:
+    ds = devices(mux)
+    await asyncio.wait_for(ds[0].connect(), STEP)
+    peer.hold_begin = True
+    ds[1].connect_timeout = 0.5
+    with pytest.raises(IoTHubError) as caught:  # its BEGIN goes unanswered: its connect times out
+        await ds[1].connect()
+    assert caught.value.code == code_of("OperationTimedOut")
+    assert len(peer.held) == 1
+    peer.release_begins()  # the BEGIN reply arrives after the device has given up
+    await asyncio.sleep(0.3)
+    await send_all([ds[0]], "still-up")
+    assert ds[0].connected and len(peer.conns) == 1 and mux.connection_attempts == 1
+    await asyncio.wait_for(ds[1].connect(), STEP)  # and it can try again on the same connection
+    await send_all(ds[:2], "both")
