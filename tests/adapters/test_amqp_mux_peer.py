@@ -8,7 +8,7 @@ import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -93,7 +93,7 @@ class Peer:
         self.hold_begin = False  # answer no BEGIN until release_begins()
         self.held: list[Any] = []
         handler = Handler()
-        for child in handler.handlers:  # the child that answers BEGIN by itself: hold it when asked
+        for child in cast(list[Any], handler.handlers):  # the child answering BEGIN by itself: hold it
             if type(child).__name__ == "EndpointStateHandler":
                 answer_begin = child.on_session_remote_open
 
