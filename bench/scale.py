@@ -116,9 +116,13 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
     back: list[float] = []
     dropped_at = [0.0]
 
+    lost = [0]
+
     def on_change(change: Any) -> None:
         if dropped_at[0] and change.state is State.CONNECTED:
             back.append(time.monotonic())
+        elif dropped_at[0] and change.state is not State.CLOSED:
+            lost[0] += 1
 
     # one Policy (configuration only) and one Random for every handler: a Mersenne Twister is 2.5 KB each
     policy, rand = Policy(), random.Random()
@@ -136,7 +140,8 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
     connect_cpu, connect_hub_cpu = time.process_time() - cpu0, hub_cpu() - hub0
     await asyncio.sleep(1.0)
     gc.collect()
-    rss1, threads1, fds1 = rss_kb(), _status("Threads"), fds()
+    rss1, threads1, fds1, python_threads = rss_kb(), _status("Threads"), fds(), threading.active_count()
+    connections = mux.connections() if mux is not None else [1] * n
 
     hub_pipe.send("count")
     before = hub_pipe.recv()
@@ -157,7 +162,8 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
     dropped_at[0] = time.monotonic()
     hub_pipe.send("drop")
     hub_pipe.recv()
-    await asyncio.sleep(0.2)
+    while lost[0] < n and time.monotonic() - dropped_at[0] < 300:  # every handler saw the loss
+        await asyncio.sleep(0.05)
     await asyncio.gather(*(h.wait_connected(600.0) for h in handlers))
     reconnect_s = time.monotonic() - dropped_at[0]
     per_second: dict[int, int] = {}
@@ -167,7 +173,6 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
     peak = max(per_second.values()) if per_second else 0
     opened = (mux.connection_attempts - attempts0) if mux is not None else n
 
-    connections = mux.connections() if mux is not None else [1] * n
     for h in handlers:
         await h.close()
     if mux is not None:
@@ -181,7 +186,7 @@ async def run(n: int, messages: int, per_connection: bool, hub_pipe: Connection,
         "rss_per_device_kb": (rss1 - rss0) / n,
         "threads_before": threads0,
         "threads": threads1,
-        "python_threads": threading.active_count(),
+        "python_threads": python_threads,
         "fds": fds1 - fds0,
         "connections": connections,
         "msgs": delivered,
