@@ -6,10 +6,17 @@ SASL ANONYMOUS or PLAIN, claims-based security (put-token on ``$cbs``, answered 
 cloud-to-device messages on ``/devices/{id}/messages/devicebound`` with a lock that expires. A second
 attach for the same device and link kind detaches the first with ``amqp:link:stolen``.
 
+Connections may be multiplexed, as IoT Hub allows: many devices on one connection, each with its own
+put-token on the connection's ``$cbs`` and its own links (and session). A fault then targets one device
+(``"delivery"``, ``"link"``, ``"cbs"``), that device's link's ``"session"`` (every device on it: one
+when each device has its own session, as the Azure SDKs open them) or the whole ``"connection"``.
+
 Failures come from the hub's shared :class:`~gateway.emulator.FaultPlan` and are put on the wire by
 :func:`adapters.amqp.translate.render`, so what the adapter reads back is the catalog's own form.
 ``Fault.form`` picks where an ERROR lands: ``"delivery"`` (reject it; telemetry's default),
-``"link"``, ``"session"``, ``"connection"`` (CONNECT's default) or ``"cbs"`` (the put-token answer);
+``"link"``, ``"session"``, ``"connection"`` (CONNECT's default) or ``"cbs"`` (the put-token answer;
+CONNECT's default on a connection that already carries other devices, so one device's refusal leaves
+its neighbours alone);
 ``"<where>:<n>"`` picks the n-th wire form ``render`` offers (``-1``: the generic one).
 
 Proton is imported when the front starts, not when this module is imported.
@@ -343,6 +350,8 @@ def _server_class() -> type[Any]:
             self.conns: dict[Any, Any] = {}  # connection -> handle object given to Hub.attach
             # (device, "events"|"devicebound"|"twin-in"|"twin-out"|"methods-in"|"methods-out") -> link
             self.links: dict[tuple[str, str], Any] = {}
+            #: device -> its devicebound link: what the C2D tick walks (not every link of every device)
+            self.c2d_links: dict[str, Any] = {}
             # correlation id -> (future, its loop, connection) of a method call waiting for the device
             self.pending_methods: dict[Any, tuple[asyncio.Future[tuple[int, Any]], asyncio.AbstractEventLoop, Any]] = {}
             # (device, connection) -> the handle given to Hub.watch_desired: desired-property subscribers
@@ -448,6 +457,8 @@ def _server_class() -> type[Any]:
             for key, link in list(self.links.items()):
                 if link.connection == conn:
                     del self.links[key]
+                    if self.c2d_links.get(key[0]) == link:
+                        del self.c2d_links[key[0]]
                     if handle is not None:
                         self.hub.detach(key[0], handle)
 
@@ -575,6 +586,8 @@ def _server_class() -> type[Any]:
             if old is not None and old != link and old.state & Endpoint.LOCAL_ACTIVE:
                 self._close(old, *_pick(_STOLEN, None, "link"))
             self.links[key] = link
+            if kind == "devicebound":
+                self.c2d_links[device] = link
             handle = self.conns.setdefault(conn, object())
             self.hub.attach(device, "amqp", handle, kick=lambda: self.post(lambda: self._taken_over(conn)))
             if str(kind).startswith("methods-") and all(
@@ -597,6 +610,8 @@ def _server_class() -> type[Any]:
             key = (str(getattr(link, "gw_device", "")), str(getattr(link, "gw_kind", "")))
             if self.links.get(key) == link:
                 del self.links[key]
+            if self.c2d_links.get(key[0]) == link:
+                del self.c2d_links[key[0]]
 
         def _close(self, endpoint: Any, where: str, form: RenderedCondition, delivery: Any = None) -> None:
             """Put ``form`` on the endpoint ``where`` names (relative to ``endpoint``)."""
@@ -672,7 +687,10 @@ def _server_class() -> type[Any]:
                     self._later(fault.delay, lambda: self._verify(conn, msg, device, token))
                     return
                 assert fault.code is not None
-                where, form = _pick(fault.code, fault, "connection")
+                # A connection carrying other devices (multiplexed) answers one device's refusal on $cbs,
+                # as IoT Hub does, rather than closing the neighbours' connection with it.
+                shared = any(other != device for other in conn.gw_auth)
+                where, form = _pick(fault.code, fault, "cbs" if shared else "connection")
                 if where == "cbs":
                     status = int(form.info.get("status-code", fault.code // 1000))  # type: ignore[call-overload]
                     self._answer(conn, msg, status, form.description, form.info)
@@ -1040,9 +1058,13 @@ def _server_class() -> type[Any]:
                 self._send_feedback()
             if self.eh_links:
                 self._send_events()
-            for (device, kind), link in list(self.links.items()):
-                if kind != "devicebound" or not link.state & Endpoint.LOCAL_ACTIVE:
+            for device, link in list(self.c2d_links.items()):
+                if not link.state & Endpoint.LOCAL_ACTIVE or link.credit <= 0:
                     continue
+                known = self.hub.device(device)
+                if known is None or not (known.c2d or known.locked):
+                    continue  # nothing queued or locked (a lock-free peek: the next tick catches a race);
+                    # with thousands of multiplexed devices a full lock_c2d per device per tick is the cost
                 while link.credit > 0:
                     entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
                     if entry is None or entry.lock_token is None:
