@@ -64,6 +64,7 @@ _EH_RE: Final = re.compile(r"^(?:amqps?://[^/]+)?/?([^/]+)/ConsumerGroups/([^/]+
 _EH_SELECTOR: Final = re.compile(
     r"amqp\.annotation\.x-opt-(offset|sequence-number|enqueued-time)\s*(>=|>)\s*'?([^']*)'?")
 _MANAGEMENT: Final = "$management"
+_URL_RE: Final = re.compile(r"^amqps?://[^/]*", re.IGNORECASE)  #: scheme and host, when a client names them
 PARTITIONS: Final = 2  # the emulator's partition count (IoT Hub's default is 4; 2 keeps tests small)
 
 _UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
@@ -516,8 +517,11 @@ def _server_class() -> type[Any]:
                     return _pick(_UNAUTHORIZED, None, "link")
                 link.gw_eh = [int(eh.group(3)), _eh_start(self.hub, link.remote_source)]
                 return None
+            # uamqp (azure-iot-hub's C2D sender and feedback receiver) names the whole URL,
+            # amqps://{host}/messages/devicebound (azure/iot/hub/iothub_amqp_client.py): its path counts
+            path = _URL_RE.sub("", address).rstrip("/").lower()
             service_kind = {(_SERVICE_C2D, True): "service-c2d", (_FEEDBACK, False): "feedback"}.get(
-                (address.rstrip("/").lower(), bool(link.is_receiver)))
+                (path if path.startswith("/") else "/" + path, bool(link.is_receiver)))
             if service_kind is not None:
                 link.gw_kind = service_kind
                 expiry = getattr(link.connection, "gw_service", None)
@@ -797,7 +801,7 @@ def _server_class() -> type[Any]:
                 status = 404
             answer = Message(correlation_id=msg.id if msg.id is not None else msg.correlation_id,
                              address=msg.reply_to, body=body)
-            answer.properties = cast(Any, {"status-code": status,
+            answer.properties = cast(Any, {"status-code": proton.int32(status),
                                            "status-description": "OK" if status == 200 else "Not found"
                                            if status == 404 else "Unauthorized"})
             reply.send(answer)
@@ -808,7 +812,9 @@ def _server_class() -> type[Any]:
             if reply is None or not reply.state & Endpoint.LOCAL_ACTIVE:
                 return
             answer = Message(correlation_id=request.id, address=request.reply_to)
-            props: dict[str, object] = {"status-code": status, "status-description": description}
+            # an AMQP int: uamqp's CBS client reads status-code with amqpvalue_get_int and calls any other
+            # type a failed put-token (azure-uamqp-c src/amqp_management.c, on_message_received)
+            props: dict[str, object] = {"status-code": proton.int32(status), "status-description": description}
             tracking = (info or {}).get("com.microsoft:tracking-id")
             if tracking is not None:
                 props["com.microsoft:tracking-id"] = tracking
