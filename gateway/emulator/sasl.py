@@ -76,7 +76,7 @@ def pad_performative(frame: bytes) -> bytes:
     ``_incoming_open`` frame[9], session.py ``_incoming_begin`` frame[7], receiver.py ``_incoming_transfer``
     frame[11] is the payload only when all eleven fields precede it). Anything else passes unchanged.
     """
-    if len(frame) < 12 or frame[5] != 0:  # too short for a performative, or not an AMQP frame
+    if len(frame) < 12 or frame[4] < 2 or frame[5] != 0:  # too short, a bad data offset, or not AMQP
         return frame
     start = frame[4] * 4
     body = frame[start:]

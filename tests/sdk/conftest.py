@@ -47,7 +47,7 @@ class EmulatedHub:
         """The built-in Event Hub-compatible endpoint's connection string, as the portal shows it."""
         key = self.service.split("SharedAccessKey=", 1)[1]
         return (f"Endpoint=sb://{HOST}/;SharedAccessKeyName=iothubowner;SharedAccessKey={key};"
-                f"EntityPath={HOST.split('.')[0]}")
+                f"EntityPath={HOST.split('.', maxsplit=1)[0]}")
 
     def admin_call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -71,7 +71,7 @@ def sdk_python() -> pathlib.Path:
     if not python.exists():
         missing_peer(f"no Azure SDK venv at {VENV} (scripts/sdk-venv builds it)")
     probe = subprocess.run([str(python), "-c", "import azure.iot.device, azure.iot.hub, azure.eventhub"],
-                           capture_output=True, text=True, timeout=60)
+                           check=False, capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
         missing_peer(f"the Azure SDKs do not import in {VENV}: {probe.stderr.strip()[-300:]}")
     return python

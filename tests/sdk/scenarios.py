@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -48,7 +49,7 @@ def device_flow(args: dict[str, Any]) -> None:
     from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
 
     client = IoTHubDeviceClient.create_from_connection_string(
-        args["connection_string"], server_verification_cert=open(args["ca"]).read(),
+        args["connection_string"], server_verification_cert=Path(args["ca"]).read_text(),
         websockets=args.get("websockets", False), connection_retry=False)
     want = set(args.get("wait_for", []))
     seen: set[str] = set()
@@ -94,7 +95,7 @@ def device_connect(args: dict[str, Any]) -> None:
     from azure.iot.device import IoTHubDeviceClient
 
     client = IoTHubDeviceClient.create_from_connection_string(
-        args["connection_string"], server_verification_cert=open(args["ca"]).read(),
+        args["connection_string"], server_verification_cert=Path(args["ca"]).read_text(),
         websockets=args.get("websockets", False), connection_retry=False)
     try:
         client.connect()
@@ -122,9 +123,9 @@ def service_flow(args: dict[str, Any]) -> None:
     registry = IoTHubRegistryManager.from_connection_string(cs)
     out: dict[str, Any] = {}
 
-    def attempt(name: str, fn: Any) -> Any:
+    def attempt(name: str, fn: Any, *fn_args: Any, **fn_kwargs: Any) -> Any:
         try:
-            value = fn()
+            value = fn(*fn_args, **fn_kwargs)
         except Exception as exc:  # recorded: the scenario compares it with the real hub's
             out[name] = {"raised": failure(exc)}
             return None
@@ -134,29 +135,29 @@ def service_flow(args: dict[str, Any]) -> None:
     for step in args["steps"]:
         op, device = step["op"], step.get("device", "")
         if op == "create":
-            created = attempt(op, lambda: registry.create_device_with_sas(device, None, None, "enabled"))
+            created = attempt(op, registry.create_device_with_sas, device, None, None, "enabled")
             if created is not None:
                 out[op] = {"device_id": created.device_id, "status": created.status,
                            "has_key": bool(created.authentication.symmetric_key.primary_key),
                            "connection_string": f"HostName={args['host']};DeviceId={device};SharedAccessKey="
                                                 f"{created.authentication.symmetric_key.primary_key}"}
         elif op == "get":
-            got = attempt(op, lambda: registry.get_device(device))
+            got = attempt(op, registry.get_device, device)
             if got is not None:
                 out[op] = {"device_id": got.device_id, "status": got.status,
                            "connection_state": got.connection_state}
         elif op == "get_missing":
-            attempt(op, lambda: registry.get_device(device))
+            attempt(op, registry.get_device, device)
         elif op == "list":
-            listed = attempt(op, lambda: registry.get_devices())
+            listed = attempt(op, registry.get_devices)
             if listed is not None:
                 out[op] = sorted(d.device_id for d in listed)
         elif op == "twin":
             twin = registry.get_twin(device)
-            patched = attempt("twin_update", lambda: registry.update_twin(
-                device, Twin(properties=TwinProperties(desired=step["desired"])), twin.etag))
-            stale = attempt("twin_stale_etag", lambda: registry.update_twin(
-                device, Twin(properties=TwinProperties(desired={"late": 1})), twin.etag))
+            patched = attempt("twin_update", registry.update_twin,
+                              device, Twin(properties=TwinProperties(desired=step["desired"])), twin.etag)
+            stale = attempt("twin_stale_etag", registry.update_twin,  # the etag it had before that update
+                            device, Twin(properties=TwinProperties(desired={"late": 1})), twin.etag)
             out["twin"] = {"version": twin.version, "etag": twin.etag,
                            "desired_version": twin.properties.desired.get("$version"),
                            "reported": twin.properties.reported}
@@ -166,18 +167,18 @@ def service_flow(args: dict[str, Any]) -> None:
             if stale is not None:
                 out["twin_stale_etag"] = {"version": stale.version}
         elif op == "method":
-            result = attempt(op, lambda: registry.invoke_device_method(device, CloudToDeviceMethod(
+            result = attempt(op, registry.invoke_device_method, device, CloudToDeviceMethod(
                 method_name=step["name"], payload=step.get("payload"),
-                response_timeout_in_seconds=step.get("timeout", 10))))
+                response_timeout_in_seconds=step.get("timeout", 10)))
             if result is not None:
                 out[op] = {"status": result.status, "payload": result.payload}
         elif op == "method_offline":
-            attempt(op, lambda: registry.invoke_device_method(device, CloudToDeviceMethod(
-                method_name="reboot", payload={}, response_timeout_in_seconds=5)))
+            attempt(op, registry.invoke_device_method, device, CloudToDeviceMethod(
+                method_name="reboot", payload={}, response_timeout_in_seconds=5))
         elif op == "c2d":
-            attempt(op, lambda: registry.send_c2d_message(device, step["body"], properties=step.get("properties", {})))
+            attempt(op, registry.send_c2d_message, device, step["body"], properties=step.get("properties", {}))
         elif op == "c2d_missing":
-            attempt(op, lambda: registry.send_c2d_message(device, "nobody", properties={}))
+            attempt(op, registry.send_c2d_message, device, "nobody", properties={})
         elif op == "feedback":
             runtime = IoTHubHttpRuntimeManager.from_connection_string(cs)
             ops = runtime.protocol.cloud_to_device_messages
@@ -190,11 +191,11 @@ def service_flow(args: dict[str, Any]) -> None:
             out[op] = {"status": raw.response.status_code,
                        "records": raw.response.json() if raw.response.status_code == 200 else []}
             if token:
-                attempt("feedback_complete", lambda: runtime.complete_feedback_notification(token))
-                attempt("feedback_complete_again", lambda: runtime.complete_feedback_notification(token))
+                attempt("feedback_complete", runtime.complete_feedback_notification, token)
+                attempt("feedback_complete_again", runtime.complete_feedback_notification, token)
             out["feedback_empty"] = runtime.receive_feedback_notification()  # 204: the SDK returns None
         elif op == "delete":
-            attempt(op, lambda: registry.delete_device(device))
+            attempt(op, registry.delete_device, device)
         emit(event="step", op=op)
     amqp = getattr(registry, "amqp_svc_client", None)
     if amqp is not None:

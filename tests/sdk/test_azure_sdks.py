@@ -54,7 +54,8 @@ def test_device_and_service_flow(emulated_hub: EmulatedHub, run_sdk: Any, device
     while "result" not in (event := device_run.next()):
         events[event["event"]] = event
     assert event["result"] == "ok" and event["seen"] == ["c2d", "desired", "method"], (
-        event, {k: service.get(k) for k in ("c2d", "feedback")}, emulated_hub.admin_call("GET", "/feedback"), "".join(service_run.stderr)[-3000:])
+        event, {k: service.get(k) for k in ("c2d", "feedback")}, emulated_hub.admin_call("GET", "/feedback"),
+        "".join(service_run.stderr)[-3000:])
     assert events["desired"]["patch"]["fan"] == "on"
     assert events["desired"]["patch"]["$version"] == service["twin_update"]["desired"]["$version"]
     assert events["method"]["name"] == "reboot" and events["method"]["payload"] == {"delay": 1}
