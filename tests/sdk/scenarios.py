@@ -109,6 +109,24 @@ def device_connect(args: dict[str, Any]) -> None:
         client.shutdown()
 
 
+def device_send(args: dict[str, Any]) -> None:
+    """Connect and send one message, with or without the SDK's own reconnection (``connection_retry``)."""
+    from azure.iot.device import IoTHubDeviceClient, Message
+
+    client = IoTHubDeviceClient.create_from_connection_string(
+        args["connection_string"], server_verification_cert=Path(args["ca"]).read_text(),
+        connection_retry=args.get("retry", True))
+    client.connect()
+    try:
+        client.send_message(Message(args.get("body", "x"), message_id=args["message_id"]))
+    except Exception as exc:  # the point: which exception the SDK raises
+        emit(result="raised", **failure(exc))
+    else:
+        emit(result="ok")
+    finally:
+        client.shutdown()
+
+
 # -- service (azure-iot-hub: REST registry / twin / methods, C2D over AMQP, HTTP feedback) ---------
 
 def service_flow(args: dict[str, Any]) -> None:

@@ -110,6 +110,27 @@ def test_throttled_twin_request(emulated_hub: EmulatedHub, run_sdk: Any) -> None
         emulated_hub.admin_call("DELETE", "/faults")
 
 
+def test_throttled_telemetry_over_mqtt_311_drops_the_connection(emulated_hub: EmulatedHub, run_sdk: Any) -> None:
+    """MQTT 3.1.1 has no failing PUBACK: the hub closes the socket on a throttled publish. Without its own
+    reconnection the SDK cancels the publish (OperationCancelled: the in-flight operation ends with the
+    connection, azure/iot/device/common/mqtt_transport.py); with it (the default) it reconnects and publishes
+    again, and the hub keeps only the accepted copy."""
+    device = "sdk-throttle"
+    throttle = {"operation": "telemetry", "code": code_of("ThrottlingException"), "device": device, "times": 1}
+    args = {"connection_string": emulated_hub.devices[device], "ca": str(emulated_hub.ca)}
+    try:
+        emulated_hub.admin_call("POST", "/faults", throttle)
+        event = run_sdk("device_send", {**args, "retry": False, "message_id": "thr-once"}).until("result")
+        assert (event["result"], event["type"]) == ("raised", "OperationCancelled")
+        emulated_hub.admin_call("POST", "/faults", throttle)
+        assert run_sdk("device_send", {**args, "retry": True, "message_id": "thr-again"}).result() == "ok"
+        assert emulated_hub.admin_call("GET", "/faults") == []
+    finally:
+        emulated_hub.admin_call("DELETE", "/faults")
+    received = emulated_hub.admin_call("GET", f"/messages?device={device}")["messages"]
+    assert [m["message_id"] for m in received] == ["thr-again"]
+
+
 def test_service_registry_and_refusals(emulated_hub: EmulatedHub, run_sdk: Any) -> None:
     """azure-iot-hub's registry (REST), its errors' bodies, and C2D to a device that does not exist."""
     service = run_sdk("service_flow", {
