@@ -71,6 +71,8 @@ _EH_RE: Final = re.compile(r"^(?:amqps?://[^/]+)?/?([^/]+)/ConsumerGroups/([^/]+
 _EH_SELECTOR: Final = re.compile(
     r"amqp\.annotation\.x-opt-(offset|sequence-number|enqueued-time)\s*(>=|>)\s*'?([^']*)'?")
 _MANAGEMENT: Final = "$management"
+_MAX_PENDING_ANSWERS: Final = 16  #: CBS answers held for a reply link not yet attached (bounded)
+_URL_RE: Final = re.compile(r"^amqps?://[^/]*", re.IGNORECASE)  #: scheme and host, when a client names them
 PARTITIONS: Final = 2  # the emulator's partition count (IoT Hub's default is 4; 2 keeps tests small)
 
 _UNAUTHORIZED: Final = code_of("IotHubUnauthorized")
@@ -329,6 +331,20 @@ def _pick(code: int, fault: Fault | None, default_where: str) -> tuple[str, Rend
 _SERVER_CLASS: type[Any] | None = None
 
 
+def _event_hubs_signed(parsed: Any, key: str) -> bool:
+    """Whether a token is signed the Event Hubs way: HMAC keyed with the key's text itself, not the bytes
+    it encodes (azure-eventhub _pyamqp/utils.py ``generate_sas_token``); the hub's Event Hub-compatible
+    endpoint is an Event Hubs entity, so azure-eventhub's tokens for it are signed so."""
+    import base64
+    import hashlib
+    import hmac
+    from urllib.parse import quote_plus
+
+    message = f"{quote_plus(parsed.resource_uri)}\n{parsed.expiry}".encode()
+    expected = base64.b64encode(hmac.new(key.encode(), message, hashlib.sha256).digest()).decode()
+    return hmac.compare_digest(str(parsed.signature), expected)
+
+
 def _server_class() -> type[Any]:
     global _SERVER_CLASS
     if _SERVER_CLASS is not None:
@@ -470,6 +486,10 @@ def _server_class() -> type[Any]:
 
         def on_connection_opening(self, event: Any) -> None:
             conn = event.connection
+            # Open's last field (properties) set, so every field is on the wire, as the hub's Open has them:
+            # azure-eventhub's pyamqp indexes Open's fields up to properties without checking they are
+            # there (azure/eventhub/_pyamqp/_connection.py _incoming_open: frame[4], frame[9])
+            conn.properties = {proton.symbol("product"): "iothub-gateway emulator"}
             self.conns[conn] = object()
             conn.gw_auth = {}
 
@@ -528,8 +548,11 @@ def _server_class() -> type[Any]:
                     return _pick(_UNAUTHORIZED, None, "link")
                 link.gw_eh = [int(eh.group(3)), _eh_start(self.hub, link.remote_source)]
                 return None
+            # uamqp (azure-iot-hub's C2D sender and feedback receiver) names the whole URL,
+            # amqps://{host}/messages/devicebound (azure/iot/hub/iothub_amqp_client.py): its path counts
+            path = _URL_RE.sub("", address).rstrip("/").lower()
             service_kind = {(_SERVICE_C2D, True): "service-c2d", (_FEEDBACK, False): "feedback"}.get(
-                (address.rstrip("/").lower(), bool(link.is_receiver)))
+                (path if path.startswith("/") else "/" + path, bool(link.is_receiver)))
             if service_kind is not None:
                 link.gw_kind = service_kind
                 expiry = getattr(link.connection, "gw_service", None)
@@ -567,6 +590,9 @@ def _server_class() -> type[Any]:
             if kind == "cbs":
                 if link.is_sender:
                     link.connection.gw_cbs_reply = link
+                    for answer in getattr(link.connection, "gw_cbs_pending", []):
+                        link.send(answer)
+                    link.connection.gw_cbs_pending = []
                 return
             if kind == "management":
                 if link.is_sender:
@@ -728,6 +754,8 @@ def _server_class() -> type[Any]:
                 return
             # any resource the service key signs: the hub itself, or its Event Hub-compatible entity
             why = verify_sas_token(token or "", parsed.resource_uri, self.hub.service_key, now)
+            if why == "mismatch" and _event_hubs_signed(parsed, self.hub.service_key):
+                why = "expired" if parsed.expiry <= now else None
             if parsed.key_name != self.hub.service_policy or why is not None:
                 status, code = (401, _UNAUTHORIZED) if why == "expired" else (401, _REFUSED)
                 form = render(code, tracking_id=f"emu-{uuid.uuid4()}")[-1]
@@ -816,7 +844,7 @@ def _server_class() -> type[Any]:
                 status = 404
             answer = Message(correlation_id=msg.id if msg.id is not None else msg.correlation_id,
                              address=msg.reply_to, body=body)
-            answer.properties = cast(Any, {"status-code": status,
+            answer.properties = cast(Any, {"status-code": proton.int32(status),
                                            "status-description": "OK" if status == 200 else "Not found"
                                            if status == 404 else "Unauthorized"})
             reply.send(answer)
@@ -824,15 +852,22 @@ def _server_class() -> type[Any]:
         def _answer(self, conn: Any, request: Any, status: int, description: str,
                     info: dict[str, object] | None = None) -> None:
             reply = getattr(conn, "gw_cbs_reply", None)
-            if reply is None or not reply.state & Endpoint.LOCAL_ACTIVE:
-                return
             answer = Message(correlation_id=request.id, address=request.reply_to)
-            props: dict[str, object] = {"status-code": status, "status-description": description}
+            # an AMQP int: uamqp's CBS client reads status-code with amqpvalue_get_int and calls any other
+            # type a failed put-token (azure-uamqp-c src/amqp_management.c, on_message_received)
+            props: dict[str, object] = {"status-code": proton.int32(status), "status-description": description}
             tracking = (info or {}).get("com.microsoft:tracking-id")
             if tracking is not None:
                 props["com.microsoft:tracking-id"] = tracking
             answer.properties = cast(Any, props)
-            reply.send(answer)
+            if reply is None:
+                # the put-token came before the reply link's attach was seen (uamqp sends it as soon as its
+                # own links are up): answer once it is, as the hub does, instead of leaving it unanswered
+                pending = getattr(conn, "gw_cbs_pending", [])
+                conn.gw_cbs_pending = [*pending, answer][-_MAX_PENDING_ANSWERS:]
+                return
+            if reply.state & Endpoint.LOCAL_ACTIVE:
+                reply.send(answer)
 
         def _telemetry(self, link: Any, dlv: Any, msg: Any) -> None:
             device = link.gw_device

@@ -31,7 +31,7 @@ from aiohttp import WSMsgType, web
 from gateway.codes import CodeInfo, code_of, lookup
 from gateway.emulator.faults import Fault, FaultKind, Operation
 from gateway.emulator.front import FrontConfig
-from gateway.emulator.hub import Hub, QueuedC2D, Received, Settlement, twin_etag
+from gateway.emulator.hub import C2DFeedback, Hub, QueuedC2D, Received, Settlement, twin_etag
 from gateway.sas import parse_sas_token, verify_sas_token
 
 __all__ = ["CHAOS_FORMS", "FORMS", "HttpFront", "Rendered", "render"]
@@ -56,6 +56,7 @@ _PRECONDITION = code_of("PreconditionFailed")
 _TOO_LARGE = code_of("MessageTooLarge")
 _BAD_ARGUMENT = code_of("ArgumentInvalid")
 _DEVICE_EXISTS = code_of("DeviceAlreadyExists")
+_MAX_FEEDBACK_LOCKS: Final = 100  #: feedback batches held under a lock at once
 
 _NO_BODY_STATUSES: Final = frozenset({204, 304})  # HTTP forbids a body: only the header form fits
 _MAX_TELEMETRY: Final = 256 * 1024  # IoT Hub's device-to-cloud message limit
@@ -213,6 +214,8 @@ class HttpFront:
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._stopping = asyncio.Event()
+        #: feedback batches handed to a service receiver, by lock token, until completed or abandoned
+        self._feedback_locks: dict[str, list[C2DFeedback]] = {}
 
     # -- Front -----------------------------------------------------------------------------------
 
@@ -245,6 +248,9 @@ class HttpFront:
         app.router.add_patch("/twins/{device}", self._twin_update)
         app.router.add_post("/twins/{device}/methods", self._method)
         app.router.add_get("/$iothub/websocket", self._websocket)
+        app.router.add_get("/messages/serviceBound/feedback", self._feedback_receive)
+        app.router.add_delete("/messages/serviceBound/feedback/{token}", self._feedback_settle)
+        app.router.add_post("/messages/serviceBound/feedback/{token}/abandon", self._feedback_settle)
         app.router.add_get("/devices", self._registry_list)
         app.router.add_get("/devices/{device}", self._registry_get)
         app.router.add_put("/devices/{device}", self._registry_put)
@@ -604,6 +610,38 @@ class HttpFront:
 
         await asyncio.gather(upstream(), downstream())
         return ws
+
+    # -- C2D feedback (service): what azure-iot-hub's IoTHubHttpRuntimeManager reads -----------------
+
+    async def _feedback_receive(self, request: web.Request) -> web.StreamResponse:
+        """One batch of feedback records, locked under the ``ETag`` token; 204 when there is none."""
+        refused = self._auth_service(request)
+        if refused is not None:
+            return refused
+        records = self.hub.take_feedback()
+        if not records:
+            return self._count(web.Response(status=204))
+        while len(self._feedback_locks) >= _MAX_FEEDBACK_LOCKS:  # bounded: the oldest lock is given back
+            self.hub.return_feedback(self._feedback_locks.pop(next(iter(self._feedback_locks))))
+        token = str(uuid.uuid4())
+        self._feedback_locks[token] = records
+        body = [{"originalMessageId": r.message_id, "description": r.description, "deviceId": r.device_id,
+                 "deviceGenerationId": "", "enqueuedTimeUtc": r.at, "statusCode": r.status} for r in records]
+        return self._count(web.Response(status=200, body=json.dumps(body).encode(),
+                                        content_type="application/vnd.microsoft.iothub.feedback.json",
+                                        headers={"ETag": f'"{token}"', "iothub-messagelocktoken": token}))
+
+    async def _feedback_settle(self, request: web.Request) -> web.StreamResponse:
+        """DELETE completes a batch, POST ``.../abandon`` gives it back; an unknown lock is 412."""
+        refused = self._auth_service(request)
+        if refused is not None:
+            return refused
+        records = self._feedback_locks.pop(request.match_info["token"].strip('"'), None)
+        if records is None:
+            return self.error(_LOCK_LOST)
+        if request.method == "POST":
+            self.hub.return_feedback(records)
+        return self._count(web.Response(status=204))
 
     # -- registry (service) -----------------------------------------------------------------------
 

@@ -83,6 +83,38 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   JSON list (``originalMessageId``, ``deviceId``, ``statusCode``, ``description``, ``enqueuedTimeUtc``) with content
   type ``application/vnd.microsoft.iothub.feedback.json``. [KNOWN] IoT Hub C2D docs and the service SDKs' sources;
   [ASSUMED] an unknown device or a full queue rejects the delivery (404001 / 403004 conditions)
+- AMQP link addresses: a service link may name the whole URL (``amqps://{host}/messages/devicebound``) or only the
+  path; both are the same node. [KNOWN] azure-iot-hub's uamqp sender does the former (azure/iot/hub/
+  iothub_amqp_client.py)
+- CBS and ``$management`` answers: ``status-code`` is an AMQP int; an answer to a put-token that arrives before
+  its reply link's attach is sent once the link is attached. [KNOWN] uamqp reads it with ``amqpvalue_get_int``
+  (azure-uamqp-c amqp_management.c) and sends put-token as soon as its own links are up; [ASSUMED] the hub
+  never leaves a put-token unanswered. OPEN: now and then (about one run in four) a uamqp connection (azure-iot-hub's
+  C2D sender) reports its put-token failed (uamqp-c result 3) although the emulator answered 200 "OK", on every
+  retry on that connection, while a new connection succeeds. Not understood yet; tests/sdk retries with a new client
+- AMQP performatives carry every field (trailing nulls written out, by the SASL shim, so on the standalone
+  emulator's TLS and WebSocket listeners only). [KNOWN] azure-eventhub's pyamqp indexes Open/Begin/Attach/Transfer
+  fields without checking (_pyamqp/_connection.py, session.py, receiver.py) and works against the real service,
+  so its frames have them; [ASSUMED] a frame filled to the peer's max-frame-size by proton could exceed it by the
+  padding (at most 20 bytes; no test message comes near)
+- Event Hub-compatible endpoint tokens: signed the Event Hubs way (HMAC keyed with the key's text) or the IoT Hub
+  way (with the key's bytes), both accepted. [KNOWN] azure-eventhub signs the former (_pyamqp/utils.py
+  ``generate_sas_token``); [ASSUMED] the IoT Hub form is accepted too, to keep our own clients working
+- C2D feedback over HTTPS: ``GET /messages/serviceBound/feedback`` answers 200 with the JSON list (the AMQP feedback
+  body) and its lock token in ``ETag`` (and ``iothub-messagelocktoken``), or 204 when there is none; ``DELETE
+  .../feedback/{lock}`` completes, ``POST .../{lock}/abandon`` gives the batch back, both 204; an unknown lock 412
+  DeviceMessageLockLost. [KNOWN] paths and statuses from azure-iot-hub (protocol/operations/
+  cloud_to_device_messages_operations.py), which returns None from ``receive_feedback_notification`` and so never
+  shows the body; [ASSUMED] where the lock token travels, no lock timeout on a feedback batch
+- ports and names: Azure's SDKs take no port (MQTT 8883, HTTPS and WebSockets 443, AMQP 5671 at the connection
+  string's ``HostName``), so to serve them unchanged the emulator must listen on those ports at an address the host
+  name resolves to (tests/sdk: ``127.77.11.1``, an IP-address host name with a certificate for that address). The
+  Event Hub-compatible entity is the host name's first label (``127`` there). [KNOWN] the SDKs' sources;
+  [ASSUMED] naming, since the real hub's entity name is chosen at creation
+- trust: azure-iot-hub's AMQP C2D sender trusts only certifi's bundle (uamqp/authentication/common.py, the SDK
+  passes no ``verify``); a private CA (the emulator's) must be added there, REST calls read ``REQUESTS_CA_BUNDLE``,
+  azure-iot-device takes ``server_verification_cert``, azure-eventhub ``connection_verify``. [KNOWN] the SDKs'
+  sources; a setup step, not a behaviour of the hub
 """
 
 from __future__ import annotations

@@ -567,6 +567,11 @@ class Hub:
                 taken.append(self._feedback_queue.popleft())
             return taken
 
+    def return_feedback(self, records: list[C2DFeedback]) -> None:
+        """Give back records a receiver abandoned: the next receiver gets them first."""
+        with self._lock:
+            self._feedback_queue.extendleft(reversed(records))
+
 
 _FEEDBACK_TEXT = {
     "Success": "Success",

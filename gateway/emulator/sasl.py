@@ -63,6 +63,64 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(size - 4)
 
 
+#: each AMQP performative's field count (AMQP 1.0 section 2.7), by its small-ulong descriptor
+_FIELDS: Final = {0x10: 10, 0x11: 8, 0x12: 14, 0x13: 11, 0x14: 11, 0x15: 6, 0x16: 3, 0x17: 1, 0x18: 1}
+_NULL: Final = b"\x40"
+
+
+def pad_performative(frame: bytes) -> bytes:
+    """The frame with its performative's list carried to the full field count (trailing nulls).
+
+    AMQP lets a peer leave trailing null fields out, and proton does; the hub does not, and
+    azure-eventhub's pyamqp indexes fields without checking they are there (_pyamqp/_connection.py
+    ``_incoming_open`` frame[9], session.py ``_incoming_begin`` frame[7], receiver.py ``_incoming_transfer``
+    frame[11] is the payload only when all eleven fields precede it). Anything else passes unchanged.
+    """
+    if len(frame) < 12 or frame[4] < 2 or frame[5] != 0:  # too short, a bad data offset, or not AMQP
+        return frame
+    start = frame[4] * 4
+    body = frame[start:]
+    if len(body) < 4 or body[0] != 0x00 or body[1] != 0x53 or body[2] not in _FIELDS:
+        return frame
+    full, at = _FIELDS[body[2]], 3
+    kind = body[at]
+    if kind == 0x45:  # list0
+        count, elements, end = 0, b"", at + 1
+    elif kind == 0xC0 and len(body) >= at + 3:  # list8: size, count
+        size, count = body[at + 1], body[at + 2]
+        elements, end = body[at + 3:at + 2 + size], at + 2 + size
+    elif kind == 0xD0 and len(body) >= at + 9:  # list32
+        size, count = struct.unpack(">II", body[at + 1:at + 9])
+        elements, end = body[at + 9:at + 5 + size], at + 5 + size
+    else:
+        return frame
+    if count >= full or end > len(body):
+        return frame
+    elements += _NULL * (full - count)
+    listed = b"\xd0" + struct.pack(">II", len(elements) + 4, full) + elements
+    new_body = body[:at] + listed + body[end:]
+    header = frame[:start]
+    return struct.pack(">I", len(header) + len(new_body)) + header[4:] + new_body
+
+
+async def _pad_frames(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy proton's AMQP frames to the client, each performative padded (:func:`pad_performative`)."""
+    try:
+        sink.write(await source.readexactly(8))  # the AMQP header
+        while True:
+            head = await source.readexactly(4)
+            (size,) = struct.unpack(">I", head)
+            if size < 8:
+                return
+            sink.write(pad_performative(head + await source.readexactly(size - 4)))
+            await sink.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            sink.close()
+
+
 class SaslShim:
     """Listens on ``host:port`` (TLS with ``ssl_context``), speaks SASL, pipes AMQP to the backend."""
 
@@ -116,7 +174,7 @@ class SaslShim:
                     return
                 b_reader, backend = await asyncio.open_connection("127.0.0.1", self.backend_port)
             backend.write(header)
-            await asyncio.gather(self._pipe(reader, backend), self._pipe(b_reader, writer))
+            await asyncio.gather(self._pipe(reader, backend), _pad_frames(b_reader, writer))
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, TimeoutError):
             pass
         finally:

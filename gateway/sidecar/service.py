@@ -25,6 +25,7 @@ from typing import IO, Any, Literal
 
 from gateway.aio import cancel_and_wait
 from gateway.codes import lookup
+from gateway.emulator.admin import AdminServer
 from gateway.handler import State
 from gateway.outbox import Outbox, OutboxItem, Retention, StorageError
 from gateway.outbox_writer import AsyncOutbox, StorageFailure
@@ -62,8 +63,13 @@ class Sidecar:
     """Everything behind the API. ``factories`` replaces the transport factories (tests)."""
 
     def __init__(self, config: SidecarConfig, *, factories: Mapping[str, TransportFactory] | None = None,
-                 clock: Callable[[], float] = time.time, redactor: Redactor | None = None) -> None:
+                 clock: Callable[[], float] = time.time, redactor: Redactor | None = None,
+                 emulator_admin_port: int | None = 0) -> None:
         self.config = config
+        #: the built-in emulator's admin API (faults, received telemetry, C2D) on loopback: this port (0: a
+        #: free one, None: none), so a user injects a throttle and watches the sidecar handle it
+        self.emulator_admin_port = emulator_admin_port
+        self.emulator_admin: AdminServer | None = None
         self.factories = factories
         self.clock = clock
         self.redactor = redactor or Redactor(config.secrets())
@@ -114,6 +120,13 @@ class Sidecar:
                 await self.emulator.start(sorted({d.protocol for d in cfg.devices}))
             except RuntimeError as exc:
                 raise StartError(str(exc)) from exc
+            if self.emulator_admin_port is not None:
+                admin = AdminServer(self.emulator.hub, "127.0.0.1", self.emulator_admin_port)
+                try:
+                    await admin.start()
+                except OSError as exc:
+                    raise StartError(f"cannot listen for the emulator's admin API: {exc.strerror or exc}") from exc
+                self.emulator_admin = admin
             for device in cfg.devices:
                 if not self.emulator.available(device.protocol) and self.factories is None:
                     raise ProtocolUnavailable(f"protocol {device.protocol!r} is not available in this build "
@@ -244,6 +257,9 @@ class Sidecar:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        if self.emulator_admin is not None:
+            await self.emulator_admin.stop()
+            self.emulator_admin = None
         if self.emulator is not None:
             await self.emulator.stop()
 
@@ -404,6 +420,9 @@ async def _serve(config: SidecarConfig, redactor: Redactor, factories: Mapping[s
         upstream = "the bundled emulator" if config.upstream.kind == "emulator" else "IoT Hub"
         print(f"iothub-gateway: API on {_url(host, bound)} (upstream: {upstream}, "
               f"{len(sidecar.pipelines)} device(s), outbox {config.outbox_path()})", flush=True)
+        if sidecar.emulator_admin is not None:
+            print(f"iothub-gateway: emulator admin API on {sidecar.emulator_admin.url} "
+                  f"(iothub-gateway emulator fault add ... --admin {sidecar.emulator_admin.url})", flush=True)
         log.info("listening on %s; pid %d", _url(host, bound), os.getpid())
         await stop.wait()
         log.info("shutting down: no new messages; in-flight sends get %.0fs", config.delivery.shutdown_deadline)
