@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from gateway.codes import CodeInfo, all_codes, by_name, lookup
 from gateway.errors import IoTHubError
 
-__all__ = ["main", "markdown_table"]
+__all__ = ["main", "markdown_table", "package_version"]
 
 
 class UsageError(Exception):
@@ -194,11 +194,22 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version: one source of truth (pyproject.toml), never a second literal."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iothub-error-adapter")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iothub-gateway",
         description="Normalize Azure IoT Hub transport failures (HTTP, MQTT, AMQP) to six-digit codes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("codes", help="print the code table", description="Print the whole code catalog.")
