@@ -33,7 +33,7 @@ from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
-from gateway.sidecar.metrics import Metrics
+from gateway.sidecar.metrics import DeviceSnapshot, Metrics
 from gateway.sidecar.security import Redactor
 from gateway.sidecar.upstream import (
     DevicePipeline,
@@ -335,7 +335,7 @@ class Sidecar:
     def _snapshots(self) -> list[Any]:
         if self._outbox is None:
             return []
-        return [p.snapshot() for p in self.pipelines.values()]
+        return [_with_last_error(p) for p in self.pipelines.values()]
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
@@ -344,6 +344,15 @@ class Sidecar:
         if self._outbox is None:
             return False, 0
         return self._outbox.failure is None, self._outbox.file_bytes()
+
+
+def _with_last_error(pipeline: DevicePipeline) -> DeviceSnapshot:
+    """The pipeline's snapshot plus its latest error, for the per-device last-error gauge."""
+    snap = pipeline.snapshot()
+    err, at = pipeline.last_error, pipeline.last_error_at
+    if err is None or err.code is None or at is None:
+        return snap
+    return dataclasses.replace(snap, last_error=(err.code, err.name, at))
 
 
 def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:
