@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the sidecar (local API, durable outbox, upstream connections)",
-        description="Run the sidecar. Prints the local API's URL on start; SIGTERM or Ctrl-C stops it cleanly. "
+        description="Run the sidecar. Prints the local API's URL on stderr on start (stdout stays empty); "
+        "SIGTERM or Ctrl-C stops it cleanly. "
         "Without --config it reads configs/gateway.toml: the bundled emulator as upstream, with demo devices.",
     )
     p.add_argument("--config", metavar="PATH", help="the sidecar's TOML config (default: configs/gateway.toml)")
