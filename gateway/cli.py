@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from gateway.codes import CodeInfo, all_codes, by_name, lookup
 from gateway.errors import IoTHubError
 
-__all__ = ["main", "markdown_table"]
+__all__ = ["main", "markdown_table", "package_version"]
 
 
 class UsageError(Exception):
@@ -149,7 +149,75 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gateway.sidecar.demo import main as demo
 
-    return demo()
+    return demo(keep_running=args.keep_running)
+
+
+DEFAULT_URL = "http://127.0.0.1:8780"  #: the sidecar's default [api] address
+DEFAULT_TOKEN_ENV = "IOTHUB_GATEWAY_TOKEN"  #: the variable configs/gateway.toml suggests for [api] token_env
+
+
+class StatusError(Exception):
+    """The sidecar could not be asked (down, refused, not a sidecar): one line, exit 1."""
+
+
+def _fetch_devices(url: str, token: str | None, timeout: float) -> list[dict[str, object]]:
+    """GET {url}/v1/devices. Any failure is a one-line StatusError naming the URL."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url.rstrip("/") + "/v1/devices", headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            data = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        hint = " (give the token with --token-env)" if exc.code == 401 else ""
+        raise StatusError(f"{url} answered {exc.code} {exc.reason}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusError(f"cannot reach a sidecar at {url}: {getattr(reason, 'strerror', None) or reason}") from None
+    except ValueError:
+        raise StatusError(f"{url} did not answer JSON: is it an iothub-gateway sidecar?") from None
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, list):
+        raise StatusError(f"{url}/v1/devices has no device list: is it an iothub-gateway sidecar?")
+    return [d for d in devices if isinstance(d, dict)]
+
+
+def status_table(devices: Sequence[dict[str, object]]) -> str:
+    """One row per device: state, queue, delivered / dead counts and the latest error."""
+    header = ("DEVICE", "PROTOCOL", "STATE", "SINCE", "QUEUED", "DELIVERED", "DEAD", "LAST ERROR")
+    rows: list[tuple[str, ...]] = [header]
+    for d in devices:
+        raw = d.get("messages")
+        messages: dict[str, object] = raw if isinstance(raw, dict) else {}
+        err = d.get("last_error")
+        last = f"{err.get('code')} {err.get('name')} at {err.get('at')}" if isinstance(err, dict) else "-"
+        rows.append(tuple(str(x) for x in (d.get("id"), d.get("protocol"), d.get("state"), d.get("since") or "-",
+                                           d.get("queued", 0), messages.get("delivered", 0),
+                                           messages.get("dead", 0), last)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]).rstrip()
+                     for row in rows) + "\n"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    if not args.url.startswith(("http://", "https://")):
+        raise UsageError(f"bad --url {args.url!r}: expected http://host:port")
+    token = os.environ.get(args.token_env) if args.token_env else None
+    try:
+        devices = _fetch_devices(args.url, token, args.timeout)
+    except StatusError as exc:
+        print(f"iothub-gateway status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(devices, indent=1))
+    elif not devices:
+        print("no devices configured")
+    else:
+        sys.stdout.write(status_table(devices))
+    return 0
 
 
 def _call(fn: Callable[[], IoTHubError | None]) -> IoTHubError | None:
@@ -194,11 +262,22 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version: one source of truth (pyproject.toml), never a second literal."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iothub-error-adapter")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iothub-gateway",
         description="Normalize Azure IoT Hub transport failures (HTTP, MQTT, AMQP) to six-digit codes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("codes", help="print the code table", description="Print the whole code catalog.")
@@ -237,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run the sidecar (local API, durable outbox, upstream connections)",
-        description="Run the sidecar. Prints the local API's URL on start; SIGTERM or Ctrl-C stops it cleanly. "
+        description="Run the sidecar. Prints the local API's URL on stderr on start (stdout stays empty); "
+        "SIGTERM or Ctrl-C stops it cleanly. "
         "Without --config it reads configs/gateway.toml: the bundled emulator as upstream, with demo devices.",
     )
     p.add_argument("--config", metavar="PATH", help="the sidecar's TOML config (default: configs/gateway.toml)")
@@ -252,7 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
         "fight, a held direct method and quota exhaustion across HTTP, MQTT and AMQP, printing each code and "
         "the handler's action, then a summary (lost = 0). Uses a short demo policy; takes about 20 seconds.",
     )
+    p.add_argument("--keep-running", action="store_true",
+                   help="after the story, keep the sidecar and its status page up until Ctrl-C")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "status",
+        help="show each device of a running sidecar",
+        description="Ask a running sidecar (GET /v1/devices) and print one row per device: state, queued, "
+        "delivered and dead-lettered messages, the latest error. Exits 1 if the sidecar cannot be asked.",
+    )
+    p.add_argument("--url", default=DEFAULT_URL, help=f"the sidecar's API (default {DEFAULT_URL})")
+    p.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="NAME",
+                   help=f"the variable holding the API's bearer token, if it has one (default {DEFAULT_TOKEN_ENV})")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after this long")
+    p.add_argument("--json", action="store_true", help="print the devices as JSON")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
         "emulator",

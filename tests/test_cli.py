@@ -69,3 +69,12 @@ def test_help_everywhere_and_the_console_script() -> None:
         out = subprocess.run([sys.executable, "-m", "gateway.cli", *argv, "--help"],
                              check=False, capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "--version"], check=False, capture_output=True,
+                         text=True)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"iothub-gateway {version('iothub-error-adapter')}"

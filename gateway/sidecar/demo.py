@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -192,7 +193,8 @@ class Watched:
 
 
 class Demo:
-    def __init__(self, out: TextIO, workdir: Path) -> None:
+    def __init__(self, out: TextIO, workdir: Path, *, keep_running: bool = False) -> None:
+        self.keep_running = keep_running
         self.story = Story(out)
         self.workdir = workdir
         self.config = _demo_config(workdir / "outbox.sqlite3")
@@ -321,7 +323,10 @@ class Demo:
                         s.line("demo", "!! step timed out; going on")
                     s.end_step()
                 s.quiet = True
-                return self.summary(await self.drain())
+                code = self.summary(await self.drain())
+                if self.keep_running:
+                    await self.hold(code)
+                return code
         finally:
             await cancel_and_wait(printer)
             await site.stop()
@@ -460,6 +465,25 @@ class Demo:
 
     # -- the end --------------------------------------------------------------------------------------
 
+    async def hold(self, code: int) -> None:
+        """``--keep-running``: leave the sidecar, its status page and the emulator up until SIGINT/SIGTERM, so
+        the page (and ``iothub-gateway status``) can be looked at after the story."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            self.story.say()
+            self.story.say(f"Still running (--keep-running): status page {self.url}/, "
+                           f"`iothub-gateway status --url {self.url}`; press Ctrl-C to stop"
+                           + (" (exit 1: see the summary)" if code else ""))
+            await stop.wait()
+            self.story.say("Stopping.")
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
     async def drain(self) -> dict[str, Any]:
         await self.settled(self.accepted, timeout=15)
         received = [mid for mid in self.hub.received_ids() if mid is not None]
@@ -505,14 +529,15 @@ async def _no_refresh() -> float | None:
     return None
 
 
-async def run_demo(out: TextIO = sys.stdout) -> int:
-    """Play the story; 0 when every accepted message was delivered or dead-lettered (lost = 0)."""
+async def run_demo(out: TextIO = sys.stdout, *, keep_running: bool = False) -> int:
+    """Play the story; 0 when every accepted message was delivered or dead-lettered (lost = 0).
+    ``keep_running``: then keep everything up until SIGINT or SIGTERM."""
     for name in ("gateway", "adapters", "proton"):  # the story prints what matters; keep the logs quiet
         logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="iothub-gateway-demo-") as tmp:
-        return await Demo(out, Path(tmp)).run()
+        return await Demo(out, Path(tmp), keep_running=keep_running).run()
 
 
-def main(out: TextIO = sys.stdout) -> int:
+def main(out: TextIO = sys.stdout, *, keep_running: bool = False) -> int:
     """``iothub-gateway demo``: the exit code (1 if any accepted message was lost or left pending)."""
-    return asyncio.run(run_demo(out))
+    return asyncio.run(run_demo(out, keep_running=keep_running))

@@ -13,15 +13,34 @@
 - ``iothub_gateway_connection_state{device,transport,state}``: 1 for each device's current state.
 - ``iothub_gateway_delivery_latency_seconds{transport}``: accepted -> acknowledged by the hub.
 
+- ``iothub_gateway_device_last_error_timestamp_seconds{device,transport,code,name}``: when each device last
+  failed, labelled with that failure's code. One series per device (only its latest error), so the
+  cardinality is bounded by the configured devices, never by the codes seen.
+- ``iothub_gateway_build_info{version,python}`` (always 1) and the ``process_*`` metrics (CPU, RSS, open
+  files, start time) of prometheus_client's process collector, on this registry.
+
+Counters and histograms carry no ``_created`` series: they double the series count and the sidecar's
+``process_start_time_seconds`` already says when counting began. prometheus_client switches them off
+process-wide only (``disable_created_metrics``), which fits: the sidecar owns its process.
+
 Labels carry codes, transports, outcomes, states and device ids: never a credential.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,10 +57,18 @@ class DeviceSnapshot:
     state: str
     queued: int
     handler_counts: Mapping[tuple[int | None, str, str], int]
+    #: the device's latest error: (code, its name, epoch seconds), or None while it has had none
+    last_error: tuple[int, str, float] | None = None
 
 
 def _code(code: int | None) -> str:
     return "" if code is None else str(code)
+
+
+def _version() -> str:
+    from gateway.cli import package_version
+
+    return package_version()
 
 
 class _Live(Collector):
@@ -72,9 +99,15 @@ class _Live(Collector):
                                   labels=["device", "transport"])
         state = GaugeMetricFamily("iothub_gateway_connection_state", "1 for the current state of each device",
                                   labels=["device", "transport", "state"])
+        last = GaugeMetricFamily("iothub_gateway_device_last_error_timestamp_seconds",
+                                 "When each device last failed (epoch seconds), with that failure's code",
+                                 labels=["device", "transport", "code", "name"])
         events: dict[tuple[str, str, str], int] = {}
         for snap in snaps:
             depth.add_metric([snap.device, snap.transport], snap.queued)
+            if snap.last_error is not None:
+                err_code, err_name, at = snap.last_error
+                last.add_metric([snap.device, snap.transport, str(err_code), err_name], at)
             for name in self._states:
                 state.add_metric([snap.device, snap.transport, name], 1 if name == snap.state else 0)
             for (code, transport, outcome), n in snap.handler_counts.items():
@@ -82,6 +115,7 @@ class _Live(Collector):
                 events[key] = events.get(key, 0) + n
         yield depth
         yield state
+        yield last
         handler = CounterMetricFamily("iothub_gateway_handler_events", "The handlers' counters by code, "
                                       "transport and outcome", labels=["code", "transport", "outcome"])
         for key, n in sorted(events.items()):
@@ -90,8 +124,13 @@ class _Live(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, version: str | None = None) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
         self.registry = CollectorRegistry(auto_describe=False)
+        build = Gauge("iothub_gateway_build_info", "Always 1; the labels say which build runs",
+                      ["version", "python"], registry=self.registry)
+        build.labels(version or _version(), platform.python_version()).set(1)
+        ProcessCollector(registry=self.registry)
         self.messages = Counter("iothub_gateway_messages", "Messages by transport, outcome and code",
                                 ["transport", "outcome", "code"], registry=self.registry)
         self.latency = Histogram("iothub_gateway_delivery_latency_seconds",

@@ -1,5 +1,6 @@
 """The sidecar process: the outbox, one delivery pipeline per device, the emulator when it is the upstream,
-and :func:`run` (``iothub-gateway run``) with its start-up errors and graceful shutdown.
+and :func:`run` (``iothub-gateway run``) with its start-up errors and graceful shutdown. The start
+banner goes to stderr with the logs; stdout is left empty.
 
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
 the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
@@ -32,7 +33,7 @@ from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
-from gateway.sidecar.metrics import Metrics
+from gateway.sidecar.metrics import DeviceSnapshot, Metrics
 from gateway.sidecar.security import Redactor
 from gateway.sidecar.upstream import (
     DevicePipeline,
@@ -334,7 +335,7 @@ class Sidecar:
     def _snapshots(self) -> list[Any]:
         if self._outbox is None:
             return []
-        return [p.snapshot() for p in self.pipelines.values()]
+        return [_with_last_error(p) for p in self.pipelines.values()]
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
@@ -343,6 +344,15 @@ class Sidecar:
         if self._outbox is None:
             return False, 0
         return self._outbox.failure is None, self._outbox.file_bytes()
+
+
+def _with_last_error(pipeline: DevicePipeline) -> DeviceSnapshot:
+    """The pipeline's snapshot plus its latest error, for the per-device last-error gauge."""
+    snap = pipeline.snapshot()
+    err, at = pipeline.last_error, pipeline.last_error_at
+    if err is None or err.code is None or at is None:
+        return snap
+    return dataclasses.replace(snap, last_error=(err.code, err.name, at))
 
 
 def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:
@@ -377,14 +387,34 @@ def run(config_path: str | None = None, *, port: int | None = None, log_format: 
         fmt: Literal["text", "json"] = "json" if log_format == "json" else "text"
         config = dataclasses.replace(config, logging=dataclasses.replace(config.logging, format=fmt))
     redactor = Redactor(config.secrets())
-    setup_logging(config.logging.format, config.logging.level, redactor, interval=config.logging.error_interval)
+    handler = setup_logging(config.logging.format, config.logging.level, redactor,
+                            interval=config.logging.error_interval)
+    banner = _Banner(handler if config.logging.format == "json" else None)
     try:
-        return asyncio.run(_serve(config, redactor, factories))
+        return asyncio.run(_serve(config, redactor, factories, banner))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
 
 
-async def _serve(config: SidecarConfig, redactor: Redactor, factories: Mapping[str, TransportFactory] | None) -> int:
+class _Banner:
+    """The start lines (URLs) go to stderr, beside the logs, so stdout stays free for a program's output.
+    With JSON logs each line is a JSON log record (always written, whatever the log level), so the stream
+    stays one JSON object per line."""
+
+    def __init__(self, handler: logging.Handler | None = None) -> None:
+        self._handler = handler
+
+    def __call__(self, text: str) -> None:
+        if self._handler is None:
+            print(text, file=sys.stderr, flush=True)
+            return
+        record = logging.LogRecord("gateway.sidecar", logging.INFO, __file__, 0, "%s", (text,), None)
+        self._handler.handle(record)
+
+
+async def _serve(config: SidecarConfig, redactor: Redactor, factories: Mapping[str, TransportFactory] | None,
+                 banner: Callable[[str], None] | None = None) -> int:
+    say = banner or _Banner()
     from aiohttp import web
 
     from gateway.sidecar.app import make_app
@@ -418,11 +448,11 @@ async def _serve(config: SidecarConfig, redactor: Redactor, factories: Mapping[s
             return 1
         bound = runner.addresses[0][1] if runner.addresses else want
         upstream = "the bundled emulator" if config.upstream.kind == "emulator" else "IoT Hub"
-        print(f"iothub-gateway: API on {_url(host, bound)} (upstream: {upstream}, "
-              f"{len(sidecar.pipelines)} device(s), outbox {config.outbox_path()})", flush=True)
+        say(f"iothub-gateway: API on {_url(host, bound)} (upstream: {upstream}, "
+            f"{len(sidecar.pipelines)} device(s), outbox {config.outbox_path()})")
         if sidecar.emulator_admin is not None:
-            print(f"iothub-gateway: emulator admin API on {sidecar.emulator_admin.url} "
-                  f"(iothub-gateway emulator fault add ... --admin {sidecar.emulator_admin.url})", flush=True)
+            say(f"iothub-gateway: emulator admin API on {sidecar.emulator_admin.url} "
+                f"(iothub-gateway emulator fault add ... --admin {sidecar.emulator_admin.url})")
         log.info("listening on %s; pid %d", _url(host, bound), os.getpid())
         await stop.wait()
         log.info("shutting down: no new messages; in-flight sends get %.0fs", config.delivery.shutdown_deadline)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from adapters.amqp import translate as amqp_translate
 from adapters.http import translate as http_translate
 from adapters.mqtt import translate as mqtt_translate
 from adapters.mqtt import translate_topic
-from gateway.codes import all_codes, code_of
+from gateway.codes import all_codes, code_of, lookup
 from gateway.errors import make_error
 from gateway.sidecar.app import make_app
 from tests.sidecar.fakes import Upstream, fake_config
@@ -228,6 +229,19 @@ async def test_metrics(tmp_path: Path, start_sidecar: Any):
     assert 'iothub_gateway_queue_depth{device="dev-mqtt",transport="mqtt"} 0.0' in text
     assert 'iothub_gateway_connection_state{device="dev-mqtt",state="connected",transport="mqtt"} 1.0' in text
     assert 'iothub_gateway_handler_events_total{code="400004",outcome="dead_letter",transport="http"} 1.0' in text
+    # Prometheus conventions: build info, process metrics, no _created series, a last-error gauge per device.
+    from gateway.cli import package_version
+
+    assert f'iothub_gateway_build_info{{python="{platform.python_version()}",version="{package_version()}"}} 1.0' \
+        in text
+    assert "process_resident_memory_bytes " in text and "process_start_time_seconds " in text
+    assert "_created" not in text
+    last = [line for line in text.splitlines() if line.startswith("iothub_gateway_device_last_error_timestamp")]
+    assert len(last) == 1, last  # only the device that failed, once
+    series, value = last[0].rsplit(" ", 1)
+    assert series == ('iothub_gateway_device_last_error_timestamp_seconds{code="400004",device="dev-http",'
+                      f'name="{lookup(400004).name}",transport="http"}}')
+    assert float(value) == run.sidecar.pipelines["dev-http"].last_error_at
 
 
 async def test_health_and_readiness(tmp_path: Path, start_sidecar: Any):

@@ -50,3 +50,45 @@ def test_demo_tells_the_whole_story_and_loses_nothing(tmp_path: Path):
     assert re.search(r"^  lost = 0$", summary, re.M), summary
     assert re.search(r"^  pending = 0$", summary, re.M), summary
     assert sent > 10 and dead == 1 and delivered + dead == sent, summary
+
+
+async def test_demo_keep_running_leaves_the_page_up_until_ctrl_c(tmp_path: Path):
+    """After the story the sidecar still answers (page, API, `iothub-gateway status`); SIGINT ends it, exit 0."""
+    import asyncio
+    import signal
+
+    import aiohttp
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", "demo", "--keep-running",
+                                                cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not (seen and seen[-1].startswith("Still running")):
+                line = (await proc.stdout.readline()).decode()
+                assert line, f"the demo ended before it said it keeps running:\n{''.join(seen)[-4000:]}"
+                seen.append(line)
+        url = re.search(r"status page (http://127\.0\.0\.1:\d+)/", seen[-1]).group(1)  # type: ignore[union-attr]
+        assert "lost = 0" in "".join(seen)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/") as resp:
+                assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
+            async with http.get(f"{url}/v1/devices") as resp:
+                assert {d["id"] for d in (await resp.json())["devices"]} == {"demo-mqtt", "demo-amqp", "demo-http"}
+        status = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.cli", "status", "--url", url,
+                                                      cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE)
+        out, _ = await status.communicate()
+        assert status.returncode == 0 and "demo-amqp" in out.decode()
+        assert proc.returncode is None  # still up after all that
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rest, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()[-3000:]
+        assert "Stopping." in rest.decode() and "Traceback" not in err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -36,6 +36,25 @@ class Proc:
             return await self.proc.wait()
 
 
+async def start_line(proc: asyncio.subprocess.Process, stderr: Path) -> str:
+    """The API's URL from the start banner, which the sidecar writes to stderr (stdout stays empty)."""
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                match = URL_LINE.search(stderr.read_text(errors="replace"))
+                if match:
+                    return f"http://127.0.0.1:{match.group(1)}"
+                if proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pass
+    if proc.returncode is None:
+        proc.kill()
+    await proc.wait()
+    raise AssertionError(f"no start line; stderr: {stderr.read_text()[-2000:]}")
+
+
 async def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, name: str = "run") -> Proc:
     stderr = tmp_path / f"{name}.stderr"
     full_env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), **(env or {})}
@@ -44,17 +63,7 @@ async def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None, n
             sys.executable, "-m", "gateway.cli", "run", *args, cwd=ROOT, env=full_env,
             stdout=asyncio.subprocess.PIPE, stderr=err,
         )
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(30):
-            line = (await proc.stdout.readline()).decode()
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(f"no start line; stderr: {stderr.read_text()[-2000:]}") from None
-    match = URL_LINE.search(line)
-    assert match, f"start line without the URL: {line!r}; stderr: {stderr.read_text()[-2000:]}"
-    return Proc(proc, f"http://127.0.0.1:{match.group(1)}", stderr)
+    return Proc(proc, await start_line(proc, stderr), stderr)
 
 
 @contextlib.asynccontextmanager
@@ -88,9 +97,11 @@ async def test_run_default_config_json_logs_and_sigterm(tmp_path: Path):
         assert {d["id"]: d["state"] for d in devices} == dict.fromkeys(ids, "connected")
         proc.proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
+    assert proc.proc.stdout is not None and await proc.proc.stdout.read() == b""  # nothing mixed into stdout
     text = proc.stderr.read_text()
     assert "Traceback" not in text
     records = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is JSON
+    assert any("API on " + proc.url in r["msg"] for r in records)  # the banner too, as a JSON record
     connected = [r for r in records if r.get("state") == "connected"]
     assert {r["device"] for r in connected} == set(ids)
     assert any(r["msg"] == "stopped cleanly" for r in records)

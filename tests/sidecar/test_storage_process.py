@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.codes import code_of
-from tests.sidecar.test_process import ROOT, URL_LINE, Proc, killed_at_end, start
+from tests.sidecar.test_process import ROOT, Proc, killed_at_end, start, start_line
 
 #: ``gateway.cli run`` in a process whose files may not grow past argv[1] bytes until it gets SIGUSR1:
 #: the kernel refuses the writes (EFBIG) exactly as a full disk refuses them (ENOSPC).
@@ -36,12 +36,7 @@ async def _start_limited(tmp_path: Path, limit: int) -> Proc:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _LIMITED, str(limit), "run", "--port", "0", cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=err)
-    assert proc.stdout is not None
-    async with asyncio.timeout(30):
-        line = (await proc.stdout.readline()).decode()
-    match = URL_LINE.search(line)
-    assert match, f"no start line: {line!r}; {stderr.read_text()[-2000:]}"
-    return Proc(proc, f"http://127.0.0.1:{match.group(1)}", stderr)
+    return Proc(proc, await start_line(proc, stderr), stderr)
 
 
 async def test_disk_full_for_real_answers_503_and_heals_by_itself(tmp_path: Path):
