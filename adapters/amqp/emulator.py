@@ -72,6 +72,8 @@ _EH_SELECTOR: Final = re.compile(
     r"amqp\.annotation\.x-opt-(offset|sequence-number|enqueued-time)\s*(>=|>)\s*'?([^']*)'?")
 _MANAGEMENT: Final = "$management"
 _MAX_PENDING_ANSWERS: Final = 16  #: CBS answers held for a reply link not yet attached (bounded)
+_ANSWER_TURN: Final = 0.001  #: seconds between looks at whether a connection's output is written
+_MAX_ANSWER_TURNS: Final = 1000  #: looks before a CBS answer goes anyway (bounded)
 _URL_RE: Final = re.compile(r"^amqps?://[^/]*", re.IGNORECASE)  #: scheme and host, when a client names them
 PARTITIONS: Final = 2  # the emulator's partition count (IoT Hub's default is 4; 2 keeps tests small)
 
@@ -851,7 +853,6 @@ def _server_class() -> type[Any]:
 
         def _answer(self, conn: Any, request: Any, status: int, description: str,
                     info: dict[str, object] | None = None) -> None:
-            reply = getattr(conn, "gw_cbs_reply", None)
             answer = Message(correlation_id=request.id, address=request.reply_to)
             # an AMQP int: uamqp's CBS client reads status-code with amqpvalue_get_int and calls any other
             # type a failed put-token (azure-uamqp-c src/amqp_management.c, on_message_received)
@@ -860,6 +861,19 @@ def _server_class() -> type[Any]:
             if tracking is not None:
                 props["com.microsoft:tracking-id"] = tracking
             answer.properties = cast(Any, props)
+            # Not sent in this turn: proton may write the answer's transfer ahead of the put-token's
+            # disposition when both leave in one batch, and uamqp then fails the put-token although it
+            # reads 200 ("Did not receive send confirmation for pending operation", azure-uamqp-c
+            # amqp_management.c on_message_received), on every retry on that connection.
+            self._later(0.0, lambda: self._send_answer(conn, answer))
+
+        def _send_answer(self, conn: Any, answer: Any, turns: int = 0) -> None:
+            """Send a CBS answer once the connection's earlier frames (the put-token's disposition) are out."""
+            transport = conn.transport
+            if transport is not None and transport.pending() > 0 and turns < _MAX_ANSWER_TURNS:
+                self._later(_ANSWER_TURN, lambda: self._send_answer(conn, answer, turns + 1))
+                return
+            reply = getattr(conn, "gw_cbs_reply", None)
             if reply is None:
                 # the put-token came before the reply link's attach was seen (uamqp sends it as soon as its
                 # own links are up): answer once it is, as the hub does, instead of leaving it unanswered

@@ -89,9 +89,12 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
 - CBS and ``$management`` answers: ``status-code`` is an AMQP int; an answer to a put-token that arrives before
   its reply link's attach is sent once the link is attached. [KNOWN] uamqp reads it with ``amqpvalue_get_int``
   (azure-uamqp-c amqp_management.c) and sends put-token as soon as its own links are up; [ASSUMED] the hub
-  never leaves a put-token unanswered. OPEN: now and then (about one run in four) a uamqp connection (azure-iot-hub's
-  C2D sender) reports its put-token failed (uamqp-c result 3) although the emulator answered 200 "OK", on every
-  retry on that connection, while a new connection succeeds. Not understood yet; tests/sdk retries with a new client
+  never leaves a put-token unanswered. A CBS answer leaves only after the put-token's disposition is written
+  (a later reactor turn, once the connection has no output pending). [KNOWN] uamqp fails a put-token whose
+  answer comes before the disposition of its request, whatever the status ("Did not receive send confirmation
+  for pending operation", amqp_management.c in uamqp 1.6.11's vendored azure-uamqp-c; it shows as
+  TokenAuthFailure, status 200, on every retry on that connection); proton, when the disposition and the
+  answer left in one batch, wrote the answer first on some connections (seen on the wire in tests/sdk)
 - AMQP performatives carry every field (trailing nulls written out, by the SASL shim, so on the standalone
   emulator's TLS and WebSocket listeners only). [KNOWN] azure-eventhub's pyamqp indexes Open/Begin/Attach/Transfer
   fields without checking (_pyamqp/_connection.py, session.py, receiver.py) and works against the real service,

@@ -195,21 +195,18 @@ def service_flow(args: dict[str, Any]) -> None:
                 method_name="reboot", payload={}, response_timeout_in_seconds=5))
         elif op in ("c2d", "c2d_missing"):
             body, props = (step["body"], step.get("properties", {})) if op == "c2d" else ("nobody", {})
-            # uamqp's CBS put-token against the emulator now and then ends "failed" although answered 200 (not
-            # understood yet, listed in gateway/emulator/__init__.py): a fresh client tries again, up to three
-            # times, and the test sees how many tries it took
-            tries = 0
-            while tries < 3:
-                tries += 1
-                attempt(op, registry.send_c2d_message, device, body, properties=props)
-                raised = out[op].get("raised", {}) if isinstance(out[op], dict) else {}
-                if raised.get("type") not in ("TokenAuthFailure", "TimeoutError"):
-                    break
-                stale_client = getattr(registry, "amqp_svc_client", None)
-                if stale_client is not None:
-                    stale_client.disconnect_sync()
-                registry = IoTHubRegistryManager.from_connection_string(cs)
-            out[f"{op}_tries"] = tries
+            attempt(op, registry.send_c2d_message, device, body, properties=props)
+        elif op == "c2d_logins":
+            # one new client (a new AMQP connection, a new CBS login) per message
+            results = []
+            for n in range(step["count"]):
+                fresh = IoTHubRegistryManager.from_connection_string(cs)
+                attempt(op, fresh.send_c2d_message, device, f"login-{n}")
+                results.append(out[op])
+                client = getattr(fresh, "amqp_svc_client", None)
+                if client is not None:
+                    client.disconnect_sync()
+            out[op] = results
         elif op == "feedback":
             runtime = IoTHubHttpRuntimeManager.from_connection_string(cs)
             ops = runtime.protocol.cloud_to_device_messages

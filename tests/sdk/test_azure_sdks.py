@@ -176,3 +176,17 @@ def test_event_hub_consumer_reads_device_telemetry(emulated_hub: EmulatedHub, ru
     assert event["system"].get("iothub-connection-device-id") == device
     assert event["system"].get("message-id") == "eh-1"
     assert int(event["sequence_number"]) >= 0
+
+
+def test_c2d_login_every_time(emulated_hub: EmulatedHub, run_sdk: Any) -> None:
+    """uamqp's CBS login on a new connection, twenty times in a row: each is answered and each C2D accepted.
+
+    Before the emulator held its put-token answer back until the put-token's disposition was written, an
+    emulator that had served the device flows above failed this on the second or third connection:
+    uamqp fails a put-token whose answer arrives before its disposition, though it reads status 200.
+    """
+    service = run_sdk("service_flow", {
+        "connection_string": emulated_hub.service, "ca": str(emulated_hub.ca), "host": "",
+        "steps": [{"op": "c2d_logins", "device": "sdk-svc", "count": 20}]})
+    results = service.result()["c2d_logins"]
+    assert results == [None] * 20, (results, "".join(service.stderr)[-3000:])
