@@ -114,15 +114,29 @@ class Server:
 
 
 @contextlib.contextmanager
-def child(args: list[str], env: dict[str, str] | None = None) -> Any:
+def child(args: list[str], env: dict[str, str] | None = None, *, banner: str = "stdout") -> Any:
+    """A child process and the URL from its start line: on stdout (the bare server) or stderr (the sidecar,
+    whose stdout stays clean; its stderr goes to a file, so its logs never fill a pipe and stall it)."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+                            stderr=log if banner == "stderr" else subprocess.DEVNULL, text=True,
+                            env={**os.environ, **(env or {})})
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = URL_LINE.search(line)
+        match = None
+        if banner == "stdout":
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            match = URL_LINE.search(line)
+        else:
+            deadline = time.monotonic() + 60
+            while match is None and time.monotonic() < deadline and proc.poll() is None:
+                log.seek(0)
+                match = URL_LINE.search(log.read())
+                if match is None:
+                    time.sleep(0.05)
+            line = "(stderr)"
         if not match:
-            raise RuntimeError(f"{args}: no URL in its first line: {line!r}")
+            raise RuntimeError(f"{args}: no URL in its start line: {line!r}")
         yield Server(proc, f"http://127.0.0.1:{match.group(1)}")
     finally:
         if proc.poll() is None:
@@ -132,6 +146,7 @@ def child(args: list[str], env: dict[str, str] | None = None) -> Any:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        log.close()
 
 
 async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
@@ -197,7 +212,7 @@ async def main() -> None:
     env = {"XDG_STATE_HOME": str(tmp / "state")}
     print(f"bench/sidecar.py: {os.cpu_count()} CPU(s), concurrency {args.concurrency}, Python "
           f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}")
-    with child(["-m", "gateway.cli", "run", "--config", str(config)], env) as sidecar, \
+    with child(["-m", "gateway.cli", "run", "--config", str(config)], env, banner="stderr") as sidecar, \
             child([str(Path(__file__).resolve()), "--bare-server"]) as bare:
         async with session(args.concurrency) as s:
             await wait_ready(s, sidecar.url)
