@@ -56,9 +56,14 @@ async def test_disk_full_for_real_answers_503_and_heals_by_itself(tmp_path: Path
         assert full is not None and full["errorCode"] == code_of("ServiceUnavailable"), "the limit never bit"
         assert len(accepted) > 5
         async with http.get(f"{proc.url}/readyz") as resp:
-            assert resp.status == 503 and (await resp.json())["storage"]["kind"] in {"full", "io"}
+            ready, body = resp.status, await resp.json()
         async with http.get(f"{proc.url}/v1/devices/demo-mqtt") as resp:
-            assert (await resp.json())["storage"]["code"] == code_of("ServiceUnavailable")
+            device = await resp.json()
+        if ready == 503:  # still full: visible on readiness and on the device
+            assert body["storage"]["kind"] in {"full", "io"}
+            assert device["storage"]["code"] == code_of("ServiceUnavailable")
+        else:  # a loaded machine: the once-a-second probe's small write already fit (freed pages), so it healed
+            assert ready == 200 and device["storage"] is None
 
         proc.proc.send_signal(signal.SIGUSR1)  # room again
         async with asyncio.timeout(20):
