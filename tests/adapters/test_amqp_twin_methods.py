@@ -339,16 +339,6 @@ def test_unknown_subscription_is_refused(hub: Hub) -> None:
         AmqpTransport.from_connection_string(hub.connection_string("d1"), subscribe=("c2d-bogus",))
 
 
-def _handler_takes_typed_requests() -> bool:
-    import inspect
-
-    from gateway.handler import Handler
-
-    return list(inspect.signature(Handler.request).parameters)[1:2] == ["request"]
-
-
-@pytest.mark.skipif(not _handler_takes_typed_requests(),
-                    reason="needs the typed Handler.request(request, *, timeout) of the handler rework")
 async def test_twin_requests_through_the_handler_ride_out_throttling(hub: Hub, front: AmqpFront) -> None:
     """The handler treats a twin request over AMQP like any operation: throttled, waited, retried."""
     from gateway.handler import Handler

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import socket
 import ssl
 import time
@@ -555,10 +554,8 @@ async def running(handler: Handler) -> AsyncIterator[Handler]:
 
 # The handler takes typed requests (Handler.request(InvokeMethod(...))) from the wave-2 handler on; until that
 # lands on this branch, the old handler would hand the transport a string kind.
-TYPED_HANDLER = "payload" not in inspect.signature(Handler.request).parameters
 
 
-@pytest.mark.skipif(not TYPED_HANDLER, reason="needs the handler with typed requests (Handler.request(Request))")
 async def test_handler_holds_a_method_for_an_offline_device_and_delivers_it_when_online(env: Env) -> None:
     t = make_transport(env.hub, env.front, presence_interval=0.05)
     calls: list[tuple[str, Any]] = []
