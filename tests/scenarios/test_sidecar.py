@@ -7,18 +7,13 @@ proven for the transports in the other scenarios), so the fault plan can be driv
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.codes import code_of
 from gateway.emulator import Operation
-from gateway.sidecar.app import make_app
-from gateway.sidecar.config import OutboxConfig, parse_config
 from gateway.sidecar.service import Sidecar
 from tests.scenarios.kit import until
 
@@ -28,18 +23,9 @@ FAST = {"throttle": {"initial": 0.05, "cap": 0.2}, "reconnect": {"initial": 0.05
 
 
 @pytest.fixture
-async def sidecar(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, TestClient[Any, Any]]]:
-    cfg = parse_config({"policy": FAST}, env={})
-    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
-    car = Sidecar(cfg)
-    await car.start()
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(car)))
-    await client.start_server()
-    try:
-        yield car, client
-    finally:
-        await client.close()
-        await car.stop()
+async def sidecar(emulated_sidecar: Any) -> tuple[Sidecar, TestClient[Any, Any]]:
+    started: tuple[Sidecar, TestClient[Any, Any]] = await emulated_sidecar({"policy": FAST})
+    return started
 
 
 async def _post(client: TestClient[Any, Any], body: bytes, headers: dict[str, str] | None = None) -> str:

@@ -4,20 +4,16 @@ sockets): C2D streamed and settled by the app, direct methods answered by the ap
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.codes import code_of
 from gateway.emulator import Operation
-from gateway.sidecar.app import make_app
-from gateway.sidecar.config import OutboxConfig, parse_config
 from gateway.sidecar.service import Sidecar
 from gateway.sidecar.surface import NO_SUBSCRIBER_STATUS
 
@@ -26,19 +22,11 @@ WAIT = 20.0
 
 
 @pytest.fixture
-async def emulated(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, TestClient[Any, Any]]]:
-    cfg = parse_config({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}},
-                        "delivery": {"c2d_poll_interval": 0.05}}, env={})  # HTTP C2D polling, fast for the test
-    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
-    sidecar = Sidecar(cfg)
-    await sidecar.start()
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
-    await client.start_server()
-    try:
-        yield sidecar, client
-    finally:
-        await client.close()
-        await sidecar.stop()
+async def emulated(emulated_sidecar: Any) -> tuple[Sidecar, TestClient[Any, Any]]:
+    started: tuple[Sidecar, TestClient[Any, Any]] = await emulated_sidecar(
+        {"policy": {"throttle": {"initial": 0.05, "cap": 0.1}},
+         "delivery": {"c2d_poll_interval": 0.05}})  # HTTP C2D polling, fast for the test
+    return started
 
 
 async def next_event(resp: ClientResponse, timeout: float = WAIT) -> tuple[str, dict[str, Any]]:
@@ -236,35 +224,27 @@ async def test_a_settle_the_hub_refuses_answers_its_code(emulated: Any, protocol
 
 
 @pytest.mark.parametrize("protocol", ["mqtt", "amqp"])
-async def test_past_the_hold_bound_messages_stay_with_the_hub_unsettled(tmp_path: Path, protocol: str):
+async def test_past_the_hold_bound_messages_stay_with_the_hub_unsettled(emulated_sidecar: Any, protocol: str):
     device = "bounded"
-    cfg = parse_config({"delivery": {"c2d_max_held": 1}, "devices": [{"id": device, "protocol": protocol}]}, env={})
-    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
-    sidecar = Sidecar(cfg)
-    await sidecar.start()
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
-    await client.start_server()
-    try:
-        hub = sidecar.emulator.hub
-        await connected(client, device)
-        for mid in ("one", "two", "three"):
-            hub.send_c2d(device, mid.encode(), message_id=mid)
-        async with asyncio.timeout(WAIT):
-            while not sidecar.pipelines[device].surface._held:
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
-        async with client.get(f"/v1/devices/{device}/c2d") as stream:
-            _, msg = await next_event(stream)
-            assert msg["message_id"] == "one"
-            assert (await client.post(f"/v1/devices/{device}/c2d/{msg['lock']}/complete")).status == 204
-        await asyncio.sleep(0.3)
-        state = hub.device(device)
-        waiting = {e.message_id for e in state.locked.values()} | {getattr(e, "message_id", None) for e in state.c2d}
-        assert {"two", "three"} <= waiting  # not completed, not abandoned into a redelivery loop
-        assert not hub.dead_letters and all(e.delivery_count <= 1 for e in state.locked.values())
-    finally:
-        await client.close()
-        await sidecar.stop()
+    sidecar, client = await emulated_sidecar({"delivery": {"c2d_max_held": 1},
+                                              "devices": [{"id": device, "protocol": protocol}]})
+    hub = sidecar.emulator.hub
+    await connected(client, device)
+    for mid in ("one", "two", "three"):
+        hub.send_c2d(device, mid.encode(), message_id=mid)
+    async with asyncio.timeout(WAIT):
+        while not sidecar.pipelines[device].surface._held:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    async with client.get(f"/v1/devices/{device}/c2d") as stream:
+        _, msg = await next_event(stream)
+        assert msg["message_id"] == "one"
+        assert (await client.post(f"/v1/devices/{device}/c2d/{msg['lock']}/complete")).status == 204
+    await asyncio.sleep(0.3)
+    state = hub.device(device)
+    waiting = {e.message_id for e in state.locked.values()} | {getattr(e, "message_id", None) for e in state.c2d}
+    assert {"two", "three"} <= waiting  # not completed, not abandoned into a redelivery loop
+    assert not hub.dead_letters and all(e.delivery_count <= 1 for e in state.locked.values())
 
 
 async def test_a_lost_connection_voids_the_locks_it_gave(tmp_path: Path, start_sidecar: Any):

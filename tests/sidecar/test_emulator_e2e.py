@@ -4,35 +4,20 @@ emulator's fault plan come back through the real HTTP, MQTT and AMQP wires as co
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.codes import code_of
 from gateway.emulator import Operation
-from gateway.sidecar.app import make_app
-from gateway.sidecar.config import OutboxConfig, parse_config
 from gateway.sidecar.service import Sidecar
 
 DEVICES = {"mqtt": "demo-mqtt", "amqp": "demo-amqp", "http": "demo-http"}
 
 
 @pytest.fixture
-async def emulated(tmp_path: Path) -> Any:
-    cfg = parse_config({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}}}, env={})
-    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
-    sidecar = Sidecar(cfg)
-    await sidecar.start()
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
-    await client.start_server()
-    try:
-        yield sidecar, client
-    finally:
-        await client.close()
-        await sidecar.stop()
+async def emulated(emulated_sidecar: Any) -> Any:
+    return await emulated_sidecar({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}}})
 
 
 async def _settled(sidecar: Sidecar, mid: str, timeout: float = 20.0) -> str:
@@ -86,28 +71,19 @@ async def test_throttling_over_each_transport(emulated: Any, protocol: str):
     assert dev["state"] == "connected" and dev["last_error"] is not None
 
 
-async def test_an_mqtt5_device_gets_exact_codes_where_3_1_1_can_only_drop(tmp_path: Path):
-    cfg = parse_config({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}},
-                        "devices": [{"id": "m5", "protocol": "mqtt", "mqtt_version": 5}]}, env={})
-    cfg = dataclasses.replace(cfg, outbox=OutboxConfig(path=str(tmp_path / "outbox.sqlite3")))
-    sidecar = Sidecar(cfg)
-    await sidecar.start()
-    client: TestClient[Any, Any] = TestClient(TestServer(make_app(sidecar)))
-    await client.start_server()
-    try:
-        hub = sidecar.emulator.hub
-        too_large = code_of("MessageTooLarge")
-        hub.plan.add(Operation.TELEMETRY, too_large, device="m5", transport="mqtt")
-        mid = (await (await client.post("/v1/devices/m5/messages", data=b"big")).json())["id"]
-        assert await _settled(sidecar, mid) == "dead"  # MQTT 5 says it in the PUBACK: no drop, no resend
-        got = await (await client.get(f"/v1/messages/{mid}")).json()
-        assert got["code"] == too_large and got["possible_duplicate"] is False
-        hub.plan.add(Operation.TELEMETRY, code_of("ThrottlingException"), device="m5", transport="mqtt", times=2)
-        mid = (await (await client.post("/v1/devices/m5/messages", data=b"t")).json())["id"]
-        assert await _settled(sidecar, mid) == "delivered"
-        dev = await (await client.get("/v1/devices/m5")).json()
-        assert dev["last_error"]["code"] == code_of("ThrottlingException")
-        assert dev["last_error"]["action"] == "throttle"
-    finally:
-        await client.close()
-        await sidecar.stop()
+async def test_an_mqtt5_device_gets_exact_codes_where_3_1_1_can_only_drop(emulated_sidecar: Any):
+    sidecar, client = await emulated_sidecar({"policy": {"throttle": {"initial": 0.05, "cap": 0.1}},
+                                              "devices": [{"id": "m5", "protocol": "mqtt", "mqtt_version": 5}]})
+    hub = sidecar.emulator.hub
+    too_large = code_of("MessageTooLarge")
+    hub.plan.add(Operation.TELEMETRY, too_large, device="m5", transport="mqtt")
+    mid = (await (await client.post("/v1/devices/m5/messages", data=b"big")).json())["id"]
+    assert await _settled(sidecar, mid) == "dead"  # MQTT 5 says it in the PUBACK: no drop, no resend
+    got = await (await client.get(f"/v1/messages/{mid}")).json()
+    assert got["code"] == too_large and got["possible_duplicate"] is False
+    hub.plan.add(Operation.TELEMETRY, code_of("ThrottlingException"), device="m5", transport="mqtt", times=2)
+    mid = (await (await client.post("/v1/devices/m5/messages", data=b"t")).json())["id"]
+    assert await _settled(sidecar, mid) == "delivered"
+    dev = await (await client.get("/v1/devices/m5")).json()
+    assert dev["last_error"]["code"] == code_of("ThrottlingException")
+    assert dev["last_error"]["action"] == "throttle"
