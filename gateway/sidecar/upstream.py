@@ -40,6 +40,7 @@ from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.stats import Stats
 from gateway.sidecar.surface import DeviceSurface
 from gateway.tls import client_context
 from gateway.transport import Message, Transport
@@ -232,8 +233,10 @@ class DevicePipeline:
         redact: Callable[[str], str] = str,
         c2d_poll_interval: float = 1.0,
         c2d_max_held: int = 100,
+        stats: Stats | None = None,
     ) -> None:
         self.device_id = device_id
+        self.stats = stats or Stats([device_id])
         self._redact = redact
         self.protocol = protocol
         self.outbox = outbox
@@ -401,6 +404,7 @@ class DevicePipeline:
         duplicate = receipt.possible_duplicate or item.possible_duplicate
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
+        self.stats.add(self.device_id, "delivered")
         if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
             self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": receipt.attempts,
                                               "possible_duplicate": duplicate, "at": rfc3339(done)})
@@ -435,6 +439,7 @@ class DevicePipeline:
             await self._dead(item, err.code, str(err), now)
             return
         self.metrics.message(self.protocol, "retry_later", err.code)
+        self.stats.add(self.device_id, "retry_later", err.code)
         self._failures += 1
         await self._record(lambda: self.outbox.release(item.id, possible_duplicate=outcome == "unknown"))
         self._wake.set()
@@ -444,6 +449,7 @@ class DevicePipeline:
         if not await self._record(lambda: self.outbox.dead_letter(item.id, code=code, reason=reason, now=now)):
             return
         self.metrics.message(self.protocol, "dead_letter", code)
+        self.stats.add(self.device_id, "dead_letter", code)
         row = lookup(code)
         log.warning("message %s dead-lettered: %s %s", item.id, code, row.name,
                     extra={"device": self.device_id, "code": code, "code_name": row.name, "action": "dead_letter",
@@ -482,6 +488,8 @@ class DevicePipeline:
             "code": change.code, "name": name, "action": action, "until": rfc3339(change.until),
             "reason": change.reason, "at": rfc3339(change.at),
         })
+        if change.code is not None:
+            self.stats.add(self.device_id, change.state.value, change.code)
         self.surface.on_state(change)
         if change.state is State.CONNECTED:
             self._failures = 0
