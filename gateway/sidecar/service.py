@@ -156,7 +156,8 @@ class Sidecar:
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
-                c2d_max_held=cfg.delivery.c2d_max_held, stats=self.stats,
+                c2d_max_held=cfg.delivery.c2d_max_held, twin_poll_interval=cfg.delivery.twin_poll_interval,
+                stats=self.stats,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():

@@ -233,6 +233,7 @@ class DevicePipeline:
         redact: Callable[[str], str] = str,
         c2d_poll_interval: float = 1.0,
         c2d_max_held: int = 100,
+        twin_poll_interval: float = 30.0,
         stats: Stats | None = None,
     ) -> None:
         self.device_id = device_id
@@ -250,7 +251,8 @@ class DevicePipeline:
         self.surface = DeviceSurface(device_id, protocol, lambda: self.handler,
                                      now=lambda: rfc3339(self._clock()) or "",
                                      timeout=lambda: self.policy.config.operation.timeout,
-                                     poll_interval=c2d_poll_interval, max_held=c2d_max_held)
+                                     poll_interval=c2d_poll_interval, max_held=c2d_max_held,
+                                     twin_poll_interval=twin_poll_interval)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
                                on_state_change=self._on_state, on_undelivered=self._on_undelivered,
                                on_inbound=self.surface.on_inbound)
