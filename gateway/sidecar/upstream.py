@@ -2,8 +2,9 @@
 
 One :class:`DevicePipeline` per configured device, each with its own transport and
 :class:`~gateway.handler.Handler` (IoT Hub authenticates per device). A pipeline claims the oldest
-pending messages of its device (up to ``max_inflight`` at a time), sends each with the stable outbox id
-as the message id, and settles it in the outbox:
+pending messages of its device (up to ``max_inflight`` sends at a time, and as many again claimed ahead so
+the next send starts the moment a slot frees), sends each with the stable outbox id as the message id,
+and settles it in the outbox (the write goes on after the slot is free):
 
 - delivered: ``outbox.delivered`` (flagged as a possible duplicate when an attempt was uncertain);
 - a permanent refusal (the code's action is ``fail``): dead-lettered with that code;
@@ -257,7 +258,12 @@ class DevicePipeline:
                                on_state_change=self._on_state, on_undelivered=self._on_undelivered,
                                on_inbound=self.surface.on_inbound)
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  #: sends in flight (at most max_inflight)
+        #: deliveries being written to the outbox: a send's slot is free once the hub acknowledged it, so
+        #: the next send does not wait for this write (the writer thread commits them in groups)
+        self._settling: set[asyncio.Task[None]] = set()
+        #: claimed ahead, not yet sent (at most max_inflight): released, unflagged, when the pipeline stops
+        self._ready: deque[OutboxItem] = deque()
         self._outcomes: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -279,10 +285,17 @@ class DevicePipeline:
         self._stopping = True
         self._wake.set()
         await cancel_and_wait(self._runner)
+        while self._ready:  # never sent: back to pending as they were
+            item = self._ready.popleft()
+            with contextlib.suppress(StorageError):
+                await self.outbox.release(item.id)
         pending = set(self._tasks)
         if pending and deadline > 0:
             _, pending = await asyncio.wait(pending, timeout=deadline)
         await cancel_and_wait(pending)
+        if self._settling:  # acknowledged by the hub: write them down (a cut-short write is sent again later)
+            _, late = await asyncio.wait(set(self._settling), timeout=max(deadline, 1.0))
+            await cancel_and_wait(late)
         await self.surface.close()
         await self.handler.close()
         return len(pending)
@@ -352,24 +365,28 @@ class DevicePipeline:
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 8)))
             if self._stopping:
                 return
-        free = self.max_inflight - len(self._tasks)
-        if free <= 0:
-            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
-            return
-        self._wake.clear()
-        items = await self.outbox.claim(self.device_id, limit=free)
-        if not items:
-            if self._tasks:
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
-                waker.cancel()
-            else:
-                await self._sleep_or_wake(1.0)
-            return
-        for item in items:
+        while self._ready and len(self._tasks) < self.max_inflight:
+            item = self._ready.popleft()
             task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        room = 2 * self.max_inflight - len(self._tasks) - len(self._ready)
+        if self._tasks and (room <= 0 or len(self._ready) > self.max_inflight // 2):
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            return
+        # Claim ahead (up to max_inflight more than are being sent): the next send starts the moment a
+        # slot frees, instead of after a round trip to the writer thread.
+        self._wake.clear()
+        items = await self.outbox.claim(self.device_id, limit=room)
+        if items:
+            self._ready.extend(items)
+            return
+        if self._tasks:
+            waker = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+            waker.cancel()
+        else:
+            await self._sleep_or_wake(1.0)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -407,8 +424,16 @@ class DevicePipeline:
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
         self.stats.add(self.device_id, "delivered")
+        # The slot is free now; the write goes on in its own task (created before this one ends, so its
+        # write reaches the writer's queue before the next claim: the writer runs them in order).
+        task = asyncio.get_running_loop().create_task(self._settle_delivered(item, receipt.attempts, done, duplicate),
+                                                      name=f"delivered-{item.id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_delivered(self, item: OutboxItem, attempts: int, done: float, duplicate: bool) -> None:
         if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
-            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": receipt.attempts,
+            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": attempts,
                                               "possible_duplicate": duplicate, "at": rfc3339(done)})
 
     async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
