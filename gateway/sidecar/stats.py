@@ -78,6 +78,8 @@ class Stats:
         self.started = wall()
         self.totals: Counter[Key] = Counter()
         self.device_totals: dict[str, Counter[Key]] = {}
+        #: records per device over the window, kept as slots fill and are reused (for "busiest")
+        self._busy: Counter[str] = Counter()
 
     # -- recording -------------------------------------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Stats:
         second = int(self._clock())
         slot = self._slots[second % self.window]
         if slot.second != second:
+            self._forget(slot)
             slot.reset(second)
         key = (outcome, code)
         slot.counts[key] += n
@@ -100,10 +103,21 @@ class Stats:
                 per = slot.devices[device] = Counter()
         if per is not None:
             per[key] += n
+            self._busy[device] += n
         total = self.device_totals.get(device)
         if total is None:
             total = self.device_totals[device] = Counter()
         total[key] += n
+
+    def _forget(self, slot: _Slot) -> None:
+        """A second leaves the window: its records leave the per-device window counts (each slot once)."""
+        for dev, per in slot.devices.items():
+            left = self._busy[dev] - sum(per.values())
+            if left > 0:
+                self._busy[dev] = left
+            else:
+                del self._busy[dev]
+        slot.devices = {}
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -131,19 +145,15 @@ class Stats:
         """The charts' data: per-second series over the window (the whole sidecar, or ``device``), the
         totals since start by outcome and by code, the busiest devices in the window, and the totals of
         one page of devices (``limit`` ids after ``after``, sorted as ``GET /v1/devices`` pages them)."""
-        _, slots = self._recent()
+        now, slots = self._recent()
         series = {name: [0] * len(slots) for name in ("accepted", "delivered", "dead_letter", "errors")}
         by_code: dict[int, list[int]] = {}
-        busy: Counter[str] = Counter()
         truncated = False
         for i, slot in enumerate(slots):
             counts: Counter[Key] | None = None
             if slot is not None:
                 counts = slot.counts if device is None else slot.devices.get(device)
                 truncated = truncated or slot.truncated
-                if device is None:
-                    for dev, per in slot.devices.items():
-                        busy[dev] += sum(per.values())
             if not counts:
                 continue
             for (outcome, code), n in counts.items():
@@ -173,8 +183,11 @@ class Stats:
                             for code, outcomes in sorted(codes.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))],
         }
         if device is None:
-            data["busiest"] = [{"id": dev, "count": n} for dev, n in heapq.nlargest(top, busy.items(),
-                                                                                    key=lambda kv: (kv[1], kv[0]))]
+            for slot in self._slots:  # seconds older than the window that no record has reused yet
+                if slot.devices and slot.second <= now - self.window:
+                    self._forget(slot)
+            data["busiest"] = [{"id": dev, "count": n}
+                               for dev, n in heapq.nlargest(top, self._busy.items(), key=lambda kv: (kv[1], kv[0]))]
         if limit > 0:
             start = bisect_right(self._ids, after) if after is not None else 0
             data["devices"] = {dev: self._summary(self.device_totals.get(dev, Counter()))

@@ -30,11 +30,13 @@ def test_series_follow_the_clock_and_old_seconds_leave_the_window_but_not_the_to
     stats.add("a", "delivered")
     view = stats.view()
     assert sum(view["series"]["delivered"]) == 1 and sum(view["series"]["dead_letter"]) == 1
+    assert {row["id"]: row["count"] for row in view["busiest"]} == {"a": 1, "b": 1}  # the window's, not since start
     assert view["totals"]["delivered"] == 3 and view["totals"]["errors"] == 1
     assert stats.view("a")["totals"]["delivered"] == 3 and stats.view("b")["totals"]["dead_letter"] == 1
     assert stats.view(limit=1, after="a")["devices"] == {"b": {**stats.view("b")["totals"]}}
     clock.now += 100  # a quiet window: all zeros, the totals remain
     assert stats.view()["series"]["delivered"] == [0] * 10 and stats.view()["totals"]["delivered"] == 3
+    assert stats.view()["busiest"] == []
 
 
 def test_memory_is_bounded_against_many_and_unknown_devices() -> None:

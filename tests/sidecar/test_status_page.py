@@ -260,6 +260,7 @@ async def test_charts_are_drawn_from_real_traffic_and_counts_agree(sidecar_url: 
                 resp = await client.post(f"/v1/devices/{device}/messages", data=json.dumps({"i": i}).encode(),
                                          headers={"Content-Type": "application/json"})
                 assert resp.status == 202
+                await asyncio.sleep(0.2)  # spread over a few seconds: several points on the charts
         # Not messages: a GET of nothing (404), a method a resource lacks (405), an unknown device's status.
         assert (await client.get("/v1/nothing-here")).status == 404
         assert (await client.put("/v1/devices/demo-http/messages", data=b"x")).status == 405
@@ -293,8 +294,8 @@ async def test_charts_are_drawn_from_real_traffic_and_counts_agree(sidecar_url: 
         await browser.wait_for(f"{_series_sum('chart-codes', str(invalid))} >= {dead}", what=f"{invalid} series")
         await browser.wait_for(f"{_series_sum('chart-codes', str(refused_code))} === 1", what="the refused POST")
         # Per device: pick demo-amqp by clicking its row; its chart shows its own deliveries only.
-        await browser.evaluate("document.querySelector('[data-device=\"demo-amqp\"]').click()")
-        await browser.wait_for("document.getElementById('chart-device').dataset.device === 'demo-amqp' && "
+        await browser.evaluate("document.querySelector('#devices tr[data-device=\"demo-amqp\"]').click()")
+        await browser.wait_for("document.getElementById('chart-device').dataset.for === 'demo-amqp' && "
                                f"{_series_sum('chart-device', 'delivered')} === {received['demo-amqp']}",
                                what="demo-amqp's own chart")
 
@@ -340,3 +341,47 @@ async def test_stats_answers_match_the_document(sidecar_url: Any):
     assert list(page["devices"]) == ["demo-http", "demo-mqtt"]  # the page GET /v1/devices?limit=2&after= gives
     assert page["devices"]["demo-mqtt"]["accepted"] == 1 and page["totals"]["accepted"] == 1
     assert len(page["series"]["accepted"]) == sidecar.stats.window == page["window"]
+
+
+async def test_many_devices_are_shown_one_page_at_a_time(tmp_path: Path, start_sidecar: Any):
+    """1,500 devices: the page shows 100 rows and the totals, pages with next/previous, and asks the API
+    only for pages (``GET /v1/devices?limit=...``), never for every device nor for /metrics."""
+    from aiohttp import web
+
+    from tests.sidecar.fakes import fake_config
+
+    n = 1500
+    run = await start_sidecar(fake_config(tmp_path, *((f"dev-{i:05}", "mqtt") for i in range(n))))
+    asked: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        asked.append(request.path_qs)
+        return await handler(request)
+
+    app = make_app(run.sidecar)
+    app.middlewares.insert(0, record)
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        assert (await client.post("/v1/devices/dev-00150/messages", data=b"x")).status == 202
+        rows = "document.querySelectorAll('#devices tbody tr')"
+        async with chromium() as browser:
+            await browser.call("Page.navigate", {"url": str(client.make_url("/"))})
+            await browser.wait_for(f"{rows}.length === 100 && "
+                                   f"document.getElementById('device-range').textContent === '1–100 of {n}'",
+                                   what="the first page of 100")
+            await browser.evaluate("document.getElementById('next').click()")
+            await browser.wait_for(f"document.getElementById('device-range').textContent === '101–200 of {n}' && "
+                                   f"{rows}[0].dataset.device === 'dev-00100'", what="the second page")
+            await browser.wait_for("Number(document.querySelector('[data-device=\"dev-00150\"] .delivered')"
+                                   "?.textContent) === 1", what="dev-00150's delivery on page 2")
+            await browser.evaluate("document.getElementById('prev').click()")
+            await browser.wait_for(f"{rows}[0].dataset.device === 'dev-00000'", what="back to the first page")
+    finally:
+        await client.close()
+    pages = [q for q in asked if q.startswith("/v1/devices") and not q.startswith("/v1/devices/")]
+    assert pages and all("limit=100" in q for q in pages), pages
+    assert not [q for q in asked if q.startswith("/metrics")]
+    stats = [q for q in asked if q.startswith("/v1/stats") and "device=" not in q]
+    assert stats and all("limit=100" in q for q in stats)

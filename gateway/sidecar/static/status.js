@@ -13,6 +13,8 @@ const state = { devices: new Map(), names: new Map(), refreshTimer: null, events
                 page: { after: null, back: [], next: null, total: null }, totals: {}, picked: null,
                 busiest: [] };
 
+const byId = (a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
@@ -63,7 +65,7 @@ function codeText(code, name) {
 function renderDevices() {
   const body = document.querySelector("#devices tbody");
   const rows = [];
-  for (const d of [...state.devices.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))) {
+  for (const d of [...state.devices.values()].sort(byId)) {
     const err = d.last_error || {};
     const counts = state.totals[d.id] || {};
     const row = el("tr", { "data-device": d.id, class: d.id === state.picked ? "picked" : null },
@@ -93,10 +95,20 @@ function pageQuery() {
 
 async function loadDevices() {
   const data = await getJSON(`/v1/devices?${pageQuery()}`);
-  const devices = data.devices.slice(0, PAGE);  // a sidecar without paging answers all of them
+  let devices = data.devices;
+  if (data.total === undefined) {  // a sidecar without paging answers all of them: page them here
+    const all = [...devices].sort(byId);
+    let start = state.page.after === null ? 0 : all.findIndex((d) => d.id > state.page.after);
+    if (start < 0) start = all.length;
+    devices = all.slice(start, start + PAGE);
+    state.page.next = all.length > start + PAGE ? devices[devices.length - 1].id : null;
+    state.page.total = all.length;
+  } else {
+    devices = devices.slice(0, PAGE);
+    state.page.next = data.next ?? null;
+    state.page.total = data.total;
+  }
   state.devices = new Map(devices.map((d) => [d.id, d]));
-  state.page.next = data.next ?? (data.devices.length > PAGE ? devices[devices.length - 1].id : null);
-  state.page.total = data.total ?? data.devices.length;
   const first = state.page.back.length * PAGE;
   document.getElementById("device-range").textContent = devices.length
     ? `${first + 1}–${first + devices.length} of ${state.page.total}` : "";
@@ -187,7 +199,7 @@ function renderStats(all, one) {
       { name: "dead_letter", label: "dead-lettered", color: COLORS.dead_letter, values: one.series.dead_letter },
       { name: "errors", label: "codes", color: COLORS.errors, values: one.series.errors },
     ], win);
-    document.getElementById("chart-device").dataset.device = one.device;
+    document.getElementById("chart-device").dataset.for = one.device;
   }
   const rows = all.code_totals.map((row) => el("tr", { "data-code": row.code },
     el("td", { class: "code" }, row.code),
