@@ -69,7 +69,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from gateway.codes import Action, by_name, code_of, lookup, parse_code
 from gateway.errors import IoTHubError, OperationTimeoutError
@@ -91,6 +91,7 @@ __all__ = [
     "PolicyConfig",
     "PolicyConfigError",
     "ReconnectAfter",
+    "ReconnectBackoff",
     "RefreshCredentials",
     "RetryAfter",
     "Stop",
@@ -148,6 +149,28 @@ class Backoff:
         return (self.max_attempts > 0 and attempt >= self.max_attempts) or (
             self.max_elapsed > 0 and elapsed >= self.max_elapsed
         )
+
+
+_INEXACT_REFUSALS: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectBackoff(Backoff):
+    """The reconnect curve, plus how often a connect refused with an inferred permanent code is retried.
+
+    A generic condition (a proxy's bare 404, AMQP ``invalid-field`` from a framing fault) is not the hub's
+    word that this device can never connect, and on a multiplexed connection one such refusal reaches a
+    thousand devices: they try again on this curve and stop only at the ``inexact_refusals``-th refusal in
+    a row. An exact code (the hub's own) stops at once.
+    """
+
+    initial: float = 1.0
+    multiplier: float = 2.0
+    cap: float = 60.0
+    jitter: float = 1.0
+    max_attempts: int = 0
+    max_elapsed: float = 0.0
+    inexact_refusals: int = _INEXACT_REFUSALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +253,7 @@ class PolicyConfig:
     """Everything the policy reads. The defaults are the shipped ``configs/policy.toml``."""
 
     retry: Backoff = Backoff()
-    reconnect: Backoff = Backoff(initial=1.0, multiplier=2.0, cap=60.0, jitter=1.0, max_attempts=0, max_elapsed=0.0)
+    reconnect: ReconnectBackoff = ReconnectBackoff()
     throttle: ThrottleBackoff = ThrottleBackoff()
     identity: IdentityBackoff = IdentityBackoff()
     quota: QuotaConfig = QuotaConfig()
@@ -293,9 +316,9 @@ _REMOVED = {  # keys of earlier releases whose rule is gone, with what replaces 
 }
 _CURVE_KEYS = frozenset(f.name for f in dataclasses.fields(Backoff))
 _INT_KEYS = frozenset({"max_attempts", "max_takeovers", "max_held", "poison_after", "suspect_successes",
-                       "takeover_repeat", "max_tracked", "timeouts_to_drop"})
-_AT_LEAST_ONE = frozenset({"multiplier", "max_takeovers", "max_held", "poison_after", "takeover_repeat", "max_tracked",
-                           "timeouts_to_drop"})
+                       "takeover_repeat", "max_tracked", "timeouts_to_drop", "inexact_refusals"})
+_AT_LEAST_ONE = frozenset({"multiplier", "inexact_refusals", "max_takeovers", "max_held", "poison_after",
+                           "takeover_repeat", "max_tracked", "timeouts_to_drop"})
 
 
 def _build_section(proto: object, value: object, where: str) -> object:
@@ -518,10 +541,11 @@ class History:
     delivered: int = 0  #: sends delivered while drop evidence is being kept (a counter, for "did others flow")
     delivered_at_drop: int | None = None  #: ``delivered`` at the last drop with sends in flight
     suspect: int = 0  #: > 0: suspect mode, one send at a time; deliveries left before it ends
+    refusals: int = 0  #: connects refused in a row with an inexact permanent code
 
     def on_connected(self, now: float) -> History:
         """A connect succeeded: the outage is over."""
-        return dataclasses.replace(self, attempt=0, retry_since=None, connected_at=now)
+        return dataclasses.replace(self, attempt=0, retry_since=None, connected_at=now, refusals=0)
 
     def on_success(self) -> History:
         """An operation succeeded: throttling is over and a refreshed credential has proven itself."""
@@ -579,6 +603,8 @@ class Policy:
 
     def __init__(self, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
+        # a plain Backoff given as the reconnect curve (older callers) keeps the default
+        self._inexact_refusals: int = getattr(self.config.reconnect, "inexact_refusals", _INEXACT_REFUSALS)
 
     @classmethod
     def default(cls) -> Policy:
@@ -667,6 +693,9 @@ class Policy:
                 # A live connection closed over one bad request (MQTT 5 DISCONNECT 0x95 for an oversized
                 # message, say): that operation fails on its own; the connection is fine to reopen.
                 return self._reconnect(err, hist, now, u, Action.RECONNECT)
+            if op is None and not err.exact and hist.refusals + 1 < self._inexact_refusals:
+                decision, hist = self._reconnect(err, hist, now, u, Action.RECONNECT)
+                return decision, dataclasses.replace(hist, refusals=hist.refusals + 1)
             if op is None:
                 return Stop(StopReason.REFUSED, code, f"connection refused permanently: {err.name}: {err.message}"), \
                     _down(hist, op)

@@ -572,3 +572,43 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     bad.write_text("[retry]\ninitial = -2\n")
     with pytest.raises(PolicyConfigError, match=r"policy.toml: \[retry\] initial"):
         load_policy(bad)
+
+
+# -- refusals with an inferred permanent code ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [code_of("ArgumentInvalid"), code_of("GenericNotFound"), code_of("InvalidOperation")])
+def test_an_inexact_refusal_is_tried_again_before_the_device_stops(code: int) -> None:
+    """amqp:invalid-field on a shared connection, a proxy's bare 404: not the hub's word, so not at once."""
+    err = make_error(code, transport="amqp", exact=False)
+    limit = POLICY.config.reconnect.inexact_refusals
+    hist = HIST
+    for n in range(1, limit):
+        d, hist = POLICY.step(err, hist, now=NOW + n, rand=0.5)
+        assert isinstance(d, ReconnectAfter) and d.code == code and hist.refusals == n
+    d, hist = POLICY.step(err, hist, now=NOW + limit, rand=0.5)
+    assert isinstance(d, Stop) and d.reason is StopReason.REFUSED and d.code == code
+
+
+def test_a_connect_between_inexact_refusals_starts_the_count_again() -> None:
+    err = make_error(code_of("ArgumentInvalid"), transport="amqp", exact=False)
+    hist = HIST
+    for n in range(5):
+        d, hist = POLICY.step(err, hist, now=NOW + n, rand=0.5)
+        assert isinstance(d, ReconnectAfter)
+        if n % 2:
+            hist = hist.on_connected(NOW + n)
+    assert hist.refusals == 0
+
+
+def test_the_inexact_refusal_limit_is_configurable_and_one_means_at_once(tmp_path: Path) -> None:
+    f = tmp_path / "policy.toml"
+    f.write_text("[reconnect]\ninexact_refusals = 1\n")
+    strict = load_policy(f)
+    err = make_error(code_of("ArgumentInvalid"), transport="amqp", exact=False)
+    assert isinstance(strict.decide(err, HIST, now=NOW, rand=0.5), Stop)
+    f.write_text("[reconnect]\ninexact_refusals = 0\n")
+    with pytest.raises(PolicyConfigError, match="inexact_refusals"):
+        load_policy(f)
+    old = Policy(PolicyConfig(reconnect=Backoff(initial=1, cap=10)))  # a plain curve keeps the default limit
+    assert isinstance(old.decide(err, HIST, now=NOW, rand=0.5), ReconnectAfter)
