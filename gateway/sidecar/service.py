@@ -12,6 +12,7 @@ seconds, put the rest back to pending, close the handlers and the outbox, exit 0
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import errno
 import fcntl
@@ -33,9 +34,11 @@ from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
-from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.metrics import DeviceSnapshot, Fleet, Metrics
 from gateway.sidecar.security import Redactor
 from gateway.sidecar.upstream import (
+    SURFACE,
+    AmqpPools,
     DevicePipeline,
     EventHub,
     ProtocolUnavailable,
@@ -83,7 +86,11 @@ class Sidecar:
         self.accepting = False
         self._stopped = False
         self._sweeper: asyncio.Task[None] | None = None
-        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view)
+        self.amqp_pools = AmqpPools(config.amqp.devices_per_connection)
+        #: every device id, sorted: the order of GET /v1/devices and of the per-device metrics
+        self.device_ids: list[str] = sorted(d.id for d in config.devices)
+        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view,
+                           fleet=self._fleet)
 
     @property
     def outbox(self) -> AsyncOutbox:
@@ -115,6 +122,7 @@ class Sidecar:
         # The outbox first: a second sidecar on the same outbox fails before it starts anything else.
         self._outbox = self._open_outbox()
         specs: dict[str, TransportSpec] = {}
+        multiplexed = self._multiplexed()
         if cfg.upstream.kind == "emulator":
             self.emulator = EmulatorHarness(cfg.upstream.host_name, ports=cfg.upstream.ports)
             try:
@@ -128,22 +136,31 @@ class Sidecar:
                 except OSError as exc:
                     raise StartError(f"cannot listen for the emulator's admin API: {exc.strerror or exc}") from exc
                 self.emulator_admin = admin
+            if cfg.registry is not None:
+                try:
+                    self.emulator.hub.load_registry(cfg.registry)  # its keys, so tools using the file still fit
+                except ValueError as exc:
+                    raise StartError(str(exc)) from exc
+            issued: list[str] = []
             for device in cfg.devices:
                 if not self.emulator.available(device.protocol) and self.factories is None:
                     raise ProtocolUnavailable(f"protocol {device.protocol!r} is not available in this build "
                                               f"(no emulator front for it); device {device.id!r} needs it")
                 port = self.emulator.port(device.protocol) if self.emulator.available(device.protocol) else 0
                 cs = self.emulator.register(device.id)
-                self.redactor.add(cs.shared_access_key or "", self.emulator.hub.connection_string(device.id))
+                issued += [cs.shared_access_key or "", self.emulator.hub.connection_string(device.id)]
                 specs[device.id] = TransportSpec(device.protocol, cs, "127.0.0.1", port, tls=False,
-                                                 mqtt_version=device.mqtt_version)
+                                                 mqtt_version=device.mqtt_version, multiplex=device.id in multiplexed,
+                                                 pool=self.amqp_pools)
+            self.redactor.add(*issued)  # at once: the redactor rebuilds its matcher per call
         else:
             for device in cfg.devices:
                 cs = device.parsed()
                 host = cfg.upstream.host or cs.gateway_host_name or cs.host_name
                 specs[device.id] = TransportSpec(device.protocol, cs, host, cfg.upstream.ports[device.protocol],
                                                  tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file,
-                                                 mqtt_version=device.mqtt_version)
+                                                 mqtt_version=device.mqtt_version, multiplex=device.id in multiplexed,
+                                                 pool=self.amqp_pools)
         transports = {device_id: build_transport(spec, self.factories) for device_id, spec in specs.items()}
         if self._outbox.recovered:
             log.warning("%d message(s) were in flight when the sidecar last stopped; they will be sent again "
@@ -153,7 +170,8 @@ class Sidecar:
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
-                c2d_max_held=cfg.delivery.c2d_max_held,
+                c2d_max_held=cfg.delivery.c2d_max_held, surface=self.amqp_pools.surface(device.id) or SURFACE,
+                multiplexed=self.amqp_pools.surface(device.id) is not None,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():
@@ -168,6 +186,19 @@ class Sidecar:
             await pipeline.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
         self.accepting = True
+
+    def _multiplexed(self) -> set[str]:
+        """The AMQP devices that share connections: ``multiplex`` (theirs, else ``[amqp]``), except a lone
+        one left to the default while this build's mux lacks part of the device surface (twin, methods):
+        alone it shares nothing, costs one thread either way, and keeps the whole surface on its own."""
+        cfg = self.config
+        chosen = {d.id for d in cfg.devices if cfg.multiplexed(d)}
+        if len(chosen) == 1 and not self.amqp_pools.whole_surface():
+            (lone,) = chosen
+            device = cfg.device(lone)
+            if device is not None and device.multiplex is None:
+                return set()
+        return chosen
 
     def _open_outbox(self) -> AsyncOutbox:
         """Take the outbox's lock file (two sidecars on one outbox is a start error naming the holder), then
@@ -252,6 +283,7 @@ class Sidecar:
         if persisted:
             log.info("%d in-flight message(s) put back to pending; they are sent after the restart", persisted)
         self.events.close()
+        await self.amqp_pools.close()  # the handlers left their shared connections: close them and the thread
         if self._outbox is not None:
             await self._outbox.close()
             self._outbox = None
@@ -333,9 +365,28 @@ class Sidecar:
         return _view(item)
 
     def _snapshots(self) -> list[Any]:
+        """The devices given per-device series: at most ``[metrics] per_device_max`` (see metrics.py)."""
         if self._outbox is None:
             return []
-        return [_with_last_error(p) for p in self.pipelines.values()]
+        chosen = self.metrics.states.pick(self.device_ids, self.config.metrics.per_device_max)
+        return [_with_last_error(self.pipelines[d]) for d in chosen if d in self.pipelines]
+
+    def _fleet(self) -> Fleet:
+        counts: dict[tuple[int | None, str, str], int] = {}
+        for pipeline in self.pipelines.values():  # in memory, a few entries per handler
+            for key, n in pipeline.handler.metrics().items():
+                counts[key] = counts.get(key, 0) + n
+        shown = min(len(self.pipelines), max(0, self.config.metrics.per_device_max))
+        return Fleet(self.metrics.states.per_state, len(self.pipelines) - shown, counts,
+                     self.amqp_pools.connections())
+
+    def page(self, *, limit: int = 1000, after: str | None = None) -> tuple[list[DevicePipeline], str | None]:
+        """Devices in id order after ``after`` (exclusive; any string works as a cursor), at most ``limit``;
+        and the cursor of the next page (None at the end). O(log n + limit)."""
+        start = bisect.bisect_right(self.device_ids, after) if after is not None else 0
+        ids = self.device_ids[start:start + limit]
+        more = start + limit < len(self.device_ids)
+        return [self.pipelines[d] for d in ids if d in self.pipelines], (ids[-1] if more and ids else None)
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
