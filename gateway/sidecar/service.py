@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -55,6 +56,10 @@ __all__ = ["Sidecar", "StartError", "UnknownDevice", "run"]
 log = logging.getLogger("gateway.sidecar")
 
 
+#: Devices whose first connect may be under way at once while the sidecar starts (see _start_pipelines).
+START_CONCURRENCY = 64
+
+
 class StartError(RuntimeError):
     """The sidecar cannot start (port in use, outbox locked, ...): one line, no traceback."""
 
@@ -86,6 +91,8 @@ class Sidecar:
         self.accepting = False
         self._stopped = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._starter: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
         self.amqp_pools = AmqpPools(config.amqp.devices_per_connection)
         #: every device id, sorted: the order of GET /v1/devices and of the per-device metrics
         self.device_ids: list[str] = sorted(d.id for d in config.devices)
@@ -182,8 +189,7 @@ class Sidecar:
         if orphans:
             log.warning("the outbox holds pending messages for devices no longer configured: %s",
                         ", ".join(sorted(orphans))[:500])
-        for pipeline in self.pipelines.values():
-            await pipeline.start()
+        await self._start_pipelines([self.pipelines[d] for d in self.device_ids if d in self.pipelines])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
         self.accepting = True
 
@@ -199,6 +205,48 @@ class Sidecar:
             if device is not None and device.multiplex is None:
                 return set()
         return chosen
+
+    async def _start_pipelines(self, pipelines: list[DevicePipeline]) -> None:
+        """Start the pipelines with at most ``START_CONCURRENCY`` first connects under way: 10,000 devices
+        asking at once would queue their connects (AMQP joins on a shared connection, the MQTT connect pool)
+        past the handlers' connect timeout, and every timeout adds a retry to the queue. A slot frees when
+        a device's first attempt ends either way (connected, retrying, stopped). The first batch starts
+        before this returns (a small sidecar starts as before); the rest from a background task. Messages
+        for a device not yet started are accepted meanwhile; it sends them once it is up."""
+        slots = asyncio.Semaphore(START_CONCURRENCY)
+        patience = self.config.policy.config.operation.connect_timeout + 5.0
+        watchers: set[asyncio.Task[None]] = self._watchers
+
+        async def watch(pipeline: DevicePipeline) -> None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pipeline.first_attempt), patience)
+            finally:
+                slots.release()
+
+        async def start(pipeline: DevicePipeline) -> None:
+            await slots.acquire()
+            try:
+                await pipeline.start()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(watch(pipeline), name=f"start-{pipeline.device_id}")
+            watchers.add(task)
+            task.add_done_callback(watchers.discard)
+
+        async def rest(pipelines: list[DevicePipeline]) -> None:
+            for pipeline in pipelines:
+                try:
+                    await start(pipeline)
+                except Exception:
+                    log.exception("starting the pipeline of %s failed", pipeline.device_id)
+
+        for pipeline in pipelines[:START_CONCURRENCY]:
+            await start(pipeline)
+        if len(pipelines) > START_CONCURRENCY:
+            self._starter = asyncio.get_running_loop().create_task(rest(pipelines[START_CONCURRENCY:]),
+                                                                   name="pipelines-start")
 
     def _open_outbox(self) -> AsyncOutbox:
         """Take the outbox's lock file (two sidecars on one outbox is a start error naming the holder), then
@@ -276,6 +324,8 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
+        await cancel_and_wait(self._starter)
+        await cancel_and_wait(set(self._watchers))
         await cancel_and_wait(self._sweeper)
         deadline = self.config.delivery.shutdown_deadline
         results = await asyncio.gather(*(p.stop(deadline) for p in self.pipelines.values()), return_exceptions=True)

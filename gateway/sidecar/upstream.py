@@ -425,6 +425,8 @@ class DevicePipeline:
         self._stopping = False
         self._failures = 0  #: consecutive released failures: the pipeline pauses before claiming again
         metrics.states.set(device_id, protocol, self.handler.state.value)
+        #: done when the first connect attempt ended, either way (the sidecar paces its start with it)
+        self.first_attempt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -637,6 +639,8 @@ class DevicePipeline:
 
     def _on_state(self, change: StateChange) -> None:
         self.metrics.states.set(self.device_id, self.protocol, change.state.value)
+        if change.state not in (State.IDLE, State.CONNECTING) and not self.first_attempt.done():
+            self.first_attempt.set_result(None)
         if change.cause is not None:
             self.last_error = change.cause
             self.last_error_at = change.at
