@@ -46,8 +46,8 @@ async def test_run_with_a_devices_file(tmp_path: Path) -> None:
                     break
                 await asyncio.sleep(0.2)
         assert "iothub_gateway_amqp_connections{upstream=\"127.0.0.1:" in text
-        assert [line for line in text.splitlines() if line.startswith("iothub_gateway_amqp_connections")][0] \
-            .endswith(" 1.0")  # 240 AMQP devices, one connection
+        conns = next(line for line in text.splitlines() if line.startswith("iothub_gateway_amqp_connections"))
+        assert conns.endswith(" 1.0")  # 240 AMQP devices, one connection
         assert _threads(proc.proc.pid) < 60  # not one per device
         ids = []
         for device in ("amqp-000", "amqp-239", "mqtt-017", "http-029"):
