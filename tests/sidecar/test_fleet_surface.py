@@ -74,5 +74,5 @@ async def test_the_emulators_registry_is_the_device_list_with_its_keys(emulated_
     page = await (await client.get("/v1/devices")).json()
     assert [d["id"] for d in page["devices"]] == [f"reg-{i}" for i in range(5)] and page["total"] == 5
     for i in range(5):
-        device = sidecar.emulator.hub.device(f"reg-{i}")
-        assert device is not None and device.key == hub.device(f"reg-{i}").key
+        device, original = sidecar.emulator.hub.device(f"reg-{i}"), hub.device(f"reg-{i}")
+        assert device is not None and original is not None and device.key == original.key
