@@ -5,6 +5,9 @@ banner goes to stderr with the logs; stdout is left empty.
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
 the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
 from this build is a config error) and the pipelines; only then is the URL printed and ``/readyz`` ready.
+Pipelines start paced (at most ``START_CONCURRENCY`` first connects under way; the first batch before
+the URL is printed, the rest in the background): a fleet of 10,000 never opens 10,000 connections at once.
+AMQP devices share connections (one ``AmqpMux`` per upstream, :class:`~gateway.sidecar.upstream.AmqpPools`).
 Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline``
 seconds, put the rest back to pending, close the handlers and the outbox, exit 0.
 """
