@@ -1,25 +1,36 @@
-"""The sidecar's local API under load, in one run: classify, accept, deliver end to end, and memory.
+"""The sidecar against its baselines, in one run (issue 12 section 4).
 
-Servers run as child processes, the load generator in this process (aiohttp, ``--concurrency``
-requests in flight):
+Every server is a child process on 127.0.0.1; the load generator and the raw adapters run in this process:
 
-- the real sidecar, ``python -m gateway.cli run`` with a bench config: the bundled emulator as upstream
-  (its three fronts in the sidecar's process), the durable outbox in a temporary directory,
-  ``rate_limit = 0``;
-- a bare aiohttp server with one ``POST /v1/classify`` handler that parses the JSON body and answers a
-  small JSON object: the least an aiohttp API can do for the same request.
+- the emulator on its own (``iothub-gateway emulator``): HTTP, MQTT and AMQP fronts, an admin API, one
+  device per sidecar device and per raw adapter, so a sidecar and a raw adapter talk to the same
+  emulator over the same transport;
+- sidecars (``iothub-gateway run``) with ``[upstream] kind = "iothub"`` pointed at that emulator
+  (plain TCP on loopback), ``rate_limit = 0``, their outbox in a temporary directory;
+- a bare aiohttp server with one ``POST /v1/devices/{id}/messages`` handler doing the same JSON work as
+  the sidecar's (parse the JSON body, check the message id, collect ``iothub-app-*`` headers, answer 202
+  with the same JSON fields and ``Location``) but storing nothing.
 
 Measured:
 
-1. ``POST /v1/classify`` requests per second, sidecar vs bare, in alternating rounds; the ratio is the
-   median of the per-round ratios (target >= 0.7). The bodies cycle through the four shapes.
-2. Accepted messages per second: ``POST /v1/devices/{id}/messages`` answered 202 (each committed to the
-   SQLite outbox before the answer), across the three demo devices, while the sidecar also delivers.
-3. End-to-end delivered messages per second: from the first POST until ``GET /v1/devices`` counts all of
-   them delivered to the emulator (over MQTT, AMQP and HTTP).
-4. The sidecar process's RSS (VmRSS) idle after start, and its peak while 2 and 3 run (target idle < 60 MB).
+1. Accepted messages per second (202 answered, the message committed to the outbox first) against the
+   bare handler, with ``synchronous = NORMAL`` and ``FULL``, in alternating rounds; the ratio is the
+   median of per-round ratios (target >= 0.7 with NORMAL). These sidecars' upstream port has nothing
+   listening, so nothing is delivered meanwhile: the figure is the API and the outbox alone.
+2. End-to-end delivered per second (first POST until the hub acknowledged all N, as the sidecar counts
+   them) against the raw adapter's own rate: ``Transport.send`` from ``--inflight`` concurrent senders
+   (the sidecar's ``max_inflight`` per device) over the same transport to the same emulator (target
+   >= 0.7), per transport.
+3. Round trips per second through the local API: C2D (service side: the emulator's admin API queues it;
+   app side: the SSE stream, then ``POST .../complete``) and direct methods (service side: ``InvokeMethod``
+   over the emulator's HTTP service API; app side: the SSE stream, then ``POST .../response``), one at a
+   time.
+4. The sidecar's RSS idle and after the N messages of every transport were delivered (retention on:
+   ``delivered_max = --retention-max``), and the outbox file (with its WAL) at its largest and after
+   retention ran, against ``--file-limit`` MB.
 
-Ratios and figures are printed; nothing is asserted. Run: ``python bench/sidecar.py [--rounds N]``.
+The machine may be shared: every figure is noisy; prefer the ratios, which are measured in the same run.
+Run: ``python bench/sidecar.py [--messages N] [--plot docs/img/bench-sidecar.png]``.
 """
 
 from __future__ import annotations
@@ -30,11 +41,13 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -48,38 +61,38 @@ sys.path.insert(0, str(_HERE.parent))
 import aiohttp
 
 ROOT = _HERE.parent
+TRANSPORTS = ("mqtt", "amqp", "http")
 URL_LINE = re.compile(r"http://127\.0\.0\.1:(\d+)")
-DEVICES = ("demo-mqtt", "demo-amqp", "demo-http")
-BODIES = [
-    {"transport": "http", "status": 429, "headers": {"Retry-After": "7"},
-     "body": '{"Message":"ErrorCode:ThrottlingException;Rate limit exceeded","ExceptionMessage":""}'},
-    {"transport": "mqtt", "reason_code": 142, "protocol_version": 5, "packet": "disconnect"},
-    {"transport": "mqtt", "topic": "$iothub/twin/res/429/?$rid=1"},
-    {"transport": "amqp", "condition": "amqp:link:stolen", "description": "link stolen", "info": {}},
-]
-CONFIG = """
-[api]
-port = 0
-rate_limit = 0
-[outbox]
-path = "{outbox}"
-max_messages = 1000000
-[logging]
-level = "WARNING"
-"""
+PAYLOAD = json.dumps({"temperature": 21.5, "humidity": 40, "pad": "x" * 150}).encode()
+HEADERS = {"Content-Type": "application/json", "iothub-app-site": "bench"}
 
+
+# -- child processes ------------------------------------------------------------------------------------
 
 def bare_server() -> None:
-    """Child process: the bare aiohttp classify handler; prints its URL, serves until stdin closes."""
+    """Child process: the bare handler; prints its URL, serves until stdin closes."""
+    import uuid
+
     from aiohttp import web
 
-    async def classify(request: web.Request) -> web.Response:
-        data = await request.json()
-        return web.json_response({"error": None, "fields": len(data)})
+    message_id = re.compile(r"[\x21-\x7e]{1,128}")
+
+    async def post(request: web.Request) -> web.Response:
+        raw = await request.read()
+        if request.content_type == "application/json":
+            json.loads(raw)
+        mid = request.headers.get("iothub-messageid")
+        if mid is not None and not message_id.fullmatch(mid):
+            return web.json_response({"errorCode": 400004}, status=400)
+        props = {k[11:]: v for k, v in request.headers.items() if k.lower().startswith("iothub-app-")}
+        ident = mid or uuid.uuid4().hex
+        answer = {"id": ident, "device_id": request.match_info["device_id"], "status": "pending",
+                  "duplicate": False, "deadline": None, "properties": len(props)}
+        return web.json_response(answer, status=202, headers={"Location": f"/v1/messages/{ident}"})
 
     async def main() -> None:
         app = web.Application()
-        app.router.add_post("/v1/classify", classify)
+        app.router.add_post("/v1/devices/{device_id}/messages", post)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -91,13 +104,14 @@ def bare_server() -> None:
     asyncio.run(main())
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
-        self.proc = proc
-        self.url = url
+@dataclass
+class Child:
+    proc: subprocess.Popen[str]
+    url: str = ""
+    lines: list[str] = field(default_factory=list)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (robust to other load on the machine)."""
+        """User + system CPU time of the process so far (steadier than wall time on a shared machine)."""
         try:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -114,43 +128,97 @@ class Server:
 
 
 @contextlib.contextmanager
-def child(args: list[str], env: dict[str, str] | None = None, *, banner: str = "stdout") -> Any:
-    """A child process and the URL from its start line: on stdout (the bare server) or stderr (the sidecar,
-    whose stdout stays clean; its stderr goes to a file, so its logs never fill a pipe and stall it)."""
+def child(args: list[str], env: dict[str, str] | None = None, *, until: Callable[[str], bool],
+          from_stderr: bool = False) -> Iterator[Child]:
+    """A child process, started and read until ``until(text so far)`` holds. The sidecar writes its start
+    line to stderr (to a file here, so its logs never fill a pipe and stall it); the others to stdout."""
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=log if banner == "stderr" else subprocess.DEVNULL, text=True,
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL if from_stderr else log,
+                            stderr=log if from_stderr else subprocess.DEVNULL, text=True,
                             env={**os.environ, **(env or {})})
     try:
-        match = None
-        if banner == "stdout":
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            match = URL_LINE.search(line)
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline and proc.poll() is None:
+            log.seek(0)
+            text = log.read()
+            if until(text):
+                break
+            time.sleep(0.05)
         else:
-            deadline = time.monotonic() + 60
-            while match is None and time.monotonic() < deadline and proc.poll() is None:
-                log.seek(0)
-                match = URL_LINE.search(log.read())
-                if match is None:
-                    time.sleep(0.05)
-            line = "(stderr)"
-        if not match:
-            raise RuntimeError(f"{args}: no URL in its start line: {line!r}")
-        yield Server(proc, f"http://127.0.0.1:{match.group(1)}")
+            raise RuntimeError(f"{args[:3]}: did not start: {text[-2000:]!r}")
+        found = URL_LINE.search(text)
+        yield Child(proc, f"http://127.0.0.1:{found.group(1)}" if found else "", text.splitlines())
     finally:
         if proc.poll() is None:
-            proc.terminate()  # the sidecar shuts down on SIGTERM; the bare server too
+            proc.terminate()  # the sidecar and the emulator shut down on SIGTERM; the bare server too
             try:
-                proc.wait(15)
+                proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         log.close()
 
 
+@dataclass
+class Emulator:
+    ports: dict[str, int]
+    admin: str
+    service: str
+    devices: dict[str, str]
+
+
+def emulator_info(lines: list[str]) -> Emulator:
+    ports: dict[str, int] = {}
+    devices: dict[str, str] = {}
+    admin = service = ""
+    for line in lines:
+        key, _, value = line.partition(": ")
+        if key in TRANSPORTS:
+            ports[key] = int(value.rsplit(":", 1)[1])
+        elif key == "admin":
+            admin = value.strip()
+        elif key == "service":
+            service = value.strip()
+        elif key.startswith("device "):
+            devices[key[7:]] = value.strip()
+    return Emulator(ports, admin, service, devices)
+
+
+def free_port() -> int:
+    """A port with nothing listening on it (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sidecar_config(path: Path, *, outbox: Path, ports: dict[str, int], devices: list[tuple[str, str]],
+                   synchronous: str = "NORMAL", inflight: int = 8, retention_max: int = 10_000) -> Path:
+    lines = [
+        "[api]", "port = 0", "rate_limit = 0",
+        "[outbox]", f'path = "{outbox}"', "max_messages = 2000000", f'synchronous = "{synchronous}"',
+        f"delivered_max = {retention_max}",
+        "[delivery]", f"max_inflight = {inflight}", "c2d_poll_interval = 0.1",
+        "[logging]", 'level = "WARNING"',
+        "[upstream]", 'kind = "iothub"', 'host = "127.0.0.1"', "tls = false",
+        "[upstream.ports]", *(f"{t} = {p}" for t, p in ports.items()),
+    ]
+    for device_id, protocol in devices:
+        lines += ["[[devices]]", f'id = "{device_id}"', f'protocol = "{protocol}"',
+                  f'connection_string_env = "BENCH_CS_{device_id.replace("-", "_").upper()}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cs_env(emu: Emulator) -> dict[str, str]:
+    return {f"BENCH_CS_{d.replace('-', '_').upper()}": cs for d, cs in emu.devices.items()}
+
+
+# -- load -------------------------------------------------------------------------------------------------
+
 async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
-    """``n`` calls of ``one`` with ``concurrency`` workers; the elapsed seconds."""
+    """``n`` calls of ``one`` from ``concurrency`` workers; the elapsed seconds."""
     counter = iter(range(n))
 
     async def worker() -> None:
@@ -164,122 +232,375 @@ async def drive(n: int, concurrency: int, one: Callable[[int], Awaitable[None]])
 
 @contextlib.asynccontextmanager
 async def session(concurrency: int) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
+    connector = aiohttp.TCPConnector(limit=concurrency + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
         yield s
 
 
-async def classify_round(s: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> float:
-    bodies = [json.dumps(b).encode() for b in BODIES]
-    headers = {"Content-Type": "application/json"}
-
+async def post_messages(s: aiohttp.ClientSession, url: str, devices: list[str], n: int, concurrency: int) -> float:
     async def one(i: int) -> None:
-        async with s.post(f"{url}/v1/classify", data=bodies[i % len(bodies)], headers=headers) as resp:
+        async with s.post(f"{url}/v1/devices/{devices[i % len(devices)]}/messages", data=PAYLOAD,
+                          headers=HEADERS) as resp:
             await resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"classify answered {resp.status}")
+            if resp.status != 202:
+                raise RuntimeError(f"POST answered {resp.status}: {await resp.text()}")
 
-    return n / await drive(n, concurrency, one)
-
-
-async def delivered(s: aiohttp.ClientSession, url: str) -> int:
-    async with s.get(f"{url}/v1/devices") as resp:
-        data = await resp.json()
-    return sum(d["messages"].get("delivered", 0) for d in data["devices"])
+    return await drive(n, concurrency, one)
 
 
-async def wait_ready(s: aiohttp.ClientSession, url: str, timeout: float = 30.0) -> None:
+async def get_json(s: aiohttp.ClientSession, url: str) -> Any:
+    async with s.get(url) as resp:
+        return await resp.json()
+
+
+async def wait_connected(s: aiohttp.ClientSession, url: str, timeout: float = 60.0) -> None:
     async with asyncio.timeout(timeout):
         while True:
-            async with s.get(f"{url}/v1/devices") as resp:
-                data = await resp.json()
+            data = await get_json(s, f"{url}/v1/devices")
             if all(d["state"] == "connected" for d in data["devices"]):
                 return
             await asyncio.sleep(0.1)
 
 
+async def metric(s: aiohttp.ClientSession, url: str, name: str) -> float:
+    async with s.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    found = re.search(rf"^{re.escape(name)} ([0-9.eE+-]+)$", text, re.M)
+    return float(found.group(1)) if found else float("nan")
+
+
+class Events:
+    """A server-sent event stream read one event at a time."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+
+    async def next(self, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
+        kind, data = "message", []
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.resp.content.readline()
+                if not raw:
+                    raise ConnectionError("the stream ended")
+                line = raw.decode().rstrip("\r\n")
+                if not line:
+                    if data:
+                        return kind, json.loads("\n".join(data))
+                    continue
+                name, _, value = line.partition(":")
+                if name == "event":
+                    kind = value.strip()
+                elif name == "data":
+                    data.append(value.removeprefix(" "))
+
+
+# -- the measurements ---------------------------------------------------------------------------------
+
+async def accept_rounds(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict[str, Any]:
+    """1. Accept into the outbox (NORMAL, FULL) against the bare handler; nothing delivered meanwhile."""
+    dead = {t: free_port() for t in TRANSPORTS}
+    devices = [(f"sc-{t}", t) for t in TRANSPORTS]
+    ids = [d for d, _ in devices]
+    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
+    started = lambda text: URL_LINE.search(text) is not None  # noqa: E731
+    results: dict[str, list[float]] = {"bare": [], "NORMAL": [], "FULL": []}
+    cpu: dict[str, list[float]] = {"bare": [], "NORMAL": [], "FULL": []}
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Child] = {}
+        for sync in ("NORMAL", "FULL"):
+            config = sidecar_config(tmp / f"accept-{sync}.toml", outbox=tmp / f"accept-{sync}.sqlite3", ports=dead,
+                                    devices=devices, synchronous=sync)
+            servers[sync] = stack.enter_context(child(["-m", "gateway.cli", "run", "--config", str(config)], env,
+                                                      until=started, from_stderr=True))
+        servers["bare"] = stack.enter_context(child([str(Path(__file__).resolve()), "--bare-server"],
+                                                    until=started))
+        async with session(args.concurrency) as s:
+            for server in servers.values():  # warm-up (imports, caches, the first SQLite pages)
+                await post_messages(s, server.url, ids, 300, args.concurrency)
+            order = list(servers)
+            for r in range(args.rounds):
+                for name in order if r % 2 == 0 else order[::-1]:
+                    server = servers[name]
+                    used = server.cpu_seconds()
+                    took = await post_messages(s, server.url, ids, args.requests, args.concurrency)
+                    results[name].append(args.requests / took)
+                    cpu[name].append((server.cpu_seconds() - used) / args.requests * 1e6)
+    return {
+        "rate": {k: median(v) for k, v in results.items()},
+        "cpu_us": {k: median(v) for k, v in cpu.items()},
+        "ratio": {sync: median(a / b for a, b in zip(results[sync], results["bare"], strict=True))
+                  for sync in ("NORMAL", "FULL")},
+        "rounds": results,
+    }
+
+
+async def raw_rate(transport_name: str, cs: str, port: int, n: int, inflight: int) -> float:
+    """The raw adapter's own rate: ``send`` from ``inflight`` senders over one connection."""
+    from gateway.transport import Message
+
+    transport: Any
+    if transport_name == "mqtt":
+        from adapters.mqtt.transport import MqttTransport
+
+        transport = MqttTransport(cs, host="127.0.0.1", port=port, ssl=None)
+    elif transport_name == "amqp":
+        from adapters.amqp.transport import AmqpTransport
+
+        transport = AmqpTransport.from_connection_string(cs, host="127.0.0.1", port=port, ssl=None)
+    else:
+        from adapters.http.transport import HttpTransport
+
+        transport = HttpTransport(cs, host="127.0.0.1", port=port, ssl=None)
+    device = cs.split("DeviceId=")[1].split(";", maxsplit=1)[0]
+    await transport.connect()
+    try:
+        for i in range(50):  # warm-up
+            await transport.send(Message(f"w-{i}", device, PAYLOAD, {"site": "bench"},
+                                         content_type="application/json"))
+        took = await drive(n, inflight, lambda i: transport.send(
+            Message(f"m-{i}", device, PAYLOAD, {"site": "bench"}, content_type="application/json")))
+    finally:
+        await transport.close()
+    return n / took
+
+
+async def delivered_of(s: aiohttp.ClientSession, url: str, device: str) -> int:
+    data = await get_json(s, f"{url}/v1/devices/{device}")
+    return int(data["messages"]["delivered"])
+
+
+async def e2e_rate(s: aiohttp.ClientSession, url: str, device: str, n: int, concurrency: int,
+                   sample: Callable[[], None]) -> tuple[float, float, float | None]:
+    """POST ``n`` messages to one device: (accepted/s, delivered/s from the first POST to the last ack,
+    delivered/s from the last POST's answer to the last ack: the pipeline alone, or None when less than a
+    fifth of the messages were still to deliver then)."""
+    before = await delivered_of(s, url, device)
+    start = time.perf_counter()
+    accept = await post_messages(s, url, [device], n, concurrency)
+    backlog = n - (await delivered_of(s, url, device) - before)
+    drain_start = time.perf_counter()
+    async with asyncio.timeout(max(120.0, n / 20)):
+        while await delivered_of(s, url, device) - before < n:
+            sample()
+            await asyncio.sleep(0.02)
+    end = time.perf_counter()
+    drain = backlog / (end - drain_start) if backlog >= n / 5 else None
+    return n / accept, n / (end - start), drain
+
+
+async def c2d_round_trips(s: aiohttp.ClientSession, url: str, admin: str, device: str, k: int) -> float:
+    async with s.get(f"{url}/v1/devices/{device}/c2d", timeout=aiohttp.ClientTimeout(total=None)) as resp:
+        stream = Events(resp)
+        await asyncio.sleep(0.2)
+        start = time.perf_counter()
+        for i in range(k):
+            async with s.post(f"{admin}/devices/{device}/c2d", json={"body": f"c-{i}"}) as sent:
+                if sent.status != 201:
+                    raise RuntimeError(f"admin c2d answered {sent.status}")
+            kind, event = await stream.next()
+            assert kind == "c2d", kind
+            async with s.post(f"{url}/v1/devices/{device}/c2d/{event['lock']}/complete") as done:
+                if done.status != 204:
+                    raise RuntimeError(f"complete answered {done.status}: {await done.text()}")
+        return k / (time.perf_counter() - start)
+
+
+async def method_round_trips(s: aiohttp.ClientSession, url: str, service: str, port: int, device: str,
+                             k: int) -> float:
+    from adapters.http.transport import HttpTransport
+    from gateway.transport import InvokeMethod
+
+    caller = HttpTransport(service_connection_string=service, host="127.0.0.1", port=port, ssl=None)
+    await caller.connect()
+    try:
+        async with s.get(f"{url}/v1/devices/{device}/methods", timeout=aiohttp.ClientTimeout(total=None)) as resp:
+            stream = Events(resp)
+            await asyncio.sleep(0.2)
+
+            async def app() -> None:
+                for _ in range(k):
+                    _kind, event = await stream.next()
+                    async with s.post(f"{url}/v1/devices/{device}/methods/{event['rid']}/response",
+                                      json={"status": 200, "payload": {"echo": event["payload"]}}) as answered:
+                        if answered.status != 204:
+                            raise RuntimeError(f"method response answered {answered.status}")
+
+            responder = asyncio.ensure_future(app())
+            start = time.perf_counter()
+            for i in range(k):
+                result = await caller.request(InvokeMethod(device, "ping", {"i": i}, response_timeout=10),
+                                              timeout=15)
+                if result.status != 200:
+                    raise RuntimeError(f"method answered {result.status}")
+            took = time.perf_counter() - start
+            await responder
+            return k / took
+    finally:
+        await caller.close()
+
+
+async def end_to_end(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict[str, Any]:
+    """2-4. One sidecar on the live emulator: e2e vs raw per transport, round trips, RSS and file size."""
+    devices = [(f"sc-{t}", t) for t in args.transports]
+    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
+    config = sidecar_config(tmp / "e2e.toml", outbox=tmp / "e2e.sqlite3", ports=emu.ports, devices=devices,
+                            inflight=args.inflight, retention_max=args.retention_max)
+    out: dict[str, Any] = {"raw": {}, "sidecar": {}, "accepted": {}, "drain": {}, "ratio": {}, "drain_ratio": {},
+                           "c2d": {}, "methods": {}}
+    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
+    with child([*profile, "-m", "gateway.cli", "run", "--config", str(config)], env,
+               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+        async with session(args.concurrency) as s:
+            await wait_connected(s, sidecar.url)
+            await asyncio.sleep(2.0)
+            out["rss_idle"] = sidecar.rss_mb()
+            peak = {"rss": out["rss_idle"], "file": 0.0}
+            last = [0.0]
+
+            def sample() -> None:
+                peak["rss"] = max(peak["rss"], sidecar.rss_mb())
+                now = time.monotonic()
+                if now - last[0] > 0.5:  # the file size is sampled from disk, not asked of the sidecar
+                    last[0] = now
+                    size = sum(p.stat().st_size for p in tmp.glob("e2e.sqlite3*") if p.is_file())
+                    peak["file"] = max(peak["file"], size / 2**20)
+
+            for t in args.transports:
+                for r in range(args.e2e_rounds):
+                    first = ("raw", "sidecar") if r % 2 == 0 else ("sidecar", "raw")
+                    for who in first:
+                        if who == "raw":
+                            rate = await raw_rate(t, emu.devices[f"raw-{t}"], emu.ports[t], args.messages,
+                                                  args.inflight)
+                            out["raw"].setdefault(t, []).append(rate)
+                        else:
+                            accepted, rate, drain = await e2e_rate(s, sidecar.url, f"sc-{t}", args.messages,
+                                                                   args.concurrency, sample)
+                            out["sidecar"].setdefault(t, []).append(rate)
+                            out["accepted"].setdefault(t, []).append(accepted)
+                            out["drain"].setdefault(t, []).append(drain)
+                out["ratio"][t] = median(a / b for a, b in zip(out["sidecar"][t], out["raw"][t], strict=True))
+                drains = [d / b for d, b in zip(out["drain"][t], out["raw"][t], strict=True) if d is not None]
+                out["drain_ratio"][t] = median(drains) if drains else None
+            sample()
+            out["rss_loaded"] = peak["rss"]
+            out["file_peak_mb"] = peak["file"]
+            await asyncio.sleep(3.0)  # the sweep runs every second: retention, then incremental vacuum
+            out["rss_after"] = sidecar.rss_mb()
+            out["file_after_mb"] = await metric(s, sidecar.url, "iothub_gateway_outbox_file_bytes") / 2**20
+            out["delivered_total"] = sum([await delivered_of(s, sidecar.url, d) for d, _ in devices])
+            for t in args.transports:
+                out["c2d"][t] = await c2d_round_trips(s, sidecar.url, emu.admin, f"sc-{t}", args.roundtrips)
+                if t != "http":  # IoT Hub's HTTP device API has no direct methods
+                    out["methods"][t] = await method_round_trips(s, sidecar.url, emu.service, emu.ports["http"],
+                                                                 f"sc-{t}", args.roundtrips)
+            out["rss_end"] = sidecar.rss_mb()
+    return out
+
+
+def plot(path: str, accept: dict[str, Any], e2e: dict[str, Any], n: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: list[tuple[str, float, str, str]] = [
+        ("accept\nNORMAL", accept["ratio"]["NORMAL"], "#1d4ed8", ""),
+        ("accept\nFULL", accept["ratio"]["FULL"], "#60a5fa", ""),
+    ]
+    for t, ratio in e2e["ratio"].items():
+        bars.append((f"{t}\nend to end", ratio, "#0a7d38", ""))
+        if e2e["drain_ratio"].get(t) is not None:
+            bars.append((f"{t}\noutbox->hub", e2e["drain_ratio"][t], "#86efac", "//"))
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
+    drawn = ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars],
+                   edgecolor="#1d2330", linewidth=0.5)
+    for bar, (_, value, _, hatch) in zip(drawn, bars, strict=True):
+        bar.set_hatch(hatch)
+        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center", fontsize=9)
+    ax.axhline(0.7, color="#b42318", linestyle="--", linewidth=1)
+    ax.text(len(bars) - 0.5, 0.72, "target 0.7", color="#b42318", ha="right", fontsize=8)
+    ax.set_ylim(0, max(1.1, max(b[1] for b in bars) + 0.15))
+    ax.set_ylabel("sidecar / baseline")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title(f"Sidecar vs baselines: accepted/s vs a bare aiohttp handler; delivered/s vs the raw adapter "
+                 f"(N={n} per transport)\n{os.cpu_count()} shared CPUs: noisy; every ratio is from one run",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--rounds", type=int, default=9, help="alternating classify rounds (default 9)")
-    parser.add_argument("--requests", type=int, default=2000, help="classify requests per round and server")
-    parser.add_argument("--messages", type=int, default=6000, help="messages for the accept/deliver run")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=2000,
+                        help="N: messages per transport for end to end and the raw adapter (default 2000)")
+    parser.add_argument("--requests", type=int, default=2000, help="POSTs per accept round and server")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating accept rounds (default 5)")
+    parser.add_argument("--e2e-rounds", type=int, default=1, help="sidecar/raw rounds per transport (default 1)")
+    parser.add_argument("--roundtrips", type=int, default=100, help="C2D and method round trips per device")
+    parser.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight from the client")
+    parser.add_argument("--inflight", type=int, default=8, help="sends in flight per device (both sides)")
+    parser.add_argument("--retention-max", type=int, default=1000, help="[outbox] delivered_max of the e2e sidecar")
+    parser.add_argument("--file-limit", type=float, default=16.0, help="the outbox file's size bound to check, MB")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated (default all three)")
+    parser.add_argument("--plot", metavar="PNG", help="write a matplotlib figure of the ratios")
+    parser.add_argument("--profile", metavar="FILE", help="run the end-to-end sidecar under cProfile, stats to FILE")
+    parser.add_argument("--skip-accept", action="store_true", help="leave out the accept rounds (section 1)")
     args = parser.parse_args()
+    args.transports = [t for t in args.transports.split(",") if t]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
-    config = tmp / "gateway.toml"
-    config.write_text(CONFIG.format(outbox=tmp / "outbox.sqlite3"))
-    env = {"XDG_STATE_HOME": str(tmp / "state")}
-    print(f"bench/sidecar.py: {os.cpu_count()} CPU(s), concurrency {args.concurrency}, Python "
-          f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}")
-    with child(["-m", "gateway.cli", "run", "--config", str(config)], env, banner="stderr") as sidecar, \
-            child([str(Path(__file__).resolve()), "--bare-server"]) as bare:
-        async with session(args.concurrency) as s:
-            await wait_ready(s, sidecar.url)
-            await asyncio.sleep(1.0)
-            idle = sidecar.rss_mb()
+    names = [f"{side}-{t}" for side in ("sc", "raw") for t in TRANSPORTS]
+    print(f"bench/sidecar.py: {os.cpu_count()} CPU(s) (shared: figures are noisy), Python {sys.version.split()[0]}, "
+          f"aiohttp {aiohttp.__version__}; N = {args.messages} per transport, concurrency {args.concurrency}, "
+          f"{args.inflight} in flight per device", flush=True)
+    with child(["-m", "gateway.cli", "emulator", "--admin-port", "0", *(a for d in names for a in ("--device", d))],
+               until=lambda text: "faults:" in text) as emulator:
+        emu = emulator_info(emulator.lines)
+        accept = None if args.skip_accept else await accept_rounds(args, emu, tmp)
+        if accept is not None:
+            print_accept(accept)
+        e2e = await end_to_end(args, emu, tmp)
+        emulator_cpu = emulator.cpu_seconds()
+    print_e2e(args, e2e, emulator_cpu)
+    if args.plot and accept is not None:
+        plot(args.plot, accept, e2e, args.messages)
+        print(f"figure: {args.plot}")
 
-            # 1. classify vs bare
-            await classify_round(s, sidecar.url, 500, args.concurrency)  # warm-up (imports, caches)
-            await classify_round(s, bare.url, 500, args.concurrency)
-            ours: list[float] = []
-            theirs: list[float] = []
-            cpu: dict[str, list[float]] = {"sidecar": [], "bare": []}
-            for r in range(args.rounds):
-                order = [(sidecar, ours, "sidecar"), (bare, theirs, "bare")]
-                for server, into, name in order if r % 2 == 0 else order[::-1]:
-                    used = server.cpu_seconds()
-                    into.append(await classify_round(s, server.url, args.requests, args.concurrency))
-                    cpu[name].append((server.cpu_seconds() - used) / args.requests * 1e6)
-            ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-            cpu_ratio = median(cpu["bare"]) / median(cpu["sidecar"])
 
-            # 2 + 3. accept into the outbox, deliver end to end; sample RSS meanwhile
-            peak = idle
-            sampling = True
+def print_accept(accept: dict[str, Any]) -> None:
+    print("1. accepted messages per second (202 after the outbox commit; nothing delivered meanwhile):")
+    print(f"   bare aiohttp handler (same JSON work, no storage) {accept['rate']['bare']:8.0f}"
+          f"   ({accept['cpu_us']['bare']:.0f} µs server CPU per request)")
+    for sync in ("NORMAL", "FULL"):
+        print(f"   sidecar, synchronous = {sync:<6}                 {accept['rate'][sync]:8.0f}"
+              f"   ({accept['cpu_us'][sync]:.0f} µs)   ratio {accept['ratio'][sync]:.2f}"
+              f"{'   (target >= 0.7)' if sync == 'NORMAL' else ''}")
+    print("   per round: " + "; ".join(f"{k} " + ", ".join(f"{x:.0f}" for x in v)
+                                      for k, v in accept["rounds"].items()), flush=True)
 
-            async def sample() -> None:
-                nonlocal peak
-                while sampling:
-                    peak = max(peak, sidecar.rss_mb())
-                    await asyncio.sleep(0.05)
 
-            sampler = asyncio.ensure_future(sample())
-            before = await delivered(s, sidecar.url)
-            payload = json.dumps({"temperature": 21.5, "humidity": 40, "pad": "x" * 150}).encode()
-
-            async def post(i: int) -> None:
-                device = DEVICES[i % len(DEVICES)]
-                async with s.post(f"{sidecar.url}/v1/devices/{device}/messages", data=payload,
-                                  headers={"Content-Type": "application/json"}) as resp:
-                    await resp.read()
-                    if resp.status != 202:
-                        raise RuntimeError(f"POST answered {resp.status}")
-
-            start = time.perf_counter()
-            accept_s = await drive(args.messages, args.concurrency, post)
-            async with asyncio.timeout(300):
-                while await delivered(s, sidecar.url) - before < args.messages:
-                    await asyncio.sleep(0.05)
-            e2e_s = time.perf_counter() - start
-            sampling = False
-            await sampler
-            after = sidecar.rss_mb()
-
-    print()
-    print("1. POST /v1/classify, requests per second (median of rounds):")
-    print(f"   bare aiohttp handler  {median(theirs):8.0f}")
-    print(f"   sidecar               {median(ours):8.0f}")
-    print(f"   ratio sidecar / bare  {median(ratios):8.2f}   (per round: {', '.join(f'{x:.2f}' for x in ratios)};"
-          f" target >= 0.7)")
-    print(f"   server CPU per request: bare {median(cpu['bare']):.0f} µs, sidecar {median(cpu['sidecar']):.0f} µs;"
-          f" ratio bare / sidecar {cpu_ratio:.2f} (steadier than req/s when other jobs share the CPUs)")
-    print(f"2. accepted messages per second (202, committed to the outbox): {args.messages / accept_s:8.0f}"
-          f"   ({args.messages} messages over 3 devices, delivery running meanwhile)")
-    print(f"3. delivered end to end per second (POST -> hub ack):          {args.messages / e2e_s:8.0f}"
-          f"   ({e2e_s:.1f} s for all {args.messages})")
-    print(f"4. sidecar RSS: idle {idle:.1f} MB (target < 60 MB), peak under load {peak:.1f} MB, after {after:.1f} MB"
-          f"   (the emulator's three fronts run in the same process)")
+def print_e2e(args: argparse.Namespace, e2e: dict[str, Any], emulator_cpu: float) -> None:
+    print(f"2. delivered end to end per second vs the raw adapter ({args.inflight} sends in flight, same emulator):")
+    for t in args.transports:
+        drain = e2e["drain_ratio"][t]
+        drained = [d for d in e2e["drain"][t] if d is not None]
+        print(f"   {t:<5} raw adapter {median(e2e['raw'][t]):7.0f}   sidecar {median(e2e['sidecar'][t]):7.0f}"
+              f" (accepted {median(e2e['accepted'][t]):.0f}/s)   ratio {e2e['ratio'][t]:.2f}   (target >= 0.7)")
+        if drain is not None:
+            print(f"         after the last POST (outbox -> hub only) {median(drained):7.0f}/s   ratio {drain:.2f}")
+    print("   (end to end includes the POSTs to the same process: it cannot pass the accept rate of section 1)")
+    print("3. round trips per second through the local API (one at a time):")
+    for t in args.transports:
+        methods = f"{e2e['methods'][t]:6.1f}" if t in e2e["methods"] else "   n/a (HTTP has no methods)"
+        print(f"   {t:<5} C2D {e2e['c2d'][t]:6.1f}   direct method {methods}")
+    limit = "under" if e2e["file_after_mb"] <= args.file_limit else "OVER"
+    print(f"4. sidecar RSS: idle {e2e['rss_idle']:.1f} MB (target < 60 MB), largest while delivering "
+          f"{e2e['rss_loaded']:.1f} MB, after {e2e['delivered_total']} delivered {e2e['rss_after']:.1f} MB, "
+          f"at the end {e2e['rss_end']:.1f} MB")
+    print(f"   outbox file + WAL: largest {e2e['file_peak_mb']:.1f} MB, after retention (delivered_max = "
+          f"{args.retention_max}) {e2e['file_after_mb']:.2f} MB: {limit} the set size of {args.file_limit:g} MB")
+    print(f"   (the emulator used {emulator_cpu:.0f} s of CPU in its own process)")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ _PRINTABLE = re.compile(r"[\x20-\x7e]{1,256}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _OUTCOMES = ("complete", "reject", "abandon")
 _PAGE_MAX = 1000  #: devices per page of GET /v1/devices (and without ?limit)
+#: The routes whose refusals are refused messages (metrics and stats count them; a GET 404 is no message).
+_MESSAGE_ROUTES = frozenset({"/v1/devices/{device_id}/messages", "/v1/dead-letters/{message_id}/replay"})
+_CODE: web.ResponseKey[int] = web.ResponseKey("iothub_code", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,8 +84,10 @@ def _error_response(err: IoTHubError, redact: Callable[[str], str]) -> web.Respo
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     status = err.http_status or err.code // 1000
-    return web.Response(status=status, text=redact(json.dumps(body)), content_type="application/json",
-                        headers=headers)
+    response = web.Response(status=status, text=redact(json.dumps(body)), content_type="application/json",
+                            headers=headers)
+    response[_CODE] = err.code  # read by the guard, which counts refused messages
+    return response
 
 
 class Api:
@@ -103,7 +108,6 @@ class Api:
                             content_type="application/json", headers=headers)
 
     def error(self, code: int | CodeInfo, message: str, *, retry_after: float | None = None) -> web.Response:
-        self.sidecar.metrics.message("api", "rejected", code if isinstance(code, int) else code.code)
         return api_error(code, message, retry_after=retry_after, redact=self.redact)
 
     def storage_error(self, exc: StorageError) -> web.Response:
@@ -139,7 +143,18 @@ class Api:
 
     @web.middleware
     async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Rate limit, bearer token, and catalog-shaped answers for aiohttp's own errors and for bugs."""
+        """Rate limit, bearer token, catalog-shaped answers for aiohttp's own errors and for bugs; and the
+        count of refused messages: a refusal counts only on a message route (never a GET 404 or a 405)."""
+        response = await self._guarded(request, handler)
+        if response.status >= 400 and request.method == "POST":
+            resource = request.match_info.route.resource
+            if resource is not None and resource.canonical in _MESSAGE_ROUTES:
+                code = response.get(_CODE)
+                self.sidecar.metrics.message("api", "rejected", code)
+                self.sidecar.stats.add(request.match_info.get("device_id"), "rejected", code)
+        return response
+
+    async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN_PATHS:
             wait = self.limiter.take(request.remote or "?")
             if wait > 0:
@@ -387,7 +402,6 @@ class Api:
 
     def upstream_error(self, err: IoTHubError) -> web.Response:
         """An upstream (or surface) refusal as the API's answer: its own code, transport and action."""
-        self.sidecar.metrics.message("api", "rejected", err.code)
         return _error_response(err, self.redact)
 
     async def _stream(self, request: web.Request, kind: str) -> web.StreamResponse:
@@ -477,6 +491,24 @@ class Api:
         except IoTHubError as err:
             return self.upstream_error(err)
         return self.json({"version": version})
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        """The status page's charts: per-second series over the last window and totals since start, from
+        counters kept as things happen (see gateway/sidecar/stats.py). ``limit``/``after`` page the device
+        totals exactly as ``GET /v1/devices`` pages devices; ``device`` narrows the series to one device."""
+        device = request.query.get("device")
+        if device is not None and self.sidecar.pipeline(device) is None:
+            return self.error(_NO_DEVICE, f"device {device[:100]!r} is not configured in this sidecar")
+        try:
+            limit = int(request.query.get("limit", "0"))
+        except ValueError:
+            limit = -1
+        if not 0 <= limit <= 1000:
+            return self.error(_ARGUMENT, "limit must be a whole number in [0, 1000]")
+        data = self.sidecar.stats.view(device, limit=limit, after=request.query.get("after"))
+        data["started"] = rfc3339(data["started"])
+        data["now"] = rfc3339(data["now"])
+        return self.json(data)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         text = self.redact(self.sidecar.metrics.render().decode())
@@ -677,6 +709,7 @@ def make_app(sidecar: Sidecar) -> web.Application:
     r.add_get("/v1/dead-letters/{message_id}", api.dead_letter, allow_head=False)
     r.add_post("/v1/dead-letters/{message_id}/replay", api.replay)
     r.add_get("/v1/openapi.json", api.openapi, allow_head=False)
+    r.add_get("/v1/stats", api.stats, allow_head=False)
     r.add_get("/metrics", api.metrics, allow_head=False)
     r.add_get("/healthz", api.healthz)  # HEAD too: load balancers probe with it
     r.add_get("/readyz", api.readyz)

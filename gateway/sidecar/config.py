@@ -124,6 +124,7 @@ class DeliveryConfig:
     shutdown_deadline: float = 10.0  #: on SIGTERM, how long in-flight sends may finish before being persisted
     c2d_poll_interval: float = 1.0  #: HTTP devices: seconds between C2D polls while an app listens
     c2d_max_held: int = 100  #: C2D messages held unsettled per device for apps; past that the hub keeps them
+    twin_poll_interval: float = 30.0  #: HTTP devices: seconds between twin reads while an app streams desired
 
 
 @dataclass(frozen=True)
@@ -449,7 +450,8 @@ def parse_config(
     )
 
     raw = c.table(data, "delivery")
-    c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline", "c2d_poll_interval", "c2d_max_held"})
+    c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline", "c2d_poll_interval", "c2d_max_held",
+                            "twin_poll_interval"})
     dl = DeliveryConfig()
     delivery = DeliveryConfig(
         max_inflight=c.number(raw, "max_inflight", "[delivery]", dl.max_inflight, whole=True, minimum=1,
@@ -459,6 +461,8 @@ def parse_config(
                                    maximum=3600),
         c2d_max_held=c.number(raw, "c2d_max_held", "[delivery]", dl.c2d_max_held, whole=True, minimum=1,
                               maximum=10000),
+        twin_poll_interval=c.number(raw, "twin_poll_interval", "[delivery]", dl.twin_poll_interval, minimum=0.01,
+                                    maximum=86400),
     )
 
     raw = c.table(data, "logging")

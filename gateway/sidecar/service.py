@@ -40,6 +40,7 @@ from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
 from gateway.sidecar.metrics import DeviceSnapshot, Fleet, Metrics
 from gateway.sidecar.security import Redactor
+from gateway.sidecar.stats import Stats
 from gateway.sidecar.upstream import (
     SURFACE,
     AmqpPools,
@@ -86,6 +87,8 @@ class Sidecar:
         self.clock = clock
         self.redactor = redactor or Redactor(config.secrets())
         self.metrics = Metrics()
+        #: per-second counters for the status page's charts (wall clock only labels them)
+        self.stats = Stats([d.id for d in config.devices], wall=clock)
         self.events = EventHub()
         self.pipelines: dict[str, DevicePipeline] = {}
         self.emulator: EmulatorHarness | None = None
@@ -182,6 +185,7 @@ class Sidecar:
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
                 c2d_max_held=cfg.delivery.c2d_max_held, surface=self.amqp_pools.surface(device.id) or SURFACE,
                 multiplexed=self.amqp_pools.surface(device.id) is not None,
+                twin_poll_interval=cfg.delivery.twin_poll_interval, stats=self.stats,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():
@@ -317,6 +321,7 @@ class Sidecar:
     def _expired(self, item: OutboxItem) -> None:
         pipeline = self.pipelines.get(item.device_id)
         self.metrics.message(pipeline.protocol if pipeline else "unknown", "dead_letter", item.code)
+        self.stats.add(item.device_id, "dead_letter", item.code)
         self.events.publish("dead_letter", {"device": item.device_id, "id": item.id, "code": item.code,
                                             "name": lookup(item.code).name if item.code else None,
                                             "reason": "deadline passed before delivery", "at": rfc3339(self.clock())})
@@ -384,6 +389,7 @@ class Sidecar:
             mid, duplicate, deadline, status = existing.id, True, existing.deadline, existing.status
         else:
             self.metrics.message(pipeline.protocol, "accepted")
+            self.stats.add(device_id, "accepted")
             pipeline.notify()
         return {"id": mid, "device_id": device_id, "status": status, "duplicate": duplicate,
                 "deadline": rfc3339(deadline)}

@@ -23,6 +23,12 @@ never returns. The device cannot know that timeout, so an answer is forwarded wh
 real device's. Older answers are refused here (404).
 
 Twin: get and patch reported through REST; desired-property patches stream to every listening app.
+IoT Hub's HTTP device API has no push, so for an HTTP device the sidecar reads the twin (GetTwin through
+the handler, so its throttling and offline rules apply) every ``twin_poll_interval`` seconds while an app
+streams desired properties, and sends an event when ``desired.$version`` has grown: its patch is the
+whole desired section (``"whole": true``; ``$metadata`` left out), since the hub does not say what changed.
+The first read only sets the version to compare with (``GET /twin`` gives the current state); the version
+is remembered while the sidecar runs, so a change made while no app listened reaches the next one.
 """
 
 from __future__ import annotations
@@ -148,6 +154,7 @@ class DeviceSurface:
         max_held: int = 100,
         max_outstanding: int = 16,
         method_window: float = METHOD_WINDOW,
+        twin_poll_interval: float = 30.0,
     ) -> None:
         self.device_id = device_id
         self.protocol = protocol
@@ -158,6 +165,10 @@ class DeviceSurface:
         self.max_held = max_held
         self.max_outstanding = max_outstanding
         self.method_window = method_window
+        self.twin_poll_interval = twin_poll_interval
+        #: HTTP: the desired ``$version`` last read (None until the first read), to tell a change
+        self.desired_version: int | None = None
+        self._twin_poller: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._held: deque[tuple[C2DMessage, str]] = deque()
         self._outstanding: dict[str, tuple[C2DMessage, str, Subscription]] = {}
@@ -173,10 +184,9 @@ class DeviceSurface:
     # -- streams ---------------------------------------------------------------------------------------
 
     def _check_stream(self, kind: str) -> None:
-        if self.protocol == "http" and kind in ("methods", "desired"):
-            what = "direct methods" if kind == "methods" else "desired-property notifications"
+        if self.protocol == "http" and kind == "methods":
             raise make_error(_NOT_IMPLEMENTED, transport="http", device_id=self.device_id,
-                             message=f"IoT Hub's HTTP device surface has no {what}: configure device "
+                             message=f"IoT Hub's HTTP device surface has no direct methods: configure device "
                                      f"{self.device_id!r} with protocol mqtt or amqp")
 
     def subscribe(self, kind: str) -> Subscription:
@@ -193,6 +203,9 @@ class DeviceSurface:
             self._method_subs.append(sub)
         else:
             self._desired_subs.append(sub)
+            if self.protocol == "http" and (self._twin_poller is None or self._twin_poller.done()):
+                self._twin_poller = asyncio.get_running_loop().create_task(
+                    self._poll_twin(), name=f"twin-poll-{self.device_id}")
         return sub
 
     def unsubscribe(self, kind: str, sub: Subscription) -> None:
@@ -322,6 +335,7 @@ class DeviceSurface:
         for sub in (*self._c2d_subs, *self._method_subs, *self._desired_subs):
             sub.end()
         await cancel_and_wait(self._poller)
+        await cancel_and_wait(self._twin_poller)
         await cancel_and_wait(set(self._background))
 
     # -- upstream --------------------------------------------------------------------------------------
@@ -378,3 +392,36 @@ class DeviceSurface:
                 return
             self._held.append((message, self._now()))
             self._dispatch()
+
+    async def _poll_twin(self) -> None:
+        """HTTP: read the twin while an app streams desired properties; a grown ``desired.$version`` becomes
+        one event carrying the whole desired section. A failed read waits longer each time (up to 10
+        intervals); the handler's own throttle and offline rules apply to every read."""
+        trouble = 0
+        while self._desired_subs and not self._closed:
+            try:
+                twin = await self._request(GetTwin())
+                trouble = 0
+            except IoTHubError as err:
+                trouble += 1
+                log.info("%s: twin read for desired properties failed: %s", self.device_id, err)
+                await asyncio.sleep(self.twin_poll_interval * min(10, 2 ** min(trouble, 4)))
+                continue
+            self._desired_seen(twin)
+            await asyncio.sleep(self.twin_poll_interval)
+
+    def _desired_seen(self, twin: Any) -> None:
+        props = twin.get("properties", twin) if isinstance(twin, Mapping) else None
+        desired = props.get("desired") if isinstance(props, Mapping) else None
+        version = desired.get("$version") if isinstance(desired, Mapping) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            log.info("%s: the twin read has no desired.$version; nothing to compare", self.device_id)
+            return
+        assert isinstance(desired, Mapping)
+        before, self.desired_version = self.desired_version, version
+        if before is None or version <= before:
+            return
+        data = {"device": self.device_id, "patch": {k: v for k, v in desired.items() if k != "$metadata"},
+                "version": version, "whole": True, "at": self._now()}
+        for sub in list(self._desired_subs):
+            sub.put("desired", data)

@@ -2,8 +2,9 @@
 
 One :class:`DevicePipeline` per configured device, each with its own transport and
 :class:`~gateway.handler.Handler` (IoT Hub authenticates per device). A pipeline claims the oldest
-pending messages of its device (up to ``max_inflight`` at a time), sends each with the stable outbox id
-as the message id, and settles it in the outbox:
+pending messages of its device (up to ``max_inflight`` sends at a time, and as many again claimed ahead so
+the next send starts the moment a slot frees), sends each with the stable outbox id as the message id,
+and settles it in the outbox (the write goes on after the slot is free):
 
 - delivered: ``outbox.delivered`` (flagged as a possible duplicate when an attempt was uncertain);
 - a permanent refusal (the code's action is ``fail``): dead-lettered with that code;
@@ -51,6 +52,7 @@ from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
 from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.stats import Stats
 from gateway.sidecar.surface import DeviceSurface
 from gateway.tls import client_context
 from gateway.transport import GetTwin, Message, PatchReported, RespondMethod, SettleC2D, Transport
@@ -397,9 +399,12 @@ class DevicePipeline:
         c2d_max_held: int = 100,
         surface: frozenset[str] = SURFACE,
         multiplexed: bool = False,
+        twin_poll_interval: float = 30.0,
+        stats: Stats | None = None,
     ) -> None:
         self.device_id = device_id
         self.multiplexed = multiplexed
+        self.stats = stats or Stats([device_id])
         self._redact = redact
         self.protocol = protocol
         self.outbox = outbox
@@ -414,12 +419,18 @@ class DevicePipeline:
         self.surface = make(device_id, protocol, lambda: self.handler,
                             now=lambda: rfc3339(self._clock()) or "",
                             timeout=lambda: self.policy.config.operation.timeout,
-                            poll_interval=c2d_poll_interval, max_held=c2d_max_held)
+                            poll_interval=c2d_poll_interval, max_held=c2d_max_held,
+                            twin_poll_interval=twin_poll_interval)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
                                on_state_change=self._on_state, on_undelivered=self._on_undelivered,
                                on_inbound=self.surface.on_inbound)
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  #: sends in flight (at most max_inflight)
+        #: deliveries being written to the outbox: a send's slot is free once the hub acknowledged it, so
+        #: the next send does not wait for this write (the writer thread commits them in groups)
+        self._settling: set[asyncio.Task[None]] = set()
+        #: claimed ahead, not yet sent (at most max_inflight): released, unflagged, when the pipeline stops
+        self._ready: deque[OutboxItem] = deque()
         self._outcomes: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -444,10 +455,17 @@ class DevicePipeline:
         self._stopping = True
         self._wake.set()
         await cancel_and_wait(self._runner)
+        while self._ready:  # never sent: back to pending as they were
+            item = self._ready.popleft()
+            with contextlib.suppress(StorageError):
+                await self.outbox.release(item.id)
         pending = set(self._tasks)
         if pending and deadline > 0:
             _, pending = await asyncio.wait(pending, timeout=deadline)
         await cancel_and_wait(pending)
+        if self._settling:  # acknowledged by the hub: write them down (a cut-short write is sent again later)
+            _, late = await asyncio.wait(set(self._settling), timeout=max(deadline, 1.0))
+            await cancel_and_wait(late)
         await self.surface.close()
         await self.handler.close()
         return len(pending)
@@ -518,29 +536,33 @@ class DevicePipeline:
             await asyncio.sleep(min(30.0, 0.5 * 2 ** min(self._failures, 8)))
             if self._stopping:
                 return
-        free = self.max_inflight - len(self._tasks)
-        if free <= 0:
+        while self._ready and len(self._tasks) < self.max_inflight:
+            item = self._ready.popleft()
+            task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        room = 2 * self.max_inflight - len(self._tasks) - len(self._ready)
+        if self._tasks and (room <= 0 or len(self._ready) > self.max_inflight // 2):
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
             return
+        # Claim ahead (up to max_inflight more than are being sent): the next send starts the moment a
+        # slot frees, instead of after a round trip to the writer thread.
         self._wake.clear()
-        if not self._tasks and device_counts(self.outbox, self.device_id)["pending"] == 0:
+        if not self._tasks and not self._ready and device_counts(self.outbox, self.device_id)["pending"] == 0:
             # Nothing waits (the counts are published after each commit, before an accept returns and
             # wakes us): no claim, no timer per second; 10,000 idle devices cost nothing.
             await self._sleep_or_wake(IDLE_RECHECK)
             return
-        items = await self.outbox.claim(self.device_id, limit=free)
-        if not items:
-            if self._tasks:
-                waker = asyncio.ensure_future(self._wake.wait())
-                await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
-                waker.cancel()
-            else:
-                await self._sleep_or_wake(1.0)
+        items = await self.outbox.claim(self.device_id, limit=room)
+        if items:
+            self._ready.extend(items)
             return
-        for item in items:
-            task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self._tasks:
+            waker = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({waker, *self._tasks}, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+            waker.cancel()
+        else:
+            await self._sleep_or_wake(1.0)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -577,8 +599,17 @@ class DevicePipeline:
         duplicate = receipt.possible_duplicate or item.possible_duplicate
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
+        self.stats.add(self.device_id, "delivered")
+        # The slot is free now; the write goes on in its own task (created before this one ends, so its
+        # write reaches the writer's queue before the next claim: the writer runs them in order).
+        task = asyncio.get_running_loop().create_task(self._settle_delivered(item, receipt.attempts, done, duplicate),
+                                                      name=f"delivered-{item.id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_delivered(self, item: OutboxItem, attempts: int, done: float, duplicate: bool) -> None:
         if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
-            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": receipt.attempts,
+            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": attempts,
                                               "possible_duplicate": duplicate, "at": rfc3339(done)})
 
     async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
@@ -611,6 +642,7 @@ class DevicePipeline:
             await self._dead(item, err.code, str(err), now)
             return
         self.metrics.message(self.protocol, "retry_later", err.code)
+        self.stats.add(self.device_id, "retry_later", err.code)
         self._failures += 1
         await self._record(lambda: self.outbox.release(item.id, possible_duplicate=outcome == "unknown"))
         self._wake.set()
@@ -620,6 +652,7 @@ class DevicePipeline:
         if not await self._record(lambda: self.outbox.dead_letter(item.id, code=code, reason=reason, now=now)):
             return
         self.metrics.message(self.protocol, "dead_letter", code)
+        self.stats.add(self.device_id, "dead_letter", code)
         row = lookup(code)
         log.warning("message %s dead-lettered: %s %s", item.id, code, row.name,
                     extra={"device": self.device_id, "code": code, "code_name": row.name, "action": "dead_letter",
@@ -661,6 +694,8 @@ class DevicePipeline:
             "code": change.code, "name": name, "action": action, "until": rfc3339(change.until),
             "reason": change.reason, "at": rfc3339(change.at),
         })
+        if change.code is not None:
+            self.stats.add(self.device_id, change.state.value, change.code)
         self.surface.on_state(change)
         if change.state is State.CONNECTED:
             self._failures = 0

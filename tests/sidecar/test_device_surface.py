@@ -174,10 +174,9 @@ async def test_http_devices_say_which_surface_they_lack(emulated: Any):
     _, client = emulated
     device = DEVICES["http"]
     await connected(client, device)
-    for path in ("methods", "twin/desired"):
-        resp = await client.get(f"/v1/devices/{device}/{path}")
-        body = await resp.json()
-        assert resp.status == 501 and body["name"] == "GenericNotImplemented" and body["transport"] == "http"
+    resp = await client.get(f"/v1/devices/{device}/methods")
+    body = await resp.json()
+    assert resp.status == 501 and body["name"] == "GenericNotImplemented" and body["transport"] == "http"
     resp = await client.patch(f"/v1/devices/{device}/twin/reported", json={"a": 1})
     assert resp.status == 501 and "mqtt or amqp" in (await resp.json())["message"].lower()
     twin = await client.get(f"/v1/devices/{device}/twin")  # the device REST surface reads its own twin
@@ -266,3 +265,33 @@ async def test_a_lost_connection_voids_the_locks_it_gave(tmp_path: Path, start_s
         late = await run.client.post("/v1/devices/dev-amqp/c2d/lock-1/complete")
         body = await late.json()
         assert late.status == 412 and body["name"] == "DeviceMessageLockLost"
+
+
+async def test_http_desired_stream_polls_the_twin_and_sends_the_whole_desired_section(emulated_sidecar: Any):
+    """IoT Hub's HTTP device API has no push: the sidecar reads the twin (GetTwin through the handler) every
+    twin_poll_interval while an app listens, and a grown desired.$version becomes one event."""
+    sidecar, client = await emulated_sidecar({"delivery": {"twin_poll_interval": 0.05}})
+    device = DEVICES["http"]
+    hub = sidecar.emulator.hub
+    surface = sidecar.pipelines[device].surface
+    await connected(client, device)
+    hub.update_desired(device, {"before": 1})  # made before anyone listened: the first read is the baseline
+    async with client.get(f"/v1/devices/{device}/twin/desired") as stream:
+        assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        async with asyncio.timeout(WAIT):
+            while surface.desired_version is None:  # the first read sets the version to compare with
+                await asyncio.sleep(0.01)
+        baseline = surface.desired_version
+        assert baseline == hub.twin_properties(device)["desired"]["$version"]
+        version = hub.update_desired(device, {"interval": 5, "mode": {"eco": True}})  # the service's patch
+        kind, event = await next_event(stream)
+        assert kind == "desired" and event["version"] == version > baseline and event["whole"] is True
+        assert event["patch"]["interval"] == 5 and event["patch"]["mode"] == {"eco": True}
+        assert event["patch"]["before"] == 1 and "$metadata" not in event["patch"]  # the whole section
+        # no change, no event: the next one is the next change
+        version = hub.update_desired(device, {"interval": None})
+        kind, event = await next_event(stream)
+        assert event["version"] == version and "interval" not in event["patch"]
+    async with asyncio.timeout(WAIT):  # the app left: the polling stops with it
+        while surface.listeners()["desired"] or not surface._twin_poller or not surface._twin_poller.done():
+            await asyncio.sleep(0.02)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -177,7 +178,9 @@ async def test_static_files_are_served_with_a_strict_policy(sidecar_url: Any):
     for name, kind in (("status.js", "text/javascript"), ("status.css", "text/css")):
         resp = await client.get(f"/static/{name}")
         assert resp.status == 200 and resp.content_type == kind
-        assert "http://" not in await resp.text() and "https://" not in await resp.text()  # no CDN, no fonts
+        # no CDN, no fonts (the SVG namespace is a name, never fetched)
+        text = (await resp.text()).replace('"http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text
     missing = await client.get("/static/../app.py")
     assert missing.status == 404
     missing = await client.get("/static/nope.js")
@@ -228,3 +231,157 @@ async def test_page_shows_devices_and_reflects_an_injected_fault(sidecar_url: An
         assert data.startswith(b"\x89PNG")
         with contextlib.suppress(OSError):
             SCREENSHOT.write_bytes(data)
+
+
+def _series_sum(chart: str, series: str) -> str:
+    return (f"Number(document.querySelector('#{chart} polyline[data-series=\"{series}\"]')"
+            "?.dataset.sum ?? -1)")
+
+
+async def test_charts_are_drawn_from_real_traffic_and_counts_agree(sidecar_url: Any):
+    """Messages through the sidecar to the emulator, some dead-lettered by an injected permanent refusal:
+    the page's SVG series add up to what the emulator received and the outbox dead-lettered; the device,
+    code and chart counts agree; GET 404s and 405s are not counted as messages, a refused POST is."""
+    sidecar, client, url = sidecar_url
+    invalid = code_of("ArgumentInvalid")  # a permanent refusal: the handler fails it, the pipeline dead-letters
+    sent = {"demo-amqp": 5, "demo-mqtt": 4, "demo-http": 3}
+    dead = 2
+    async with chromium() as browser:
+        await browser.call("Page.navigate", {"url": url})
+        await browser.wait_for("document.getElementById('live')?.textContent === 'live'", what="live stream")
+        await browser.wait_for("document.querySelectorAll('#devices tbody tr').length === 3", what="3 devices")
+        for device in sent:
+            await browser.wait_for(
+                f"document.querySelector('[data-device=\"{device}\"] .state')?.textContent === 'connected'",
+                what=f"{device} connected")
+        sidecar.emulator.hub.plan.add(Operation.TELEMETRY, invalid, device="demo-http", transport="http", times=dead)
+        for device, n in sent.items():
+            for i in range(n):
+                resp = await client.post(f"/v1/devices/{device}/messages", data=json.dumps({"i": i}).encode(),
+                                         headers={"Content-Type": "application/json"})
+                assert resp.status == 202
+                await asyncio.sleep(0.2)  # spread over a few seconds: several points on the charts
+        # Not messages: a GET of nothing (404), a method a resource lacks (405), an unknown device's status.
+        assert (await client.get("/v1/nothing-here")).status == 404
+        assert (await client.put("/v1/devices/demo-http/messages", data=b"x")).status == 405
+        assert (await client.get("/v1/devices/nobody")).status == 404
+        # A message the API refuses is one: posted for a device this sidecar does not have.
+        refused = await client.post("/v1/devices/nobody/messages", data=b"x")
+        assert refused.status == 404
+        refused_code = (await refused.json())["errorCode"]
+
+        async def settled() -> dict[str, int]:
+            counts = sidecar.outbox.counts()
+            return counts if counts["pending"] + counts["inflight"] == 0 else {}
+
+        async with asyncio.timeout(30):
+            while not (counts := await settled()):
+                await asyncio.sleep(0.1)
+        assert counts["dead"] == dead
+        received = {d: len(sidecar.emulator.hub.received_ids(d)) for d in sent}
+        assert received == {d: n - (dead if d == "demo-http" else 0) for d, n in sent.items()}
+
+        # The chart of messages per second adds up to what reached the hub and what was dead-lettered.
+        total = sum(received.values())
+        await browser.wait_for(f"{_series_sum('chart-messages', 'delivered')} === {total} && "
+                               f"{_series_sum('chart-messages', 'dead_letter')} === {dead}",
+                               what=f"{total} delivered and {dead} dead-lettered in the chart")
+        values = await browser.evaluate(
+            "document.querySelector('#chart-messages polyline[data-series=\"delivered\"]').dataset.values")
+        per_second = [int(v) for v in values.split(",")]
+        assert len(per_second) == sidecar.stats.window and sum(per_second) == total
+        # The codes chart has the refusal's code as a series with both dead letters in it, and the refused POST.
+        await browser.wait_for(f"{_series_sum('chart-codes', str(invalid))} >= {dead}", what=f"{invalid} series")
+        await browser.wait_for(f"{_series_sum('chart-codes', str(refused_code))} === 1", what="the refused POST")
+        # Per device: pick demo-amqp by clicking its row; its chart shows its own deliveries only.
+        await browser.evaluate("document.querySelector('#devices tr[data-device=\"demo-amqp\"]').click()")
+        await browser.wait_for("document.getElementById('chart-device').dataset.for === 'demo-amqp' && "
+                               f"{_series_sum('chart-device', 'delivered')} === {received['demo-amqp']}",
+                               what="demo-amqp's own chart")
+
+        # The tables agree with the charts and each other: the same counters, the same span.
+        cell = "Number(document.querySelector('[data-device=\"{}\"] .{}')?.textContent)"
+        for device, n in received.items():
+            await browser.wait_for(f"{cell.format(device, 'delivered')} === {n}", what=f"{device} delivered {n}")
+        assert await browser.evaluate(cell.format("demo-http", "dead")) == dead
+        device_codes = sum([await browser.evaluate(cell.format(d, "errors")) for d in sent])
+        code_rows = await browser.evaluate(
+            "[...document.querySelectorAll('#codes tbody tr')].map(tr => [tr.dataset.code, "
+            "Number(tr.querySelector('.count').textContent), tr.querySelector('.outcomes').textContent])")
+        by_code = {int(code): (count, outcomes) for code, count, outcomes in code_rows}
+        assert sum(count for count, _ in by_code.values()) == device_codes + 1  # + the device-less refused POST
+        assert by_code[refused_code] == (1, "rejected 1")
+        assert f"dead_letter {dead}" in by_code[invalid][1]
+        assert not {c for c in by_code if c // 1000 in (404, 405)} - {refused_code}  # no GET 404, no 405
+        stats = await (await client.get("/v1/stats")).json()
+        assert stats["totals"]["rejected"] == 1 and stats["totals"]["delivered"] == total
+        metrics = await (await client.get("/metrics")).text()
+        rejected = [line for line in metrics.splitlines() if 'outcome="rejected"' in line]
+        assert rejected == [f'iothub_gateway_messages_total{{code="{refused_code}",outcome="rejected",'
+                            'transport="api"} 1.0']
+
+        target = os.environ.get("DOCS_SCREENSHOT")
+        if target:
+            await browser.call("Emulation.setDeviceMetricsOverride",
+                               {"width": 1280, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+            await asyncio.sleep(0.5)
+            shot = await browser.call("Page.captureScreenshot", {"format": "png"})
+            Path(target).write_bytes(base64.b64decode(shot["data"]))
+
+
+async def test_stats_answers_match_the_document(sidecar_url: Any):
+    from tests.sidecar.test_api_contract import conforms
+
+    sidecar, client, _ = sidecar_url
+    assert (await client.post("/v1/devices/demo-mqtt/messages", data=b"x")).status == 202
+    for path in ("/v1/stats", "/v1/stats?device=demo-mqtt", "/v1/stats?limit=2&after=demo-amqp",
+                 "/v1/stats?device=nobody", "/v1/stats?limit=5000", "/v1/stats?limit=x"):
+        await conforms(await client.get(path))
+    page = await (await client.get("/v1/stats?limit=2&after=demo-amqp")).json()
+    assert list(page["devices"]) == ["demo-http", "demo-mqtt"]  # the page GET /v1/devices?limit=2&after= gives
+    assert page["devices"]["demo-mqtt"]["accepted"] == 1 and page["totals"]["accepted"] == 1
+    assert len(page["series"]["accepted"]) == sidecar.stats.window == page["window"]
+
+
+async def test_many_devices_are_shown_one_page_at_a_time(tmp_path: Path, start_sidecar: Any):
+    """1,500 devices: the page shows 100 rows and the totals, pages with next/previous, and asks the API
+    only for pages (``GET /v1/devices?limit=...``), never for every device nor for /metrics."""
+    from aiohttp import web
+
+    from tests.sidecar.fakes import fake_config
+
+    n = 1500
+    run = await start_sidecar(fake_config(tmp_path, *((f"dev-{i:05}", "mqtt") for i in range(n))))
+    asked: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        asked.append(request.path_qs)
+        return await handler(request)
+
+    app = make_app(run.sidecar)
+    app.middlewares.insert(0, record)
+    client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        assert (await client.post("/v1/devices/dev-00150/messages", data=b"x")).status == 202
+        rows = "document.querySelectorAll('#devices tbody tr')"
+        async with chromium() as browser:
+            await browser.call("Page.navigate", {"url": str(client.make_url("/"))})
+            await browser.wait_for(f"{rows}.length === 100 && "
+                                   f"document.getElementById('device-range').textContent === '1–100 of {n}'",
+                                   what="the first page of 100")
+            await browser.evaluate("document.getElementById('next').click()")
+            await browser.wait_for(f"document.getElementById('device-range').textContent === '101–200 of {n}' && "
+                                   f"{rows}[0].dataset.device === 'dev-00100'", what="the second page")
+            await browser.wait_for("Number(document.querySelector('[data-device=\"dev-00150\"] .delivered')"
+                                   "?.textContent) === 1", what="dev-00150's delivery on page 2")
+            await browser.evaluate("document.getElementById('prev').click()")
+            await browser.wait_for(f"{rows}[0].dataset.device === 'dev-00000'", what="back to the first page")
+    finally:
+        await client.close()
+    pages = [q for q in asked if q.startswith("/v1/devices") and not q.startswith("/v1/devices/")]
+    assert pages and all("limit=100" in q for q in pages), pages
+    assert not [q for q in asked if q.startswith("/metrics")]
+    stats = [q for q in asked if q.startswith("/v1/stats") and "device=" not in q]
+    assert stats and all("limit=100" in q for q in stats)
