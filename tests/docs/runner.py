@@ -17,7 +17,8 @@ What each fenced block's language means:
 Markers, in an HTML comment on the line before a fence: ``<!-- docs: not-run (reason) -->`` skips a block
 (a test keeps their number small). A page that contains ``<!-- docs: needs sidecar -->`` gets a running
 sidecar (``iothub-gateway run``, its default config: the bundled emulator) for its shell and console
-blocks; ``127.0.0.1:8780`` in them is pointed at it if that port is taken.
+blocks; if port 8780 is taken, ``127.0.0.1:8780`` and ``iothub-gateway status`` in them are pointed at the
+port it got.
 
 No example may reach past loopback: a ``sitecustomize`` in the child's path refuses any other address.
 """
@@ -375,6 +376,7 @@ def check_parsed(block: Block, sandbox: Sandbox | None = None) -> Outcome:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -432,7 +434,9 @@ def _all_connected(port: int) -> bool:
 def pointed_at(block: Block, port: int) -> Block:
     if port == DEFAULT_PORT:
         return block
-    return dataclasses.replace(block, text=block.text.replace(f"127.0.0.1:{DEFAULT_PORT}", f"127.0.0.1:{port}"))
+    text = block.text.replace(f"127.0.0.1:{DEFAULT_PORT}", f"127.0.0.1:{port}")
+    text = re.sub(r"iothub-gateway status(?! --url)", f"iothub-gateway status --url http://127.0.0.1:{port}", text)
+    return dataclasses.replace(block, text=text)
 
 
 def run(block: Block, sandbox: Sandbox) -> Outcome:

@@ -1,0 +1,72 @@
+"""What the site generates at build time (docs/_hooks/generate.py) says what its sources say."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import gateway.emulator
+from gateway.codes import Action, all_codes, lookup
+from gateway.handler.machine import TRANSITIONS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gen() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "_hooks" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_state_diagram_has_exactly_the_transitions(gen: ModuleType) -> None:
+    diagram = gen.state_machine()
+    edges = set(re.findall(r"^  (\w+) --> (\w+): (\S+)$", diagram, re.M))
+    assert edges == {(s.name.lower(), d.name.lower(), e.value) for (s, e), d in TRANSITIONS.items()}
+
+
+def test_decision_table_has_a_row_per_action_asked_of_the_policy(gen: ModuleType) -> None:
+    table = gen.decision_table()
+    rows = [line for line in table.splitlines()[2:] if line.startswith("| `")]
+    assert [re.match(r"\| `([a-z_]+)`", r)[1] for r in rows] == [a.value for a in Action]  # type: ignore[index]
+    for row in rows:
+        code = int(row.split("|")[2].split()[0])
+        assert lookup(code).action.value in row
+    fail = next(r for r in rows if r.startswith("| `fail`"))
+    assert "`DeadLetter`" in fail and "`Stop` (refused)" in fail  # the rule the handler page explains
+
+
+def test_error_tree_counts_every_code(gen: ModuleType) -> None:
+    counts = [int(n) for n in re.findall(r"<br/>(\d+) codes?", gen.error_tree())]
+    assert sum(counts) == len(list(all_codes()))
+
+
+def test_emulator_table_has_every_docstring_entry(gen: ModuleType) -> None:
+    doc = gateway.emulator.__doc__ or ""
+    bullets = doc.split("for the docs' table:", 1)[1].count("\n- ")
+    entries = gen.emulator_entries()
+    assert len(entries) == bullets and bullets >= 20
+    assert all(tags and all(kind in {"KNOWN", "ASSUMED"} and why for kind, why in tags) for _, tags in entries)
+    assert "peer-sdks.md" not in gen.emulator_differences()  # a file outside this repository
+
+
+def test_sidecar_api_renders_every_operation(gen: ModuleType) -> None:
+    doc = gen.openapi_document()
+    text = gen.openapi_markdown()
+    for path, item in doc["paths"].items():
+        for method in item:
+            if method in {"get", "post", "put", "patch", "delete"}:
+                assert f"### {method.upper()} `{path}`" in text
+    for name in doc["components"]["schemas"]:
+        assert f"### {name} {{ #schema-{name.lower()} }}" in text
+
+
+def test_unknown_placeholder_fails_the_build(gen: ModuleType) -> None:
+    with pytest.raises(KeyError):
+        gen.expand("<!-- generate: no-such-table -->")
