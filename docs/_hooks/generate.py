@@ -121,6 +121,15 @@ def error_tree() -> str:
     return "\n".join(lines) + "\n"
 
 
+def error_tree_text() -> str:
+    """The tree as drawn, with what to do about each branch, in ``gateway/errors.py``'s docstring."""
+    from gateway import errors
+
+    doc = errors.__doc__ or ""
+    drawing = doc.split("::\n", 1)[1].strip("\n").split("\n\n", 1)[0]
+    return "```text\n" + "\n".join(line[4:] for line in drawing.splitlines()) + "\n```\n"
+
+
 # -- the policy ------------------------------------------------------------------------------------------
 
 def _describe(decision: Any) -> str:
@@ -322,6 +331,7 @@ def openapi_markdown() -> str:
 GENERATORS = {
     "codes-index": codes_index,
     "error-tree": error_tree,
+    "error-tree-text": error_tree_text,
     "decision-table": decision_table,
     "state-machine": state_machine,
     "emulator-differences": emulator_differences,

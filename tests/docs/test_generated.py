@@ -70,3 +70,53 @@ def test_sidecar_api_renders_every_operation(gen: ModuleType) -> None:
 def test_unknown_placeholder_fails_the_build(gen: ModuleType) -> None:
     with pytest.raises(KeyError):
         gen.expand("<!-- generate: no-such-table -->")
+
+
+def _row(page: str, setting: str) -> str:
+    return next(line for line in page.splitlines() if line.startswith(f"| {setting} |"))
+
+
+def test_handler_page_defaults_are_the_policy_defaults() -> None:
+    """The defaults table is prose, so each of its figures is checked against PolicyConfig()."""
+    import inspect
+
+    from adapters.mqtt.transport import MqttTransport
+    from gateway.policy import PolicyConfig
+
+    c = PolicyConfig()
+    page = (ROOT / "docs" / "handler.md").read_text()
+    expected = {
+        "reconnect curve": [f"{c.reconnect.initial:g} s doubling to **{c.reconnect.cap:g} s**",
+                            "**full jitter**" if c.reconnect.jitter == 1.0 else "?",
+                            "never gives up" if not c.reconnect.max_attempts else "?"],
+        "operation retry": [f"{c.retry.initial:g} s doubling to {c.retry.cap:g} s",
+                            f"**{c.retry.max_attempts} attempts / {c.retry.max_elapsed:g} s**"],
+        "throttle curve": [f"**{c.throttle.initial:g} s** doubling to **{c.throttle.cap:g} s**",
+                           "equal jitter" if c.throttle.jitter == 0.5 else "?",
+                           f"**{c.throttle.max_retry_after:g} s**"],
+        "quota (403002)": [f"U[0, {c.quota.reset_jitter:g} s)", f"**{c.quota.probe_interval / 3600:g} h**"],
+        "identity conflict": [f"{c.identity.initial:g} s doubling to {c.identity.cap:g} s",
+                              f"**{c.identity.max_takeovers} exact takeovers within {c.identity.window / 60:g} min**",
+                              f"{c.drops.takeover_repeat} inferred", f"**{c.drops.takeover_park / 60:g} min**"],
+        "offline device": [f"**{c.device.max_held} items per device**", f"**{c.device.hold_timeout:g} s**"],
+        "deadlines": [f"operation **{c.operation.timeout:g} s**", f"connect {c.operation.connect_timeout:g} s",
+                      f"refresh hook {c.operation.refresh_timeout:g} s", f"**{c.operation.renew_before:g} s** before",
+                      f"**{c.operation.renew_margin:g} s** before it"],
+        "half-open links": [
+            f"keep-alive **{inspect.signature(MqttTransport).parameters['keepalive'].default:g} s**",
+            f"idle timeout **{_amqp_idle():g} s**",
+            f"**{c.operation.timeouts_to_drop} operation timeouts in a row**"],
+    }
+    for setting, fragments in expected.items():
+        row = _row(page, setting)
+        for fragment in fragments:
+            assert fragment in row, f"{setting}: {fragment!r} not in {row!r}"
+
+
+def _amqp_idle() -> float:
+    import inspect
+
+    from adapters.amqp.transport import AmqpTransport
+
+    default = inspect.signature(AmqpTransport).parameters["idle_timeout"].default
+    return float(default)
