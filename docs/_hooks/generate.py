@@ -270,23 +270,35 @@ def _response(doc: Mapping[str, Any], response: Mapping[str, Any]) -> tuple[str,
     return _cell(str(response.get("description", ""))), "; ".join(shapes)
 
 
+def _operations(doc: Mapping[str, Any]) -> list[tuple[str, str, Mapping[str, Any], str]]:
+    out = []
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in {"get", "post", "put", "patch", "delete"}:
+                anchor = re.sub(r"[^a-z0-9]+", "-", f"{method} {path}".lower()).strip("-")
+                out.append((path, method, op, anchor))
+    return out
+
+
+def sidecar_routes() -> str:
+    """The route table alone, linking into the API reference page."""
+    lines = ["| method | path | summary |", "|---|---|---|"]
+    for path, method, op, anchor in _operations(openapi_document()):
+        lines.append(f"| {method.upper()} | [`{path}`](sidecar-api.md#{anchor}) | {_cell(op.get('summary', ''))} |")
+    return "\n".join(lines) + "\n"
+
+
 def openapi_markdown() -> str:
     doc = openapi_document()
     out = [f"Rendered from `gateway/sidecar/openapi.json` (OpenAPI {doc['openapi']}, API version "
            f"{doc['info']['version']}); the running sidecar serves the same document at `GET /v1/openapi.json`.\n",
            _cell(doc["info"].get("description", "")) + "\n", "## Routes\n",
            "| method | path | summary |", "|---|---|---|"]
-    operations = []
-    for path, item in doc["paths"].items():
-        for method, op in item.items():
-            if method in {"get", "post", "put", "patch", "delete"}:
-                operations.append((path, method, op))
-    for path, method, op in operations:
-        anchor = re.sub(r"[^a-z0-9]+", "-", f"{method} {path}".lower()).strip("-")
+    operations = _operations(doc)
+    for path, method, op, anchor in operations:
         out.append(f"| {method.upper()} | [`{path}`](#{anchor}) | {_cell(op.get('summary', ''))} |")
     out.append("")
-    for path, method, op in operations:
-        anchor = re.sub(r"[^a-z0-9]+", "-", f"{method} {path}".lower()).strip("-")
+    for path, method, op, anchor in operations:
         out.append(f"### {method.upper()} `{path}` {{ #{anchor} }}\n")
         if op.get("summary"):
             out.append(_cell(op["summary"]) + "\n")
@@ -328,6 +340,32 @@ def openapi_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
+def config_keys() -> dict[str, list[str]]:
+    """Every key the sidecar's config loader accepts, per section, read from its ``keys()`` checks."""
+    import ast
+
+    tree = ast.parse((REPO / "gateway" / "sidecar" / "config.py").read_text())
+    sections: dict[str, list[str]] = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "keys"
+                and len(node.args) == 3):
+            where = node.args[1]
+            name = where.value if isinstance(where, ast.Constant) else "[[devices]]"  # the one per-entry check
+            keys = node.args[2]
+            if isinstance(keys, ast.Set):
+                sections[str(name)] = sorted(str(k.value) for k in keys.elts if isinstance(k, ast.Constant))
+    return sections
+
+
+def sidecar_config() -> str:
+    lines = ["| section | keys the loader accepts |", "|---|---|"]
+    for where, keys in config_keys().items():
+        lines.append(f"| `{where}` | {', '.join(f'`{k}`' for k in keys)} |")
+    shipped = (REPO / "configs" / "gateway.toml").read_text()
+    return ("\n".join(lines) + "\n\nThe shipped `configs/gateway.toml`, with every default and what it means:\n\n"
+            "```toml\n" + shipped.rstrip() + "\n```\n")
+
+
 GENERATORS = {
     "codes-index": codes_index,
     "error-tree": error_tree,
@@ -336,6 +374,8 @@ GENERATORS = {
     "state-machine": state_machine,
     "emulator-differences": emulator_differences,
     "sidecar-api": openapi_markdown,
+    "sidecar-config": sidecar_config,
+    "sidecar-routes": sidecar_routes,
 }
 PLACEHOLDER = re.compile(r"<!--\s*generate:\s*([a-z-]+)\s*-->")
 

@@ -120,3 +120,16 @@ def _amqp_idle() -> float:
 
     default = inspect.signature(AmqpTransport).parameters["idle_timeout"].default
     return float(default)
+
+
+def test_config_keys_cover_the_shipped_config(gen: ModuleType) -> None:
+    import tomllib
+
+    keys = gen.config_keys()
+    assert {"[api]", "[outbox]", "[delivery]", "[logging]", "[upstream]", "[[devices]]"} <= set(keys)
+    shipped = tomllib.loads((ROOT / "configs" / "gateway.toml").read_text())
+    for section, table in shipped.items():
+        entries = table if isinstance(table, list) else [table]
+        where = "[[devices]]" if isinstance(table, list) else f"[{section}]"
+        for entry in entries:
+            assert set(entry) <= set(keys[where]), (where, set(entry) - set(keys[where]))
