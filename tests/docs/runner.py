@@ -3,7 +3,8 @@
 What each fenced block's language means:
 
 - ``python``: a complete script, run in a fresh interpreter (cwd a temporary directory, the checkout on
-  ``PYTHONPATH``, a timeout); it passes when it exits 0.
+  ``PYTHONPATH``, a timeout); it passes when it exits 0. A ``text`` block right after it, marked
+  ``<!-- docs: output -->``, is its expected stdout (compared as console output is, ``...`` included).
 - ``sh`` / ``bash``: run with ``bash -e``; passes when it exits 0.
 - ``console``: lines starting ``$ `` are commands (a line ending in ``\\`` continues on the next), the lines
   after a command are its expected output (stdout and stderr together). All commands of a block run in one
@@ -55,6 +56,7 @@ KNOWN = PYTHON | SHELL | CONSOLE | PARSED | PROSE
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 _NOT_RUN = re.compile(r"^\s*<!--\s*docs:\s*not-run\s*\((?P<reason>[^)]+)\)\s*-->\s*$")
+_OUTPUT = re.compile(r"^\s*<!--\s*docs:\s*output\s*-->\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Block:
     text: str
     not_run: str | None = None  #: the reason, when the block is marked not-run
     needs_sidecar: bool = False
+    expected: str | None = None  #: a python block's stdout, from the ``<!-- docs: output -->`` block after it
 
     @property
     def id(self) -> str:
@@ -96,9 +99,14 @@ def parse(text: str, path: Path) -> list[Block]:
             i += 1
         i += 1
         prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        text = "\n".join(body) + "\n"
+        if _OUTPUT.match(prev):
+            if not blocks or blocks[-1].lang not in PYTHON:
+                raise ValueError(f"{path}:{start + 1}: an output block must follow a python block")
+            blocks[-1] = dataclasses.replace(blocks[-1], expected=text)
+            lang = "text"
         marker = _NOT_RUN.match(prev)
-        blocks.append(Block(path, start + 1, lang, "\n".join(body) + "\n",
-                            marker["reason"].strip() if marker else None, needs_sidecar))
+        blocks.append(Block(path, start + 1, lang, text, marker["reason"].strip() if marker else None, needs_sidecar))
     return blocks
 
 
@@ -207,6 +215,11 @@ def run_python(block: Block, sandbox: Sandbox, timeout: float = 120.0) -> Outcom
         return Outcome(False, f"timed out after {timeout:.0f} s")
     if proc.returncode != 0:
         return Outcome(False, f"exit {proc.returncode}\n{_clip(proc.stdout + proc.stderr)}")
+    if block.expected is not None:
+        expected = block.expected.rstrip("\n").splitlines()
+        actual = proc.stdout.rstrip("\n").splitlines()
+        if not output_matches(expected, actual):
+            return Outcome(False, "expected output:\n" + "\n".join(expected) + "\ngot:\n" + _clip(proc.stdout))
     return Outcome(True)
 
 

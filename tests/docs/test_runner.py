@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,17 @@ false
 import socket
 socket.create_connection(("192.0.2.1", 443), timeout=2)
 ```
+
+```python
+print("one")
+print("two")
+```
+
+<!-- docs: output -->
+```text
+one
+three
+```
 '''
 
 
@@ -83,14 +95,15 @@ def blocks() -> list[runner.Block]:
 def test_parse_finds_blocks_markers_and_lines() -> None:
     found = blocks()
     assert [b.lang for b in found] == ["python", "python", "python", "console", "console", "toml", "toml", "json",
-                                       "sh", "python"]
+                                       "sh", "python", "python", "text"]
+    assert found[10].expected == "one\nthree\n"
     assert found[2].not_run == "needs a cloud hub"
     assert found[0].line == 3
     assert not any(b.needs_sidecar for b in found)
 
 
 def test_good_blocks_pass_and_broken_ones_fail(sandbox: runner.Sandbox) -> None:
-    ok, missing_name, not_run, wrong_output, exit2, bad_policy, bad_config, bad_json, false, far = blocks()
+    ok, missing_name, not_run, wrong_output, exit2, bad_policy, bad_config, bad_json, false, far, printed, _ = blocks()
     assert runner.run(ok, sandbox).ok
     failed = runner.run(missing_name, sandbox)
     assert not failed.ok and "NoSuchName" in failed.detail
@@ -105,6 +118,9 @@ def test_good_blocks_pass_and_broken_ones_fail(sandbox: runner.Sandbox) -> None:
     assert not runner.run(false, sandbox).ok
     failed = runner.run(far, sandbox)
     assert not failed.ok and "loopback" in failed.detail
+    failed = runner.run(printed, sandbox)
+    assert not failed.ok and "three" in failed.detail
+    assert runner.run(dataclasses.replace(printed, expected="one\n...\n"), sandbox).ok
 
 
 @pytest.mark.parametrize(("expected", "actual", "ok"), [
