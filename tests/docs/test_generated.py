@@ -133,3 +133,12 @@ def test_config_keys_cover_the_shipped_config(gen: ModuleType) -> None:
         where = "[[devices]]" if isinstance(table, list) else f"[{section}]"
         for entry in entries:
             assert set(entry) <= set(keys[where]), (where, set(entry) - set(keys[where]))
+
+
+def test_operations_page_names_every_metric() -> None:
+    source = (ROOT / "gateway" / "sidecar" / "metrics.py").read_text()
+    defined = set(re.findall(r'"(iothub_gateway_[a-z_]+)"', source))
+    page = (ROOT / "docs" / "operations.md").read_text()
+    named = {re.sub(r"_total$", "", m) for m in re.findall(r"iothub_gateway_[a-z_]+", page)}
+    assert defined and defined <= named, f"metrics the operations page does not describe: {defined - named}"
+    assert named <= defined, f"metrics the page names that do not exist: {named - defined}"
