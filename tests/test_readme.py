@@ -68,5 +68,5 @@ def test_code_reference_lists_every_code_once() -> None:
     assert sorted(listed) == [row.code for row in all_codes()]
     text = "".join(gen.code_page(slug) for slug in pages)
     for row in all_codes():
-        assert text.count(f'<span id="{row.code}">{row.code}</span> | `{row.name}`') == 1, row.code
+        assert text.count(f'<span id="{row.code}">{row.code}</span> | **{row.name}**') == 1, row.code
         assert row.description.replace("|", "\\|") in text

@@ -30,20 +30,23 @@ _CLASS_PAGES = {3: ("other-3xx", "Other 3xx statuses"), 4: ("other-4xx", "Other 
 
 def code_pages() -> dict[str, tuple[str, list[Any]]]:
     """``{slug: (title, rows)}``: one page per status family with IoT Hub codes; the families that hold
-    only this gateway's generic ``status * 1000`` row are grouped per status class."""
+    only this gateway's generic ``status * 1000`` row are grouped per status class, after its families."""
     from gateway.codes import all_codes
 
     families: dict[int, list[Any]] = defaultdict(list)
     for row in all_codes():
         families[row.code // 1000].append(row)
-    pages: dict[str, tuple[str, list[Any]]] = {}
+    own: dict[str, tuple[str, list[Any]]] = {}
+    other: dict[str, tuple[str, list[Any]]] = {}
     for status, rows in sorted(families.items()):
         if any(r.origin == "iothub" for r in rows) or len(rows) > 1:
-            pages[str(status)] = (f"{status}xxx", rows)
+            own[str(status)] = (f"{status}xxx", rows)
         else:
             slug, title = _CLASS_PAGES[status // 100]
-            pages.setdefault(slug, (title, []))[1].extend(rows)
-    return pages
+            other.setdefault(slug, (title, []))[1].extend(rows)
+    order = sorted([*own, *other], key=lambda slug: (int((own.get(slug) or other[slug])[1][0].code // 100_000),
+                                                      slug in other, slug))
+    return {slug: own.get(slug) or other[slug] for slug in order}
 
 
 def _cell(text: str) -> str:
@@ -51,14 +54,16 @@ def _cell(text: str) -> str:
 
 
 def code_rows(rows: Iterable[Any]) -> str:
-    lines = ["| code | name | HTTP | transports | transient | action | origin | description |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Narrow enough to read without scrolling: the facts other than the action go under the name."""
+    lines = ["| code | name | action | description |", "|---|---|---|---|"]
     for row in rows:
         also = [*row.aliases, *map(str, row.alias_codes)]
-        name = f"`{row.name}`" + (f" (also {', '.join(also)})" if also else "")
-        lines.append(f"| <span id=\"{row.code}\">{row.code}</span> | {name} | {row.http_status or 'N/A'} | "
-                     f"{', '.join(sorted(row.transports))} | {'yes' if row.transient else 'no'} | "
-                     f"`{row.action.value}` | {row.origin} | {_cell(row.description)} |")
+        facts = [f"HTTP {row.http_status}" if row.http_status else "no HTTP form",
+                 ", ".join(sorted(row.transports)), "transient" if row.transient else "not transient",
+                 "IoT Hub's" if row.origin == "iothub" else "this gateway's"]
+        name = f"**{row.name}**<br/><small>{' · '.join(facts)}" + (f"<br/>also {', '.join(also)}" if also else "")
+        lines.append(f"| <span id=\"{row.code}\">{row.code}</span> | {name}</small> | `{row.action.value}` | "
+                     f"{_cell(row.description)} |")
     return "\n".join(lines) + "\n"
 
 
