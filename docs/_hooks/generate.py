@@ -180,19 +180,48 @@ def decision_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def state_groups() -> tuple[list[Any], dict[Any, Any], list[tuple[Any, Any, Any]]]:
+    """The transitions table, folded: the states that move alike on every event (the "active" ones)
+    form one group with their common moves; the other edges stay as they are. Unfolding the result
+    gives the table back (a test checks it)."""
+    from gateway.handler.machine import TRANSITIONS, State
+
+    moves: dict[Any, dict[Any, Any]] = defaultdict(dict)
+    for (src, event), dst in TRANSITIONS.items():
+        moves[src][event] = dst
+    alike: dict[tuple[Any, ...], list[Any]] = defaultdict(list)
+    for state in State:
+        alike[tuple(sorted(moves[state].items()))].append(state)
+    group = max(alike.values(), key=len)
+    common = dict(moves[group[0]]) if len(group) > 1 else {}
+    edges = [(src, event, dst) for (src, event), dst in TRANSITIONS.items() if not (src in group and common)]
+    return group if common else [], common, edges
+
+
 def state_machine() -> str:
     """The handler's connection states as a Mermaid state diagram, from the transitions table."""
-    from gateway.handler.machine import TRANSITIONS, State
+    from gateway.handler.machine import State
+
+    group, common, edges = state_groups()
 
     def node(state: State) -> str:
         return state.name.lower()
 
-    lines = ["```mermaid", "stateDiagram-v2", "  direction LR"]
+    lines = ["```mermaid", "stateDiagram-v2", "  direction LR", f"  [*] --> {node(State.IDLE)}"]
     for state in State:
-        lines.append(f"  {node(state)}: {state.value}")
-    lines.append(f"  [*] --> {node(State.IDLE)}")
-    for (src, event), dst in TRANSITIONS.items():
-        lines.append(f"  {node(src)} --> {node(dst)}: {event.value}")
+        if state not in group:
+            lines.append(f"  {node(state)}: {state.value}")
+    if group:
+        lines.append('  state "active: operations may still succeed" as active {')
+        lines += [f"    {node(state)}: {state.value}" for state in group]
+        lines.append("  }")
+        inner = [(e, d) for e, d in common.items() if d in group]
+        lines.append("  note right of active")
+        lines.append("    from any active state:")
+        lines += [f"    {event.value} → {dst.value}" for event, dst in inner]
+        lines.append("  end note")
+        lines += [f"  active --> {node(dst)}: {event.value}" for event, dst in common.items() if dst not in group]
+    lines += [f"  {node(src)} --> {node(dst)}: {event.value}" for src, event, dst in edges]
     lines.append(f"  {node(State.CLOSED)} --> [*]")
     lines.append("```")
     return "\n".join(lines) + "\n"
