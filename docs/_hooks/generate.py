@@ -380,12 +380,20 @@ def config_keys() -> dict[str, list[str]]:
 
     tree = ast.parse((REPO / "gateway" / "sidecar" / "config.py").read_text())
     sections: dict[str, list[str]] = {}
+    constants: dict[str, ast.expr] = {}  # NAME = frozenset({...}) at module level, as its set literal
+    for stmt in tree.body:
+        if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+                and isinstance(stmt.value, ast.Call) and stmt.value.args and isinstance(stmt.value.args[0], ast.Set)):
+            constants[stmt.targets[0].id] = stmt.value.args[0]
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "keys"
                 and len(node.args) == 3):
             where = node.args[1]
             name = where.value if isinstance(where, ast.Constant) else "[[devices]]"  # the one per-entry check
             keys = node.args[2]
+            if (isinstance(keys, ast.Call) and isinstance(keys.func, ast.Name) and keys.func.id == "set"
+                    and len(keys.args) == 1 and isinstance(keys.args[0], ast.Name)):
+                keys = constants.get(keys.args[0].id, keys)  # set(_DEVICE_KEYS): the module's constant
             if isinstance(keys, ast.Set):
                 sections[str(name)] = sorted(str(k.value) for k in keys.elts if isinstance(k, ast.Constant))
     return sections
