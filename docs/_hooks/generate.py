@@ -251,15 +251,8 @@ def emulator_entries() -> list[tuple[str, list[tuple[str, str]]]]:
     return entries
 
 
-_SURVEY = re.compile(r"peer-sdks\.md §[\d.]+")
-
-
 def _rst(text: str) -> str:
-    """RST literals to Markdown; the SDK survey the docstring cites lives outside this repository, so
-    only the public sources it names in brackets are kept."""
-    text = re.sub(r"peer-sdks\.md §[\d.]+ \(([^)]*)\)", r"\1", text)
-    text = re.sub(r"\(peer-sdks\.md §[\d.]+, ", "(", text)
-    text = _SURVEY.sub("the Azure SDKs' documented behaviour", text)
+    """RST literals to Markdown."""
     return _cell(text.replace("``", "`"))
 
 
