@@ -181,6 +181,42 @@ async def runtime_storm(n: int, outage: float, seed: int) -> tuple[list[float], 
     return [t for t in hub.attempts if t >= outage], done_at
 
 
+def plot(results: list[Result], path: str, seed: int) -> None:
+    """Reconnect attempts reaching the recovered hub, per second, one line per policy (log scale: the
+    baselines land every connection in one second). matplotlib is imported here only, so the benchmark
+    itself needs nothing beyond the package."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outage = results[0].outage
+    span = int(max(r.window for r in results)) + 10
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    for r, style in zip(results, ("-", "--", ":"), strict=False):
+        counts = [0] * span
+        for t in r.attempts_after:
+            k = int(t - outage)
+            if 0 <= k < span:
+                counts[k] += 1
+        ax.step(range(span), [max(c, 0.8) for c in counts], where="post", linestyle=style, linewidth=1.6,
+                label=f"{r.name}: peak {r.peak}/s ({r.peak / r.even:.2f}x even)")
+    ours = results[0]
+    ax.axhline(ours.even, color="grey", linewidth=0.8)
+    ax.axhline(2 * ours.even, color="grey", linewidth=0.8, linestyle="--")
+    ax.text(span - 1, ours.even * 1.08, "even spread", ha="right", fontsize=8, color="grey")
+    ax.text(span - 1, 2 * ours.even * 1.08, "2x even (target)", ha="right", fontsize=8, color="grey")
+    ax.set_yscale("log")
+    ax.set_ylim(0.8, ours.n * 2)
+    ax.set_xlabel(f"seconds after the hub recovers (it was down {outage:g} s)")
+    ax.set_ylabel("reconnect attempts per second")
+    ax.set_title(f"Reconnect storm: {ours.n:,} connections, virtual time, seed {seed}")
+    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 0.9))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=10_000, help="connections (default 10000)")
@@ -189,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jitter", type=float, default=None, help="override our reconnect jitter (0-1)")
     parser.add_argument("--runtime", action="store_true", help="also run the storm through real Handlers")
     parser.add_argument("--runtime-n", type=int, default=1000)
+    parser.add_argument("--plot", metavar="PNG", help="also draw attempts per second after recovery (needs matplotlib: "
+                        "pip install -e '.[bench]')")
     args = parser.parse_args(argv)
 
     print(f"storm: {args.n} connections, hub down for {args.outage:g} s from t=0, virtual time, seed {args.seed}")
@@ -205,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours: peak {ours.peak}/s is {ours.peak / ours.even:.2f}x the even spread of {ours.n} connections over "
           f"the {ours.window:g} s backoff window ({ours.even:.0f}/s); target <= 2x: "
           f"{'met' if ours.peak <= 2 * ours.even else 'NOT met'}")
+    if args.plot:
+        plot(results, args.plot, args.seed)
+        print(f"plot: {args.plot}")
     if args.runtime:
         wall = time.perf_counter()
         attempts, done_at = asyncio.run(runtime_storm(args.runtime_n, args.outage, args.seed))

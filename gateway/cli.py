@@ -22,7 +22,7 @@ class UsageError(Exception):
 
 
 def markdown_table() -> str:
-    """The full code table as Markdown: README embeds exactly this (a test keeps them equal)."""
+    """The full code table as Markdown, one row per catalog code (the docs site generates its own pages)."""
     lines = [
         "| code | name | HTTP | transports | transient | action | origin | description |",
         "|---|---|---|---|---|---|---|---|",
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codes", help="print the code table", description="Print the whole code catalog.")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="as JSON")
-    fmt.add_argument("--markdown", action="store_true", help="as the Markdown table README embeds")
+    fmt.add_argument("--markdown", action="store_true", help="the whole table as Markdown")
     p.set_defaults(func=_cmd_codes)
 
     p = sub.add_parser("explain", help="explain one code", description="Explain a code (number, alias or name).")

@@ -78,8 +78,9 @@ _ROWS: Final[tuple[tuple[str, str, bool], ...]] = (
     ("amqp:invalid-field", "ArgumentInvalid", False),
     ("amqp:not-implemented", "InvalidOperation", False),
     # Another link holds the entity for now (often our own stale one, re-attached too soon). Not an
-    # identity conflict: C# reads it as a transient resource fault and Java as retryable
-    # (peer-sdks.md §2.3, §3), so it is the AMQP form of HTTP 423 Locked: retry with backoff.
+    # identity conflict: C# reads it as a transient resource fault and Java as retryable (C#'s
+    # AmqpIotErrorAdapter, Java's AmqpsExceptionTranslator), so it is the AMQP form of HTTP 423 Locked:
+    # retry with backoff.
     ("amqp:resource-locked", "GenericLocked", False),
     ("amqp:resource-deleted", "DeviceNotFound", False),
     ("amqp:precondition-failed", "PreconditionFailed", False),

@@ -38,9 +38,10 @@ __all__ = ["CHAOS_FORMS", "FORMS", "HttpFront", "Rendered", "render"]
 
 log = logging.getLogger(__name__)
 
-#: IoT Hub's own error body forms (``peer-sdks.md`` §2.5): the legacy ``ErrorCode:<Name>;`` message, the
-#: code object nested in ``Message``, the same object double-escaped into a string, the object at the
-#: top level, and no body at all with the name in the ``iothub-errorcode`` header.
+#: IoT Hub's own error body forms (as the C# SDK's HTTP error parsers and their tests read them): the
+#: legacy ``ErrorCode:<Name>;`` message, the code object nested in ``Message``, the same object
+#: double-escaped into a string, the object at the top level, and no body at all with the name in the
+#: ``iothub-errorcode`` header.
 FORMS: Final = ("legacy", "nested", "escaped", "top", "header")
 #: Hostile bodies no healthy hub sends, for testing clients: JSON cut off mid-way with invalid UTF-8,
 #: an HTML page (what a proxy answers), and an endless body that starts with the code.
@@ -175,11 +176,11 @@ class HttpFront:
 
     ``default_form`` is the body form of errors whose fault names none (and of the front's own
     answers: auth failures, unknown devices, offline method targets); ``"escaped"`` (the numeric code
-    as JSON inside ``Message``) is what IoT Hub answers today (peer-sdks.md §9). ``retry_style`` is how a fault's
-    ``retry_after`` is written. ``clock`` is the hub's wall clock (SAS expiry, C2D lock expiry), so a
-    test can expire a lock without waiting a minute. ``service_key`` signs service calls (direct
-    methods) under ``service_policy``; one is made up when not given (see
-    :attr:`service_connection_string`).
+    as JSON inside ``Message``) is what IoT Hub answers today (azure-iot-cli-extension #54,
+    azure-iot-sdk-java #640). ``retry_style`` is how a fault's ``retry_after`` is written. ``clock`` is
+    the hub's wall clock (SAS expiry, C2D lock expiry), so a test can expire a lock without waiting a
+    minute. ``service_key`` signs service calls (direct methods) under ``service_policy``; one is made
+    up when not given (see :attr:`service_connection_string`).
     """
 
     transport = "http"

@@ -1,7 +1,7 @@
 """HTTP response (status, headers, body) -> ``IoTHubError``: pure, bounded, and never raises on bad input.
 
 IoT Hub says which error it means in several places, and the SDKs each read only some of them
-(``peer-sdks.md`` §2.5, §6, §8.16). This reads all of them, most specific first:
+(the C# SDK's HTTP error parsers, Microsoft's error-code pages). This reads all of them, most specific first:
 
 1. the body's code, in any of the forms IoT Hub sends::
 

@@ -84,8 +84,8 @@ _ARGUMENT = code_of("ArgumentInvalid")
 _VERSION = code_of("InvalidProtocolVersion")
 
 # Hub.authenticate's answers -> (code, wire form). IoT Hub refuses a wrong key, an expired token and
-# an unknown device alike with CONNACK 5 "not authorized" on 3.1.1 (peer-sdks.md §9), which MQTT 5 says
-# as 0x87; a disabled device gets "server unavailable" (3 / 0x88).
+# an unknown device alike with CONNACK 5 "not authorized" on 3.1.1 (azure-iot-sdk-c #373, iotedge #526),
+# which MQTT 5 says as 0x87; a disabled device gets "server unavailable" (3 / 0x88).
 _NOT_AUTHORIZED = {MQTT_311: "connack:5", MQTT_5: "connack:0x87"}
 _AUTH_CODES = {
     "expired": _EXPIRED,

@@ -200,7 +200,7 @@ def _hex(text: str) -> int:
 # daily quota (0502), which the hub tells apart on reason code 151 for this very reason, a failed
 # precondition (412001 is IoT Hub's only one), and a method target that is not online (404103) or did
 # not answer in time (504101). The rest are classes ("Bad Request", "Conflict", "Server Busy"): the code
-# is our reading of the nearest catalog row, so it is inexact (peer-sdks.md, MQTT 5 preview table).
+# is our reading of the nearest catalog row, so it is inexact (the MQTT 5 preview API's documented status table).
 _STATUSES: Final[Mapping[int, _Status]] = MappingProxyType({
     _hex("0001"): _Status("Not Modified", None, 0x00),
     _hex("0100"): _Status("Bad Request", _ARGUMENT, 0x83),

@@ -9,24 +9,25 @@ Where the emulator stands in for facts about the real hub, this is what it assum
 public source; ASSUMED: why this choice); one entry per behaviour, for the docs' table:
 
 - MQTT 3.1.1 connect with a wrong key, expired token, unknown device or a user name for another hub: CONNACK 5 (not
-  authorized). [KNOWN] peer-sdks.md §9 (azure-iot-sdk-c #373, iotedge #526, MicrosoftDocs #38897)
+  authorized). [KNOWN] azure-iot-sdk-c #373, iotedge #526, MicrosoftDocs/azure-docs #38897
 - the same on MQTT 5: CONNACK 0x87 (Not authorized), no ``status`` property. [ASSUMED] 0x87 is MQTT 5's name for
   3.1.1's 5 (paho maps 5 -> 135 too); the MQTT 5 preview names 135 for auth failures on DISCONNECT; 0x86 (bad user
   name or password) is not used
-- a disabled device on MQTT: CONNACK 3 / 0x88 (server unavailable). [KNOWN] peer-sdks.md §8.10 (IoT Hub answers 3
-  for a disabled device)
+- a disabled device on MQTT: CONNACK 3 / 0x88 (server unavailable). [KNOWN] the C SDK reports
+  DEVICE_DISABLED on CONNACK 3 (IoT Hub answers 3 for a disabled device)
 - a refused telemetry publish on MQTT 3.1.1 (any ERROR fault): the socket is closed (RST), the message not recorded.
-  [KNOWN] 3.1.1 has no failing PUBACK, IoT Hub drops the client (peer-sdks.md §9, C SDK and Python SDK behaviour)
+  [KNOWN] 3.1.1 has no failing PUBACK, IoT Hub drops the client (the C and Python SDKs expect exactly this)
 - a refused publish on MQTT 5: PUBACK (or DISCONNECT for QoS 0) with the reason code and IoT Hub's ``status`` +
   ``trace-id`` user properties. [KNOWN] IoT Hub MQTT 5 preview reference; codes without a preview status get 0x83
   with the six-digit code as ``status`` (our extension)
 - ``retry_after`` on MQTT: refused when a fault names ``transport="mqtt"``; a fault for every transport reaches MQTT
   clients without it. [KNOWN] no retry-after in the MQTT 5 preview reference, none in 3.1.1
 - ``retry_after`` on HTTP / AMQP: ``Retry-After`` (seconds or date) or ``x-ms-retry-after-ms``; AMQP ``retry-after``
-  info. [ASSUMED] no IoT Hub client reads it (peer-sdks.md §6); rendered so clients can be tested against it
+  info. [ASSUMED] no IoT Hub client reads it (neither the SDKs nor the docs mention it); rendered so
+  clients can be tested against it
 - HTTP error bodies: default: the numeric code as JSON escaped inside ``Message`` (``504101``, ``404103``); legacy
-  ``ErrorCode:Name;``, nested, top-level and header-only forms selectable per fault or front. [KNOWN] peer-sdks.md
-  §9 (azure-iot-cli-extension #54, azure-iot-sdk-java #640) and §2.5
+  ``ErrorCode:Name;``, nested, top-level and header-only forms selectable per fault or front. [KNOWN]
+  azure-iot-cli-extension #54, azure-iot-sdk-java #640, and the C# SDK's HTTP error parsers and their tests
 - ``GET /devices/{id}`` for an unknown device: 404 with 404001 DeviceNotFound in that body. [ASSUMED] the registry
   answers like every other service call
 - twin versions: desired and reported ``$version`` each count their own changes from 1; the twin's ``version``
@@ -62,11 +63,11 @@ public source; ASSUMED: why this choice); one entry per behaviour, for the docs'
   script "throttled for two minutes" from the first refusal, whatever the set-up time
 - AMQP SASL: ``MSSBCBS``, ``ANONYMOUS`` and ``PLAIN`` offered (``AmqpFront(offer_mssbcbs=True)``, on in the
   standalone emulator), each accepted, then CBS put-token proves identity. [KNOWN] uamqp asks for MSSBCBS
-  (peer-sdks.md §9); other SDKs use ANONYMOUS + CBS. [ASSUMED] the hub accepts the SASL step whatever it carries
-  and refuses at put-token; without the shim only proton's own ``ANONYMOUS``/``PLAIN`` are offered
+  (its ``sasl_mssbcbs`` source); other SDKs use ANONYMOUS + CBS. [ASSUMED] the hub accepts the SASL step
+  whatever it carries and refuses at put-token; without the shim only proton's own ``ANONYMOUS``/``PLAIN`` are offered
 - MQTT and AMQP over WebSockets: on the HTTP(S) front at ``/$iothub/websocket`` with subprotocol ``mqtt`` or
   ``AMQPWSB10``, binary frames piped to the MQTT / AMQP front (TLS is the HTTPS port's). [KNOWN] the SDKs' paths and
-  subprotocols (peer-sdks.md §9: azure-iot-sdk-c #138); [ASSUMED] the query string (``iothub-no-client-cert``) is
+  subprotocols (azure-iot-sdk-c #138); [ASSUMED] the query string (``iothub-no-client-cert``) is
   ignored
 - built-in Event Hub-compatible endpoint (on the AMQP front): entity = the hub's name; 2 partitions (a device always
   lands in the same one: CRC-32 of its id); a service token signed with the ``iothubowner`` key for any audience;

@@ -54,6 +54,7 @@ _SSE_RETRY_MS = 2000
 _PRINTABLE = re.compile(r"[\x20-\x7e]{1,256}")
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _OUTCOMES = ("complete", "reject", "abandon")
+_PAGE_MAX = 1000  #: devices per page of GET /v1/devices (and without ?limit)
 #: The routes whose refusals are refused messages (metrics and stats count them; a GET 404 is no message).
 _MESSAGE_ROUTES = frozenset({"/v1/devices/{device_id}/messages", "/v1/dead-letters/{message_id}/replay"})
 _CODE: web.ResponseKey[int] = web.ResponseKey("iothub_code", int)
@@ -308,7 +309,18 @@ class Api:
     # -- devices ---------------------------------------------------------------------------------------
 
     async def devices(self, request: web.Request) -> web.StreamResponse:
-        return self.json({"devices": [p.status() for p in self.sidecar.pipelines.values()]})
+        """``?limit=N&after=<device id>``: a page of devices sorted by id, the next page's cursor and the
+        total; read from memory (the outbox's counts, each handler's state), never a query per device."""
+        raw = request.query.get("limit", str(_PAGE_MAX))
+        limit = int(raw) if raw.isdigit() and len(raw) <= 5 else 0
+        if not 1 <= limit <= _PAGE_MAX:
+            return self.error(_ARGUMENT, f"limit must be a whole number in [1, {_PAGE_MAX}]")
+        after = request.query.get("after")
+        if after is not None and not after:
+            return self.error(_ARGUMENT, "after must be a device id (the previous page's next)")
+        pipelines, cursor = self.sidecar.page(limit=limit, after=after)
+        return self.json({"devices": [p.status() for p in pipelines], "next": cursor,
+                          "total": len(self.sidecar.device_ids)})
 
     async def device(self, request: web.Request) -> web.StreamResponse:
         device_id = request.match_info["device_id"]

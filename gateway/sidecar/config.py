@@ -5,17 +5,25 @@ Secrets (device connection strings, the API bearer token) come from environment 
 in the config; they may be written inline, but never have to be. The defaults are the demo: the bundled
 emulator as upstream and one device per transport, so an empty file means the same as
 ``configs/gateway.toml``.
+
+Devices are listed inline (``[[devices]]`` tables) or, for fleets, outside the config: ``[devices]``
+with ``file`` (JSON Lines, one device per line), ``dir`` (one ``*.json`` or ``*.toml`` file per device,
+``*.jsonl`` files of many) and/or ``registry`` (the emulator's registry file, for local runs). Entries
+have the ``[[devices]]`` keys; a problem names the file and line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,12 +32,15 @@ from gateway.policy import Policy, PolicyConfig, PolicyConfigError, load_policy
 from gateway.sas import ConnectionString
 
 __all__ = [
+    "MAX_DEVICES",
     "PROTOCOLS",
+    "AmqpConfig",
     "ApiConfig",
     "ConfigError",
     "DeliveryConfig",
     "DeviceConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "OutboxConfig",
     "Secret",
     "SidecarConfig",
@@ -44,6 +55,14 @@ PROTOCOLS: tuple[str, ...] = ("mqtt", "amqp", "http")
 #: IoT Hub's device-id alphabet (up to 128 characters).
 _DEVICE_ID = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@$']{1,128}")
 _IOTHUB_PORTS = {"mqtt": 8883, "amqp": 5671, "http": 443}
+#: Devices one sidecar accepts at most (all sources together): a bound on what a hostile list can cost.
+MAX_DEVICES = 100_000
+#: IoT Hub's limit of device identities on one AMQPS connection (the Azure Java SDK's, and the mux's default).
+AMQP_DEVICES_PER_CONNECTION = 1000
+_MAX_LINE = 64 * 1024  #: bytes per JSON Lines entry / per file in a devices dir
+_MAX_PROBLEMS = 50  #: problems listed from device files; the rest are counted
+_DEVICE_KEYS = frozenset({"id", "protocol", "connection_string", "connection_string_env", "connection_string_file",
+                          "mqtt_version", "multiplex"})
 
 
 class ConfigError(ValueError):
@@ -116,6 +135,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AmqpConfig:
+    #: AMQP devices share connections (IoT Hub carries many device identities on one AMQPS connection):
+    #: one thread for them all instead of one thread and one socket per device. Per device: ``multiplex``.
+    multiplex: bool = True
+    devices_per_connection: int = AMQP_DEVICES_PER_CONNECTION
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: per-device series (queue depth, connection state, last error) for at most this many devices, the
+    #: ones needing attention first (not connected, then messages waiting), then by id; the rest are
+    #: counted in the per-state aggregates only. Bounds the scrape at 10,000 devices. 0: none.
+    per_device_max: int = 100
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     kind: Literal["emulator", "iothub"] = "emulator"
     host_name: str = "emulator.azure-devices.net"  #: the emulated hub's name (emulator only)
@@ -131,6 +166,7 @@ class DeviceConfig:
     protocol: str
     connection_string: Secret | None = None  #: None with the emulator (it issues the credentials)
     mqtt_version: int = 4  #: 4 (3.1.1, IoT Hub's classic surface) or 5 (exact codes in PUBACK and DISCONNECT)
+    multiplex: bool | None = None  #: AMQP: share a connection (None: ``[amqp] multiplex``)
 
     def parsed(self) -> ConnectionString:
         if self.connection_string is None:
@@ -155,12 +191,24 @@ class SidecarConfig:
     policy: Policy = field(default_factory=Policy)
     devices: tuple[DeviceConfig, ...] = _DEMO_DEVICES
     source: str = "<defaults>"
+    amqp: AmqpConfig = AmqpConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    #: the emulator's registry file the devices came from (``[devices] registry``): its keys are loaded
+    #: into the bundled emulator, so service tools using that file keep working
+    registry: str | None = None
+
+    @functools.cached_property
+    def _by_id(self) -> dict[str, DeviceConfig]:
+        return {device.id: device for device in self.devices}
 
     def device(self, device_id: str) -> DeviceConfig | None:
-        for device in self.devices:
-            if device.id == device_id:
-                return device
-        return None
+        return self._by_id.get(device_id)
+
+    def multiplexed(self, device: DeviceConfig) -> bool:
+        """Whether ``device`` shares an AMQP connection (its own ``multiplex``, else ``[amqp] multiplex``)."""
+        if device.protocol != "amqp":
+            return False
+        return self.amqp.multiplex if device.multiplex is None else device.multiplex
 
     def secrets(self) -> list[str]:
         """Every secret value, so the redactor can blank them wherever they might surface."""
@@ -230,6 +278,7 @@ class _Check:
         self.base = base
         self.env = env
         self.problems: list[str] = []
+        self.too_many = False  #: past MAX_DEVICES (said once; reading the files stops)
 
     def fail(self, where: str, text: str) -> None:
         self.problems.append(f"{self.source}: {where}: {text}")
@@ -361,7 +410,8 @@ def parse_config(
 ) -> SidecarConfig:
     """Validate parsed TOML; raises :class:`ConfigError` listing every problem found."""
     c = _Check(source, base, os.environ if env is None else env)
-    c.keys(data, "top level", {"api", "outbox", "delivery", "logging", "upstream", "policy", "devices"})
+    c.keys(data, "top level", {"api", "outbox", "delivery", "logging", "upstream", "policy", "devices", "amqp",
+                               "metrics"})
 
     raw = c.table(data, "api")
     c.keys(raw, "[api]", {"host", "port", "token", "token_env", "token_file", "max_body", "rate_limit", "rate_burst"})
@@ -425,14 +475,31 @@ def parse_config(
         error_interval=c.number(raw, "error_interval", "[logging]", lg.error_interval),
     )
 
+    raw = c.table(data, "amqp")
+    c.keys(raw, "[amqp]", {"multiplex", "devices_per_connection"})
+    am = AmqpConfig()
+    amqp = AmqpConfig(
+        multiplex=c.boolean(raw, "multiplex", "[amqp]", am.multiplex),
+        devices_per_connection=c.number(raw, "devices_per_connection", "[amqp]", am.devices_per_connection,
+                                        whole=True, minimum=1, maximum=AMQP_DEVICES_PER_CONNECTION),
+    )
+
+    raw = c.table(data, "metrics")
+    c.keys(raw, "[metrics]", {"per_device_max"})
+    metrics = MetricsConfig(
+        per_device_max=c.number(raw, "per_device_max", "[metrics]", MetricsConfig().per_device_max, whole=True,
+                                maximum=MAX_DEVICES),
+    )
+
     upstream = _upstream(c, c.table(data, "upstream"))
     policy = _policy(c, data.get("policy"))
-    devices = _devices(c, data.get("devices"), upstream)
+    devices, registry = _devices(c, data.get("devices"), upstream)
 
     if c.problems:
         raise ConfigError(c.problems)
     return SidecarConfig(api=api, outbox=outbox, delivery=delivery, logging=logging_cfg, upstream=upstream,
-                         policy=policy, devices=devices, source=source)
+                         policy=policy, devices=devices, source=source, amqp=amqp, metrics=metrics,
+                         registry=registry)
 
 
 def _upstream(c: _Check, raw: dict[str, Any]) -> UpstreamConfig:
@@ -502,62 +569,246 @@ def _policy(c: _Check, raw: object) -> Policy:
     return Policy()
 
 
-def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[DeviceConfig, ...]:
+def _devices(c: _Check, raw: object, upstream: UpstreamConfig) -> tuple[tuple[DeviceConfig, ...], str | None]:
+    """The devices and the emulator registry file they came from (if any)."""
     if raw is None:
         if upstream.kind == "iothub":
-            c.fail("[[devices]]", "no devices: a real hub needs at least one [[devices]] entry")
-        return _DEMO_DEVICES
-    if not isinstance(raw, list) or not raw:
-        c.fail("[[devices]]", "expected one or more [[devices]] tables")
-        return ()
+            c.fail("[[devices]]", "no devices: a real hub needs at least one [[devices]] entry or a [devices] "
+                                  "file, dir or registry")
+        return _DEMO_DEVICES, None
     seen: set[str] = set()
     out: list[DeviceConfig] = []
+    if isinstance(raw, Mapping):
+        return _device_sources(c, raw, upstream, seen, out)
+    if not isinstance(raw, list) or not raw:
+        c.fail("[[devices]]", "expected one or more [[devices]] tables, or a [devices] table with file, dir "
+                              "or registry")
+        return (), None
     for index, entry in enumerate(raw):
-        where = f"devices[{index}]"
-        if not isinstance(entry, Mapping):
-            c.fail(where, "expected a table")
-            continue
-        c.keys(entry, where, {"id", "protocol", "connection_string", "connection_string_env",
-                              "connection_string_file", "mqtt_version"})
-        device_id = entry.get("id")
-        if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-            c.fail(f"{where} id", f"expected an IoT Hub device id (1-128 of A-Z a-z 0-9 -:.+%_#*?!(),=@$'), "
-                                  f"got {_show(device_id)}")
-            continue
-        where = f"devices[{index}] ({device_id})"
-        if device_id in seen:
-            c.fail(f"{where} id", "configured twice")
-            continue
-        seen.add(device_id)
-        protocol = entry.get("protocol")
-        if protocol not in PROTOCOLS:
-            c.fail(f"{where} protocol", f"expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}")
-            continue
-        mqtt_version = entry.get("mqtt_version", 4)
-        if "mqtt_version" in entry and protocol != "mqtt":
-            c.fail(f"{where} mqtt_version", "only for protocol = \"mqtt\"")
-        elif type(mqtt_version) is not int or mqtt_version not in (4, 5):
-            c.fail(f"{where} mqtt_version", f"expected 4 (MQTT 3.1.1) or 5, got {_show(mqtt_version)}")
-            mqtt_version = 4
-        secret: Secret | None = None
-        if upstream.kind == "emulator":
-            for key in ("connection_string", "connection_string_env", "connection_string_file"):
-                if key in entry:
-                    c.fail(f"{where} {key}", "not used with the emulator upstream (it issues the credentials)")
+        _device(c, entry, f"devices[{index}]", upstream, seen, out)
+    return tuple(out), None
+
+
+def _device(c: _Check, entry: object, where: str, upstream: UpstreamConfig, seen: set[str],
+            out: list[DeviceConfig], *, default_protocol: str | None = None) -> None:
+    """Validate one device entry (a ``[[devices]]`` table or one from a devices file) into ``out``."""
+    if not isinstance(entry, Mapping):
+        c.fail(where, f"expected a table (a JSON object), got {_show(entry)}")
+        return
+    if len(out) >= MAX_DEVICES:
+        if not c.too_many:
+            c.too_many = True
+            c.fail(where, f"more than {MAX_DEVICES} devices: one sidecar serves at most {MAX_DEVICES}")
+        return
+    c.keys(entry, where, set(_DEVICE_KEYS))
+    device_id = entry.get("id")
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        c.fail(f"{where} id", f"expected an IoT Hub device id (1-128 of A-Z a-z 0-9 -:.+%_#*?!(),=@$'), "
+                              f"got {_show(device_id)}")
+        return
+    where = f"{where} ({device_id})"
+    if device_id in seen:
+        c.fail(f"{where} id", "configured twice")
+        return
+    seen.add(device_id)
+    protocol = entry.get("protocol", default_protocol)
+    if protocol not in PROTOCOLS:
+        c.fail(f"{where} protocol", f"expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}")
+        return
+    mqtt_version = entry.get("mqtt_version", 4)
+    if "mqtt_version" in entry and protocol != "mqtt":
+        c.fail(f"{where} mqtt_version", "only for protocol = \"mqtt\"")
+    elif type(mqtt_version) is not int or mqtt_version not in (4, 5):
+        c.fail(f"{where} mqtt_version", f"expected 4 (MQTT 3.1.1) or 5, got {_show(mqtt_version)}")
+        mqtt_version = 4
+    multiplex: bool | None = None
+    if "multiplex" in entry:
+        if protocol != "amqp":
+            c.fail(f"{where} multiplex", "only for protocol = \"amqp\"")
         else:
-            secret = c.secret(entry, "connection_string", where, required=True)
-            if secret is not None:
-                try:
-                    cs = ConnectionString.parse(secret.reveal())
-                except ValueError as exc:
-                    text = str(exc)
-                    if secret.reveal() in text or any(part and part in text for part in secret.reveal().split(";")):
-                        text = "not a connection string (HostName=...;DeviceId=...;SharedAccessKey=...)"
-                    c.fail(f"{where} connection string", text)
-                else:
-                    if cs.shared_access_key is None:
-                        c.fail(f"{where} connection string", "has no SharedAccessKey")
-                    if cs.device_id != device_id:
-                        c.fail(f"{where} connection string", f"is for device {cs.device_id!r}, not {device_id!r}")
-        out.append(DeviceConfig(device_id, str(protocol), secret, mqtt_version))
-    return tuple(out)
+            multiplex = c.boolean(entry, "multiplex", where, True)
+    secret: Secret | None = None
+    if upstream.kind == "emulator":
+        for key in ("connection_string", "connection_string_env", "connection_string_file"):
+            if key in entry:
+                c.fail(f"{where} {key}", "not used with the emulator upstream (it issues the credentials)")
+    else:
+        secret = c.secret(entry, "connection_string", where, required=True)
+        if secret is not None:
+            try:
+                cs = ConnectionString.parse(secret.reveal())
+            except ValueError as exc:
+                text = str(exc)
+                if secret.reveal() in text or any(part and part in text for part in secret.reveal().split(";")):
+                    text = "not a connection string (HostName=...;DeviceId=...;SharedAccessKey=...)"
+                c.fail(f"{where} connection string", text)
+            else:
+                if cs.shared_access_key is None:
+                    c.fail(f"{where} connection string", "has no SharedAccessKey")
+                if cs.device_id != device_id:
+                    c.fail(f"{where} connection string", f"is for device {cs.device_id!r}, not {device_id!r}")
+    out.append(DeviceConfig(device_id, str(protocol), secret, mqtt_version, multiplex))
+
+
+def _device_sources(c: _Check, raw: Mapping[str, Any], upstream: UpstreamConfig, seen: set[str],
+                    out: list[DeviceConfig]) -> tuple[tuple[DeviceConfig, ...], str | None]:
+    """``[devices]``: ``file`` (JSON Lines), ``dir`` (a file per device), ``registry`` (the emulator's),
+    ``protocol`` (for entries that name none). Problems in the files are capped at ``_MAX_PROBLEMS``."""
+    c.keys(raw, "[devices]", {"file", "dir", "registry", "protocol"})
+    default = c.string(raw, "protocol", "[devices]", None, PROTOCOLS)
+    sources = [k for k in ("file", "dir", "registry") if k in raw]
+    if not sources:
+        c.fail("[devices]", "give file = \"devices.jsonl\", dir = \"devices.d\" or registry = \"registry.json\" "
+                            "(or list [[devices]] tables instead)")
+        return (), None
+    before = len(c.problems)
+    registry: str | None = None
+    for key in sources:
+        name = raw[key]
+        if not isinstance(name, str) or not name.strip():
+            c.fail(f"[devices] {key}", f"expected a path, got {_show(name)}")
+            continue
+        path = c.path(name)
+        if key == "file":
+            _jsonl(c, path, upstream, seen, out, default)
+        elif key == "dir":
+            _device_dir(c, path, upstream, seen, out, default)
+        else:
+            if upstream.kind != "emulator":
+                c.fail("[devices] registry", "only with kind = \"emulator\" (the bundled emulator loads it; a real "
+                                             "hub's devices need connection strings: use file or dir)")
+                continue
+            _registry(c, path, upstream, seen, out, default)
+            registry = str(path)
+    extra = len(c.problems) - before - _MAX_PROBLEMS
+    if extra > 0:
+        del c.problems[before + _MAX_PROBLEMS:]
+        c.problems.append(f"{c.source}: [devices]: ... and {extra} more problem(s) in the device files")
+    if not out and len(c.problems) == before:
+        c.fail("[devices]", "the device files list no devices")
+    return tuple(out), registry
+
+
+@contextlib.contextmanager
+def _relative_to(c: _Check, base: Path) -> Iterator[None]:
+    """Secret files named in a device file are relative to that file's directory."""
+    saved, c.base = c.base, base
+    try:
+        yield
+    finally:
+        c.base = saved
+
+
+def _read_bounded(c: _Check, path: Path, where: str, limit: int) -> bytes | None:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        c.fail(where, f"cannot read {path}: {exc.strerror or exc}")
+        return None
+    if len(data) > limit:
+        c.fail(where, f"{path} is larger than {limit} bytes")
+        return None
+    return data
+
+
+def _jsonl(c: _Check, path: Path, upstream: UpstreamConfig, seen: set[str], out: list[DeviceConfig],
+           default: str | None) -> None:
+    """One JSON object per line; blank lines and lines starting with ``#`` are skipped."""
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        c.fail("[devices] file", f"cannot read {path}: {exc.strerror or exc}")
+        return
+    with fh, _relative_to(c, path.parent):
+        lineno = 0
+        while True:
+            line = fh.readline(_MAX_LINE + 1)
+            if not line:
+                break
+            lineno += 1
+            where = f"{path.name}:{lineno}"
+            if len(line) > _MAX_LINE and not line.endswith(b"\n"):
+                c.fail(where, f"line longer than {_MAX_LINE} bytes")
+                while line and not line.endswith(b"\n"):  # skip the rest of it, bounded per read
+                    line = fh.readline(_MAX_LINE + 1)
+                continue
+            text = line.strip()
+            if not text or text.startswith(b"#"):
+                continue
+            entry = _json_entry(c, text, where)
+            if entry is not None:
+                _device(c, entry, where, upstream, seen, out, default_protocol=default)
+            if c.too_many:
+                return
+
+
+def _json_entry(c: _Check, text: bytes, where: str) -> object | None:
+    try:
+        entry: object = json.loads(text)
+        return entry
+    except UnicodeDecodeError:
+        c.fail(where, "not UTF-8 text")
+    except RecursionError:
+        c.fail(where, "not valid JSON: nested too deeply")
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
+        c.fail(where, f"not valid JSON: {str(exc)[:120]}")
+    return None
+
+
+def _device_dir(c: _Check, path: Path, upstream: UpstreamConfig, seen: set[str], out: list[DeviceConfig],
+                default: str | None) -> None:
+    """``*.json`` and ``*.toml`` (one device each) and ``*.jsonl`` (many), by name; others are ignored."""
+    try:
+        names = sorted(p for p in path.iterdir() if not p.name.startswith(".")
+                       and p.suffix in (".json", ".toml", ".jsonl") and p.is_file())
+    except OSError as exc:
+        c.fail("[devices] dir", f"cannot list {path}: {exc.strerror or exc}")
+        return
+    for file in names:
+        if c.too_many:
+            return
+        if file.suffix == ".jsonl":
+            _jsonl(c, file, upstream, seen, out, default)
+            continue
+        data = _read_bounded(c, file, file.name, _MAX_LINE)
+        if data is None:
+            continue
+        entry: object | None
+        if file.suffix == ".json":
+            entry = _json_entry(c, data, file.name)
+        else:
+            try:
+                entry = tomllib.loads(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                c.fail(file.name, "not UTF-8 text")
+                continue
+            except tomllib.TOMLDecodeError as exc:
+                c.fail(file.name, f"not valid TOML: {exc}")
+                continue
+            except (ValueError, RecursionError) as exc:  # an int past the digit limit; nesting
+                c.fail(file.name, f"not usable TOML: {str(exc)[:120]}")
+                continue
+        if entry is not None:
+            with _relative_to(c, file.parent):
+                _device(c, entry, file.name, upstream, seen, out, default_protocol=default)
+
+
+def _registry(c: _Check, path: Path, upstream: UpstreamConfig, seen: set[str], out: list[DeviceConfig],
+              default: str | None) -> None:
+    """The emulator's registry (``iothub-gateway emulator --registry``): its device ids, ``protocol`` from
+    ``[devices] protocol`` (amqp when unset: it multiplexes)."""
+    data = _read_bounded(c, path, "[devices] registry", 64 * 1024 * 1024)
+    if data is None:
+        return
+    devices = None
+    with contextlib.suppress(ValueError, RecursionError, AttributeError):
+        devices = json.loads(data).get("devices")
+    if not isinstance(devices, Mapping):
+        c.fail("[devices] registry", f"{path} is not an emulator registry (a JSON object with a devices table)")
+        return
+    for device_id in devices:
+        _device(c, {"id": device_id}, f"{path.name} device", upstream, seen, out,
+                default_protocol=default or "amqp")
+        if c.too_many:
+            return

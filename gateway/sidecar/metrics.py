@@ -16,6 +16,15 @@
 - ``iothub_gateway_device_last_error_timestamp_seconds{device,transport,code,name}``: when each device last
   failed, labelled with that failure's code. One series per device (only its latest error), so the
   cardinality is bounded by the configured devices, never by the codes seen.
+- ``iothub_gateway_devices{transport,state}``: how many devices are in each state (kept as state changes
+  happen), and ``iothub_gateway_devices_without_series``: devices left out of the per-device series.
+- ``iothub_gateway_amqp_connections{upstream}`` and ``iothub_gateway_amqp_multiplexed_devices{upstream}``:
+  the shared AMQP connections per upstream and the devices on them.
+
+Per-device series (queue depth, connection state, last error) are capped (``[metrics] per_device_max``,
+100 by default): a sidecar with 10,000 devices would otherwise expose ~100,000 series per scrape. Within
+the cap, devices needing attention (not connected or throttled) come first, then the rest by id; the
+per-state aggregates always count every device.
 - ``iothub_gateway_build_info{version,python}`` (always 1) and the ``process_*`` metrics (CPU, RSS, open
   files, start time) of prometheus_client's process collector, on this registry.
 
@@ -28,8 +37,10 @@ Labels carry codes, transports, outcomes, states and device ids: never a credent
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import platform
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -44,7 +55,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "DeviceSnapshot", "Metrics"]
+__all__ = ["CONTENT_TYPE", "DeviceSnapshot", "DeviceStates", "Fleet", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
@@ -61,6 +72,61 @@ class DeviceSnapshot:
     last_error: tuple[int, str, float] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What every device adds up to, for the aggregates (read at scrape time, kept as events happen)."""
+
+    per_state: Mapping[tuple[str, str], int]  #: (transport, state) -> devices
+    omitted: int  #: devices without per-device series this scrape
+    handler_counts: Mapping[tuple[int | None, str, str], int]  #: summed over every handler
+    amqp: Mapping[str, list[int]]  #: upstream -> devices on each live shared connection
+
+
+#: States in which a device needs no attention (per-device series go to the others first).
+_HEALTHY = frozenset({"connected", "throttled"})
+
+
+class DeviceStates:
+    """Each device's state and the count per (transport, state), updated on every state change, so
+    neither the aggregates nor the choice of per-device series scans the devices at scrape time."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[str, str]] = {}
+        self.per_state: dict[tuple[str, str], int] = {}
+        self.attention: set[str] = set()  #: devices not connected (nor throttled)
+
+    def set(self, device: str, transport: str, state: str) -> None:
+        old = self._state.get(device)
+        new = (transport, state)
+        if old == new:
+            return
+        if old is not None:
+            left = self.per_state[old] - 1
+            if left:
+                self.per_state[old] = left
+            else:
+                del self.per_state[old]
+        self._state[device] = new
+        self.per_state[new] = self.per_state.get(new, 0) + 1
+        if state in _HEALTHY:
+            self.attention.discard(device)
+        else:
+            self.attention.add(device)
+
+    def pick(self, ordered: Sequence[str], limit: int) -> list[str]:
+        """Up to ``limit`` device ids for per-device series: needing attention first, then by id."""
+        if limit <= 0:
+            return []
+        chosen = heapq.nsmallest(limit, self.attention)
+        if len(chosen) < limit:
+            taken = set(chosen)
+            chosen += [d for d in itertools.islice((d for d in ordered if d not in taken), limit - len(chosen))]
+        return chosen
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
 def _code(code: int | None) -> str:
     return "" if code is None else str(code)
 
@@ -75,11 +141,13 @@ class _Live(Collector):
     """Reads the outbox and the handlers when scraped, so gauges are never stale."""
 
     def __init__(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
-                 states: Iterable[str], storage: Callable[[], tuple[bool, int]] | None = None) -> None:
+                 states: Iterable[str], storage: Callable[[], tuple[bool, int]] | None = None,
+                 fleet: Callable[[], Fleet] | None = None) -> None:
         self._devices = devices
         self._outbox = outbox
         self._states = tuple(states)
         self._storage = storage
+        self._fleet = fleet
 
     def collect(self) -> Iterator[Metric]:
         snaps = list(self._devices())
@@ -116,11 +184,35 @@ class _Live(Collector):
         yield depth
         yield state
         yield last
+        fleet = self._fleet() if self._fleet is not None else None
+        if fleet is not None:  # every handler, not only those with per-device series
+            events = {}
+            for (code, transport, outcome), n in fleet.handler_counts.items():
+                key = (_code(code), transport, outcome)
+                events[key] = events.get(key, 0) + n
         handler = CounterMetricFamily("iothub_gateway_handler_events", "The handlers' counters by code, "
                                       "transport and outcome", labels=["code", "transport", "outcome"])
         for key, n in sorted(events.items()):
             handler.add_metric(list(key), n)
         yield handler
+        if fleet is None:
+            return
+        per_state = GaugeMetricFamily("iothub_gateway_devices", "Devices per transport and state",
+                                      labels=["transport", "state"])
+        for (transport, name), n in sorted(fleet.per_state.items()):
+            per_state.add_metric([transport, name], n)
+        yield per_state
+        yield GaugeMetricFamily("iothub_gateway_devices_without_series", "Devices left out of the per-device "
+                                "series ([metrics] per_device_max)", value=fleet.omitted)
+        conns = GaugeMetricFamily("iothub_gateway_amqp_connections", "Shared (multiplexed) AMQP connections",
+                                  labels=["upstream"])
+        members = GaugeMetricFamily("iothub_gateway_amqp_multiplexed_devices", "Devices on shared AMQP "
+                                    "connections", labels=["upstream"])
+        for upstream, sizes in sorted(fleet.amqp.items()):
+            conns.add_metric([upstream], len(sizes))
+            members.add_metric([upstream], sum(sizes))
+        yield conns
+        yield members
 
 
 class Metrics:
@@ -133,14 +225,17 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self.messages = Counter("iothub_gateway_messages", "Messages by transport, outcome and code",
                                 ["transport", "outcome", "code"], registry=self.registry)
+        self.states = DeviceStates()
         self.latency = Histogram("iothub_gateway_delivery_latency_seconds",
                                  "From acceptance by the API to acknowledgement by the hub", ["transport"],
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
 
     def watch(self, devices: Callable[[], Iterable[DeviceSnapshot]], outbox: Callable[[], Mapping[str, int]],
-              states: Iterable[str], *, storage: Callable[[], tuple[bool, int]] | None = None) -> None:
-        """``storage`` -> (the outbox can store, its size on disk in bytes)."""
-        self.registry.register(_Live(devices, outbox, states, storage))
+              states: Iterable[str], *, storage: Callable[[], tuple[bool, int]] | None = None,
+              fleet: Callable[[], Fleet] | None = None) -> None:
+        """``devices``: the snapshots to give per-device series; ``storage`` -> (the outbox can store, its
+        size on disk in bytes); ``fleet``: the aggregates over every device (and the handler counters)."""
+        self.registry.register(_Live(devices, outbox, states, storage, fleet))
 
     def message(self, transport: str, outcome: str, code: int | None = None) -> None:
         self.messages.labels(transport, outcome, _code(code)).inc()

@@ -65,6 +65,7 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = (), *, minted: bool = True) -> None:
         self._secrets: set[str] = set()
+        self._shaped: dict[str, list[str]] = {}  #: a configured key of a signature's shape -> secrets holding it
         self._literal: re.Pattern[str] | None = None
         self._shapes = re.compile("|".join(f"(?:{p})" for p in _PATTERNS), re.IGNORECASE)
         self._read_minted = minted  #: False: only configured secrets and shapes (tests of the shapes)
@@ -85,9 +86,49 @@ class Redactor:
         if not fresh:
             return
         self._secrets |= fresh
-        # Longest first, so a connection string is blanked whole before its key is looked for.
-        ordered = sorted(self._secrets, key=len, reverse=True)
-        self._literal = re.compile("|".join(re.escape(s) for s in ordered))
+        # A secret that is, or holds, a key of a signature's shape (a 32-byte device key) is found by the
+        # one _SIGNATURE scan and a set lookup, not by the alternation below, whose cost grows with the
+        # number of secrets: 10,000 devices made it seconds per API page.
+        literal_added = False
+        for value in fresh:
+            key = value if _SIGNATURE.fullmatch(value) else None
+            if key is None:
+                field = _KEY_FIELD.search(value)
+                key = field.group(1) if field is not None and _SIGNATURE.fullmatch(field.group(1)) else None
+            if key is None:
+                literal_added = True
+                continue
+            holders = self._shaped.setdefault(key, [])
+            if value != key:
+                holders.append(value)
+                holders.sort(key=len, reverse=True)
+        if literal_added:
+            # Longest first, so a connection string is blanked whole before its key is looked for.
+            ordered = sorted((s for s in self._secrets if not self._is_shaped(s)), key=len, reverse=True)
+            self._literal = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+    def _is_shaped(self, value: str) -> bool:
+        if value in self._shaped:
+            return True
+        field = _KEY_FIELD.search(value)
+        return field is not None and value in self._shaped.get(field.group(1), ())
+
+    def _configured_keys(self, text: str) -> str:
+        """Blank the configured signature-shaped keys, and whole the secrets holding them (connection strings)."""
+        found = {m.group(1) for m in _SIGNATURE.finditer(text)}
+        found = {k for k in (*found, *(unquote(v) for v in found)) if k in self._shaped}
+        if not found:
+            return text
+        for key in found:
+            for holder in self._shaped[key]:
+                if holder in text:
+                    text = text.replace(holder, MASK)
+
+        def mask(match: re.Match[str]) -> str:
+            value = match.group(1)
+            return MASK if value in self._shaped or unquote(value) in self._shaped else value
+
+        return _SIGNATURE.sub(mask, text)
 
     def _minted_values(self) -> frozenset[str]:
         """The minted secrets as sent and URL-decoded; re-read only when the registry changed."""
@@ -100,6 +141,8 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if self._literal is not None:
             text = self._literal.sub(MASK, text)
+        if self._shaped and ("=" in text or "%3" in text):
+            text = self._configured_keys(text)
         minted = self._minted_values()
         # Every signature ends in "=" (or "%3D" as sent): text without either holds none.
         if ("=" in text or "%3" in text) and (minted or _SAS_CONTEXT.search(text)):

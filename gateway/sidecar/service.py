@@ -5,6 +5,9 @@ banner goes to stderr with the logs; stdout is left empty.
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
 the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
 from this build is a config error) and the pipelines; only then is the URL printed and ``/readyz`` ready.
+Pipelines start paced (at most ``START_CONCURRENCY`` first connects under way; the first batch before
+the URL is printed, the rest in the background): a fleet of 10,000 never opens 10,000 connections at once.
+AMQP devices share connections (one ``AmqpMux`` per upstream, :class:`~gateway.sidecar.upstream.AmqpPools`).
 Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline``
 seconds, put the rest back to pending, close the handlers and the outbox, exit 0.
 """
@@ -12,6 +15,8 @@ seconds, put the rest back to pending, close the handlers and the outbox, exit 0
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -33,10 +38,12 @@ from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
 from gateway.sidecar.logs import setup_logging
-from gateway.sidecar.metrics import DeviceSnapshot, Metrics
+from gateway.sidecar.metrics import DeviceSnapshot, Fleet, Metrics
 from gateway.sidecar.security import Redactor
 from gateway.sidecar.stats import Stats
 from gateway.sidecar.upstream import (
+    SURFACE,
+    AmqpPools,
     DevicePipeline,
     EventHub,
     ProtocolUnavailable,
@@ -51,6 +58,10 @@ from gateway.sidecar.upstream import (
 __all__ = ["Sidecar", "StartError", "UnknownDevice", "run"]
 
 log = logging.getLogger("gateway.sidecar")
+
+
+#: Devices whose first connect may be under way at once while the sidecar starts (see _start_pipelines).
+START_CONCURRENCY = 64
 
 
 class StartError(RuntimeError):
@@ -86,7 +97,13 @@ class Sidecar:
         self.accepting = False
         self._stopped = False
         self._sweeper: asyncio.Task[None] | None = None
-        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view)
+        self._starter: asyncio.Task[None] | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
+        self.amqp_pools = AmqpPools(config.amqp.devices_per_connection)
+        #: every device id, sorted: the order of GET /v1/devices and of the per-device metrics
+        self.device_ids: list[str] = sorted(d.id for d in config.devices)
+        self.metrics.watch(self._snapshots, self._counts, [s.value for s in State], storage=self._storage_view,
+                           fleet=self._fleet)
 
     @property
     def outbox(self) -> AsyncOutbox:
@@ -118,6 +135,7 @@ class Sidecar:
         # The outbox first: a second sidecar on the same outbox fails before it starts anything else.
         self._outbox = self._open_outbox()
         specs: dict[str, TransportSpec] = {}
+        multiplexed = self._multiplexed()
         if cfg.upstream.kind == "emulator":
             self.emulator = EmulatorHarness(cfg.upstream.host_name, ports=cfg.upstream.ports)
             try:
@@ -131,22 +149,31 @@ class Sidecar:
                 except OSError as exc:
                     raise StartError(f"cannot listen for the emulator's admin API: {exc.strerror or exc}") from exc
                 self.emulator_admin = admin
+            if cfg.registry is not None:
+                try:
+                    self.emulator.hub.load_registry(cfg.registry)  # its keys, so tools using the file still fit
+                except ValueError as exc:
+                    raise StartError(str(exc)) from exc
+            issued: list[str] = []
             for device in cfg.devices:
                 if not self.emulator.available(device.protocol) and self.factories is None:
                     raise ProtocolUnavailable(f"protocol {device.protocol!r} is not available in this build "
                                               f"(no emulator front for it); device {device.id!r} needs it")
                 port = self.emulator.port(device.protocol) if self.emulator.available(device.protocol) else 0
                 cs = self.emulator.register(device.id)
-                self.redactor.add(cs.shared_access_key or "", self.emulator.hub.connection_string(device.id))
+                issued += [cs.shared_access_key or "", self.emulator.hub.connection_string(device.id)]
                 specs[device.id] = TransportSpec(device.protocol, cs, "127.0.0.1", port, tls=False,
-                                                 mqtt_version=device.mqtt_version)
+                                                 mqtt_version=device.mqtt_version, multiplex=device.id in multiplexed,
+                                                 pool=self.amqp_pools)
+            self.redactor.add(*issued)  # at once: the redactor rebuilds its matcher per call
         else:
             for device in cfg.devices:
                 cs = device.parsed()
                 host = cfg.upstream.host or cs.gateway_host_name or cs.host_name
                 specs[device.id] = TransportSpec(device.protocol, cs, host, cfg.upstream.ports[device.protocol],
                                                  tls=cfg.upstream.tls, ca_file=cfg.upstream.ca_file,
-                                                 mqtt_version=device.mqtt_version)
+                                                 mqtt_version=device.mqtt_version, multiplex=device.id in multiplexed,
+                                                 pool=self.amqp_pools)
         transports = {device_id: build_transport(spec, self.factories) for device_id, spec in specs.items()}
         if self._outbox.recovered:
             log.warning("%d message(s) were in flight when the sidecar last stopped; they will be sent again "
@@ -156,8 +183,9 @@ class Sidecar:
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
-                c2d_max_held=cfg.delivery.c2d_max_held, twin_poll_interval=cfg.delivery.twin_poll_interval,
-                stats=self.stats,
+                c2d_max_held=cfg.delivery.c2d_max_held, surface=self.amqp_pools.surface(device.id) or SURFACE,
+                multiplexed=self.amqp_pools.surface(device.id) is not None,
+                twin_poll_interval=cfg.delivery.twin_poll_interval, stats=self.stats,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():
@@ -168,10 +196,64 @@ class Sidecar:
         if orphans:
             log.warning("the outbox holds pending messages for devices no longer configured: %s",
                         ", ".join(sorted(orphans))[:500])
-        for pipeline in self.pipelines.values():
-            await pipeline.start()
+        await self._start_pipelines([self.pipelines[d] for d in self.device_ids if d in self.pipelines])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
         self.accepting = True
+
+    def _multiplexed(self) -> set[str]:
+        """The AMQP devices that share connections: ``multiplex`` (theirs, else ``[amqp]``), except a lone
+        one left to the default while this build's mux lacks part of the device surface (twin, methods):
+        alone it shares nothing, costs one thread either way, and keeps the whole surface on its own."""
+        cfg = self.config
+        chosen = {d.id for d in cfg.devices if cfg.multiplexed(d)}
+        if len(chosen) == 1 and not self.amqp_pools.whole_surface():
+            (lone,) = chosen
+            device = cfg.device(lone)
+            if device is not None and device.multiplex is None:
+                return set()
+        return chosen
+
+    async def _start_pipelines(self, pipelines: list[DevicePipeline]) -> None:
+        """Start the pipelines with at most ``START_CONCURRENCY`` first connects under way: 10,000 devices
+        asking at once would queue their connects (AMQP joins on a shared connection, the MQTT connect pool)
+        past the handlers' connect timeout, and every timeout adds a retry to the queue. A slot frees when
+        a device's first attempt ends either way (connected, retrying, stopped). The first batch starts
+        before this returns (a small sidecar starts as before); the rest from a background task. Messages
+        for a device not yet started are accepted meanwhile; it sends them once it is up."""
+        slots = asyncio.Semaphore(START_CONCURRENCY)
+        patience = self.config.policy.config.operation.connect_timeout + 5.0
+        watchers: set[asyncio.Task[None]] = self._watchers
+
+        async def watch(pipeline: DevicePipeline) -> None:
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pipeline.first_attempt), patience)
+            finally:
+                slots.release()
+
+        async def start(pipeline: DevicePipeline) -> None:
+            await slots.acquire()
+            try:
+                await pipeline.start()
+            except BaseException:
+                slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(watch(pipeline), name=f"start-{pipeline.device_id}")
+            watchers.add(task)
+            task.add_done_callback(watchers.discard)
+
+        async def rest(pipelines: list[DevicePipeline]) -> None:
+            for pipeline in pipelines:
+                try:
+                    await start(pipeline)
+                except Exception:
+                    log.exception("starting the pipeline of %s failed", pipeline.device_id)
+
+        for pipeline in pipelines[:START_CONCURRENCY]:
+            await start(pipeline)
+        if len(pipelines) > START_CONCURRENCY:
+            self._starter = asyncio.get_running_loop().create_task(rest(pipelines[START_CONCURRENCY:]),
+                                                                   name="pipelines-start")
 
     def _open_outbox(self) -> AsyncOutbox:
         """Take the outbox's lock file (two sidecars on one outbox is a start error naming the holder), then
@@ -250,6 +332,8 @@ class Sidecar:
         if self._stopped:
             return
         self._stopped = True
+        await cancel_and_wait(self._starter)
+        await cancel_and_wait(set(self._watchers))
         await cancel_and_wait(self._sweeper)
         deadline = self.config.delivery.shutdown_deadline
         results = await asyncio.gather(*(p.stop(deadline) for p in self.pipelines.values()), return_exceptions=True)
@@ -257,6 +341,7 @@ class Sidecar:
         if persisted:
             log.info("%d in-flight message(s) put back to pending; they are sent after the restart", persisted)
         self.events.close()
+        await self.amqp_pools.close()  # the handlers left their shared connections: close them and the thread
         if self._outbox is not None:
             await self._outbox.close()
             self._outbox = None
@@ -339,9 +424,28 @@ class Sidecar:
         return _view(item)
 
     def _snapshots(self) -> list[Any]:
+        """The devices given per-device series: at most ``[metrics] per_device_max`` (see metrics.py)."""
         if self._outbox is None:
             return []
-        return [_with_last_error(p) for p in self.pipelines.values()]
+        chosen = self.metrics.states.pick(self.device_ids, self.config.metrics.per_device_max)
+        return [_with_last_error(self.pipelines[d]) for d in chosen if d in self.pipelines]
+
+    def _fleet(self) -> Fleet:
+        counts: dict[tuple[int | None, str, str], int] = {}
+        for pipeline in self.pipelines.values():  # in memory, a few entries per handler
+            for key, n in pipeline.handler.metrics().items():
+                counts[key] = counts.get(key, 0) + n
+        shown = min(len(self.pipelines), max(0, self.config.metrics.per_device_max))
+        return Fleet(self.metrics.states.per_state, len(self.pipelines) - shown, counts,
+                     self.amqp_pools.connections())
+
+    def page(self, *, limit: int = 1000, after: str | None = None) -> tuple[list[DevicePipeline], str | None]:
+        """Devices in id order after ``after`` (exclusive; any string works as a cursor), at most ``limit``;
+        and the cursor of the next page (None at the end). O(log n + limit)."""
+        start = bisect.bisect_right(self.device_ids, after) if after is not None else 0
+        ids = self.device_ids[start:start + limit]
+        more = start + limit < len(self.device_ids)
+        return [self.pipelines[d] for d in ids if d in self.pipelines], (ids[-1] if more and ids else None)
 
     def _counts(self) -> dict[str, int]:
         return self._outbox.counts() if self._outbox is not None else {}
