@@ -21,9 +21,9 @@ _changes = st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["mqtt", "amqp
 def test_counts_kept_on_events_match_a_recount(changes: list[tuple[int, str, str]], limit: int) -> None:
     states = DeviceStates()
     last: dict[str, tuple[str, str]] = {}
-    for n, transport, state in changes:
+    for n, first_transport, state in changes:
         device = f"d{n:02}"
-        transport = last.get(device, (transport, ""))[0]  # a device keeps its transport
+        transport = last.get(device, (first_transport, ""))[0]  # a device keeps its transport
         states.set(device, transport, state)
         last[device] = (transport, state)
     assert states.per_state == dict(Counter(last.values()))
