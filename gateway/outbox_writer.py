@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -201,6 +201,12 @@ class AsyncOutbox:
 
     async def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> bool:
         return await self._submit(lambda s: s.delivered(message_id, now=now, possible_duplicate=possible_duplicate))
+
+    async def delivered_many(self, acks: Sequence[tuple[str, float, bool]]) -> list[bool]:
+        """Several acknowledgements ``(message_id, now, possible_duplicate)`` as one operation: one wake-up
+        of the writer thread, not one per message."""
+        return await self._submit(lambda s: [s.delivered(mid, now=now, possible_duplicate=dup)
+                                             for mid, now, dup in acks])
 
     async def dead_letter(self, message_id: str, *, code: int, reason: str, now: float) -> bool:
         return await self._submit(lambda s: s.dead_letter(message_id, code=code, reason=reason, now=now))

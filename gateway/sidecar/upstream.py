@@ -431,6 +431,9 @@ class DevicePipeline:
         self._settling: set[asyncio.Task[None]] = set()
         #: claimed ahead, not yet sent (at most max_inflight): released, unflagged, when the pipeline stops
         self._ready: deque[OutboxItem] = deque()
+        #: acknowledged by the hub, to be written as delivered by the one writing task (``_flusher``)
+        self._acked: list[tuple[OutboxItem, int, float, bool]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._outcomes: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -600,17 +603,28 @@ class DevicePipeline:
         self._failures = 0
         self.metrics.delivered(self.protocol, done - item.accepted_at, duplicate=duplicate)
         self.stats.add(self.device_id, "delivered")
-        # The slot is free now; the write goes on in its own task (created before this one ends, so its
-        # write reaches the writer's queue before the next claim: the writer runs them in order).
-        task = asyncio.get_running_loop().create_task(self._settle_delivered(item, receipt.attempts, done, duplicate),
-                                                      name=f"delivered-{item.id}")
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        # The slot is free now. The write goes on beside the sends, in one task that writes what was
+        # acknowledged meanwhile as one operation (one wake-up of the writer thread for many messages).
+        self._acked.append((item, receipt.attempts, done, duplicate))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._write_delivered(),
+                                                                   name=f"delivered-{self.device_id}")
+            self._settling.add(self._flusher)
+            self._flusher.add_done_callback(self._settling.discard)
 
-    async def _settle_delivered(self, item: OutboxItem, attempts: int, done: float, duplicate: bool) -> None:
-        if await self._record(lambda: self.outbox.delivered(item.id, now=done, possible_duplicate=duplicate)):
-            self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": attempts,
-                                              "possible_duplicate": duplicate, "at": rfc3339(done)})
+    async def _write_delivered(self) -> None:
+        try:
+            await asyncio.sleep(0)  # the acknowledgements read in this turn of the loop join the first write
+            while self._acked:
+                batch, self._acked = self._acked, []
+                acks = [(item.id, done, duplicate) for item, _, done, duplicate in batch]
+                if not await self._record(partial(self.outbox.delivered_many, acks)):
+                    return  # shutdown while storage fails: in flight in the file, sent again after a restart
+                for item, attempts, done, duplicate in batch:
+                    self.events.publish("delivered", {"device": self.device_id, "id": item.id, "attempts": attempts,
+                                                      "possible_duplicate": duplicate, "at": rfc3339(done)})
+        finally:
+            self._flusher = None
 
     async def _record(self, write: Callable[[], Awaitable[Any]]) -> bool:
         """Settle a message in the outbox. The send already happened, so while storage fails keep trying

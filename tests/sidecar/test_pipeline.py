@@ -38,3 +38,50 @@ async def test_claimed_ahead_messages_return_unflagged_and_sends_cut_short_flagg
         assert flagged == sending  # cut short while sending: maybe at the hub; never sent: not flagged
     finally:
         box.close()
+
+
+async def test_acknowledgements_are_written_in_groups_and_each_is_announced_once(tmp_path: Path,
+                                                                                start_sidecar: Any):
+    up = Upstream(block=asyncio.Event())  # the hub holds every acknowledgement until released
+    run = await start_sidecar(fake_config(tmp_path, ("dev-mqtt", "mqtt"), delivery={"max_inflight": 8}), up)
+    outbox = run.sidecar.outbox
+    groups: list[int] = []
+    write = outbox.delivered_many
+
+    async def counted(acks: Any) -> list[bool]:  # passes through: only notes how many each write carries
+        groups.append(len(acks))
+        return await write(acks)
+
+    outbox.delivered_many = counted  # type: ignore[method-assign]
+    announced: list[str] = []
+    stream = run.sidecar.events.subscribe()
+
+    async def listen() -> None:
+        async for _, kind, data in stream:
+            if kind == "delivered":
+                announced.append(data["id"])
+
+    listener = asyncio.ensure_future(listen())
+    ids = []
+    for i in range(20):
+        ids.append((await (await run.client.post("/v1/devices/dev-mqtt/messages", data=f"m{i}".encode())).json())["id"])
+    await run.wait_for(lambda: len(run.sidecar.pipelines["dev-mqtt"]._tasks) == 8)
+    up.block.set()  # type: ignore[union-attr]  # eight acknowledgements in one turn of the loop
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["delivered"] == 20 and len(announced) == 20)
+    listener.cancel()
+    assert sorted(announced) == sorted(ids)  # every delivery announced once, none twice
+    assert [m.id for m in up.received] == ids  # sent in order
+    assert sum(groups) == 20 and max(groups) >= 8 and len(groups) < 20  # grouped: fewer writes than messages
+
+
+async def test_delivered_many_settles_each_and_says_which_were_open(tmp_path: Path, start_sidecar: Any):
+    up = Upstream(block=asyncio.Event())
+    run = await start_sidecar(fake_config(tmp_path, ("dev-mqtt", "mqtt"), delivery={"max_inflight": 2}), up)
+    a = (await (await run.client.post("/v1/devices/dev-mqtt/messages", data=b"a")).json())["id"]
+    b = (await (await run.client.post("/v1/devices/dev-mqtt/messages", data=b"b")).json())["id"]
+    outbox = run.sidecar.outbox
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["inflight"] == 2)
+    assert await outbox.delivered_many([(a, 1.0, False), (b, 2.0, True), ("nope", 3.0, False)]) == [True, True, False]
+    item = outbox.get(b)
+    assert item is not None and item.status == "delivered" and item.possible_duplicate
+    up.block.set()  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ const COLORS = { delivered: "#0a7d38", dead_letter: "#b42318", accepted: "#1d4ed
 const PALETTE = ["#a15c00", "#7c3aed", "#0e7490", "#be185d", "#4d7c0f", "#b42318", "#1d4ed8", "#57534e"];
 const state = { devices: new Map(), names: new Map(), refreshTimer: null, events: 0,
                 page: { after: null, back: [], next: null, total: null }, totals: {}, picked: null,
-                busiest: [] };
+                userPicked: false, busiest: [] };
 
 const byId = (a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
 
@@ -211,6 +211,7 @@ function renderStats(all, one) {
   document.getElementById("no-codes").hidden = rows.length > 0;
   state.totals = all.devices || {};
   state.busiest = (all.busiest || []).map((b) => b.id);
+  if (!state.userPicked && state.busiest.length) state.picked = state.busiest[0];  // until the user picks one
   renderPicker();
   renderDevices();
 }
@@ -226,6 +227,7 @@ function renderPicker() {
 
 function pick(id) {
   state.picked = id;
+  state.userPicked = true;
   renderPicker();
   loadStats();
 }
