@@ -67,14 +67,15 @@ START_CONCURRENCY = 64
 
 class StartPace:
     """How many first connects may be under way at once while the sidecar starts (pure: the caller
-    passes the loop clock). Starts at ``START_CONCURRENCY``; a first attempt slower than ``target``
-    seconds halves the limit (at most once per ``target``, so one slow batch counts once), a fast one
-    (under a quarter of it) raises it by one: the queue in front of a busy upstream (a shared AMQP
+    passes the loop clock). Starts at ``high`` (``START_CONCURRENCY``); a first attempt slower than
+    ``target`` seconds halves the limit (at most once per ``target``, so one slow batch counts once), a
+    fast one (under a quarter of it) raises it by one, back up to ``high`` at most (growing past it let
+    the queue run into the timeouts again): the queue in front of a busy upstream (a shared AMQP
     connection taking joins one by one) stays short enough that no connect waits out its timeout."""
 
-    def __init__(self, target: float, *, start: int = 0, low: int = 4, high: int = 256) -> None:
+    def __init__(self, target: float, *, low: int = 4, high: int = START_CONCURRENCY) -> None:
         self.target = target
-        self.limit = start or START_CONCURRENCY
+        self.limit = high
         self.low = low
         self.high = high
         self.running = 0

@@ -33,6 +33,9 @@ def test_slow_first_connects_halve_the_limit_once_per_period_and_fast_ones_raise
     for _ in range(1000):
         pace.done(0.1, now=2000.0)
         pace.begin()
-    assert pace.limit == 256  # nor above the ceiling
-    pace.done(2.0, now=3000.0)  # between a quarter of the target and the target: unchanged
-    assert pace.limit == 256
+    assert pace.limit == START_CONCURRENCY  # nor above where it started
+    pace.done(0.1, now=2500.0)
+    assert pace.limit == START_CONCURRENCY
+    pace.done(30.0, now=3000.0)
+    pace.done(2.0, now=3001.0)  # between a quarter of the target and the target: unchanged
+    assert pace.limit == START_CONCURRENCY // 2
