@@ -5,8 +5,8 @@ banner goes to stderr with the logs; stdout is left empty.
 Start-up order: bind the API port first (a port in use fails fast, before anything else starts), then
 the outbox (one sidecar per outbox), the emulator (if configured), the transports (a protocol missing
 from this build is a config error) and the pipelines; only then is the URL printed and ``/readyz`` ready.
-Pipelines start paced (at most ``START_CONCURRENCY`` first connects under way; the first batch before
-the URL is printed, the rest in the background): a fleet of 10,000 never opens 10,000 connections at once.
+Pipelines start paced (a bounded number of first connects under way, :class:`StartPace`; the first
+batch before the URL is printed, the rest in the background): a fleet of 10,000 never opens 10,000 connections at once.
 AMQP devices share connections (one ``AmqpMux`` per upstream, :class:`~gateway.sidecar.upstream.AmqpPools`).
 Shutdown (SIGTERM or SIGINT): stop accepting, let in-flight sends finish for ``delivery.shutdown_deadline``
 seconds, put the rest back to pending, close the handlers and the outbox, exit 0.
@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import fcntl
 import logging
+import math
 import os
 import signal
 import sys
@@ -55,13 +56,45 @@ from gateway.sidecar.upstream import (
     storage_view,
 )
 
-__all__ = ["Sidecar", "StartError", "UnknownDevice", "run"]
+__all__ = ["START_CONCURRENCY", "Sidecar", "StartError", "StartPace", "UnknownDevice", "run"]
 
 log = logging.getLogger("gateway.sidecar")
 
 
-#: Devices whose first connect may be under way at once while the sidecar starts (see _start_pipelines).
+#: First connects under way at once when the sidecar starts (then adapted, see StartPace).
 START_CONCURRENCY = 64
+
+
+class StartPace:
+    """How many first connects may be under way at once while the sidecar starts (pure: the caller
+    passes the loop clock). Starts at ``high`` (``START_CONCURRENCY``); a first attempt slower than
+    ``target`` seconds halves the limit (at most once per ``target``, so one slow batch counts once), a
+    fast one (under a quarter of it) raises it by one, back up to ``high`` at most (growing past it let
+    the queue run into the timeouts again): the queue in front of a busy upstream (a shared AMQP
+    connection taking joins one by one) stays short enough that no connect waits out its timeout."""
+
+    def __init__(self, target: float, *, low: int = 4, high: int = START_CONCURRENCY) -> None:
+        self.target = target
+        self.limit = high
+        self.low = low
+        self.high = high
+        self.running = 0
+        self._quiet_until = -math.inf
+
+    def room(self) -> bool:
+        return self.running < self.limit
+
+    def begin(self) -> None:
+        self.running += 1
+
+    def done(self, took: float, now: float) -> None:
+        self.running -= 1
+        if took > self.target:
+            if now >= self._quiet_until:
+                self.limit = max(self.low, self.limit // 2)
+                self._quiet_until = now + self.target
+        elif took < self.target / 4:
+            self.limit = min(self.high, self.limit + 1)
 
 
 class StartError(RuntimeError):
@@ -99,6 +132,7 @@ class Sidecar:
         self._sweeper: asyncio.Task[None] | None = None
         self._starter: asyncio.Task[None] | None = None
         self._watchers: set[asyncio.Task[None]] = set()
+        self.pace: StartPace | None = None  #: the start's pacing (for tests and the bench)
         self.amqp_pools = AmqpPools(config.amqp.devices_per_connection)
         #: every device id, sorted: the order of GET /v1/devices and of the per-device metrics
         self.device_ids: list[str] = sorted(d.id for d in config.devices)
@@ -214,31 +248,38 @@ class Sidecar:
         return chosen
 
     async def _start_pipelines(self, pipelines: list[DevicePipeline]) -> None:
-        """Start the pipelines with at most ``START_CONCURRENCY`` first connects under way: 10,000 devices
-        asking at once would queue their connects (AMQP joins on a shared connection, the MQTT connect pool)
-        past the handlers' connect timeout, and every timeout adds a retry to the queue. A slot frees when
-        a device's first attempt ends either way (connected, retrying, stopped). The first batch starts
-        before this returns (a small sidecar starts as before); the rest from a background task. Messages
-        for a device not yet started are accepted meanwhile; it sends them once it is up."""
-        slots = asyncio.Semaphore(START_CONCURRENCY)
-        patience = self.config.policy.config.operation.connect_timeout + 5.0
+        """Start the pipelines with a bounded number of first connects under way (:class:`StartPace`):
+        10,000 devices asking at once would queue their connects (AMQP joins on a shared connection, the
+        MQTT connect pool) past the handlers' connect timeout, and every timeout adds a retry to the queue.
+        A slot frees when a device's first attempt ends either way (connected, retrying, stopped). The
+        first batch starts before this returns (a small sidecar starts as before); the rest from a
+        background task. Messages for a device not yet started are accepted meanwhile."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.policy.config.operation.connect_timeout
+        pace = self.pace = StartPace(target=timeout / 6)
+        freed = asyncio.Event()
         watchers: set[asyncio.Task[None]] = self._watchers
 
-        async def watch(pipeline: DevicePipeline) -> None:
+        async def watch(pipeline: DevicePipeline, began: float) -> None:
             try:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(pipeline.first_attempt), patience)
+                    await asyncio.wait_for(asyncio.shield(pipeline.first_attempt), timeout + 5.0)
             finally:
-                slots.release()
+                pace.done(loop.time() - began, loop.time())
+                freed.set()
 
         async def start(pipeline: DevicePipeline) -> None:
-            await slots.acquire()
+            while not pace.room():
+                freed.clear()
+                await freed.wait()
+            pace.begin()
             try:
                 await pipeline.start()
             except BaseException:
-                slots.release()
+                pace.done(0.0, loop.time())
+                freed.set()
                 raise
-            task = asyncio.get_running_loop().create_task(watch(pipeline), name=f"start-{pipeline.device_id}")
+            task = loop.create_task(watch(pipeline, loop.time()), name=f"start-{pipeline.device_id}")
             watchers.add(task)
             task.add_done_callback(watchers.discard)
 
@@ -252,8 +293,7 @@ class Sidecar:
         for pipeline in pipelines[:START_CONCURRENCY]:
             await start(pipeline)
         if len(pipelines) > START_CONCURRENCY:
-            self._starter = asyncio.get_running_loop().create_task(rest(pipelines[START_CONCURRENCY:]),
-                                                                   name="pipelines-start")
+            self._starter = loop.create_task(rest(pipelines[START_CONCURRENCY:]), name="pipelines-start")
 
     def _open_outbox(self) -> AsyncOutbox:
         """Take the outbox's lock file (two sidecars on one outbox is a start error naming the holder), then
