@@ -160,12 +160,14 @@ class StatusError(Exception):
     """The sidecar could not be asked (down, refused, not a sidecar): one line, exit 1."""
 
 
-def _fetch_devices(url: str, token: str | None, timeout: float) -> list[dict[str, object]]:
-    """GET {url}/v1/devices. Any failure is a one-line StatusError naming the URL."""
+def _fetch_page(url: str, token: str | None, timeout: float, after: str | None) -> dict[str, object]:
+    """One page of GET {url}/v1/devices. Any failure is a one-line StatusError naming the URL."""
     import urllib.error
+    import urllib.parse
     import urllib.request
 
-    request = urllib.request.Request(url.rstrip("/") + "/v1/devices", headers={"Accept": "application/json"})
+    query = "?limit=1000" + (f"&after={urllib.parse.quote(after, safe='')}" if after is not None else "")
+    request = urllib.request.Request(url.rstrip("/") + "/v1/devices" + query, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -179,10 +181,26 @@ def _fetch_devices(url: str, token: str | None, timeout: float) -> list[dict[str
         raise StatusError(f"cannot reach a sidecar at {url}: {getattr(reason, 'strerror', None) or reason}") from None
     except ValueError:
         raise StatusError(f"{url} did not answer JSON: is it an iothub-gateway sidecar?") from None
-    devices = data.get("devices") if isinstance(data, dict) else None
-    if not isinstance(devices, list):
+    if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
         raise StatusError(f"{url}/v1/devices has no device list: is it an iothub-gateway sidecar?")
-    return [d for d in devices if isinstance(d, dict)]
+    return data
+
+
+def _fetch_devices(url: str, token: str | None, timeout: float) -> list[dict[str, object]]:
+    """Every device, page by page (the API answers at most 1,000 per request and says where to go on)."""
+    devices: list[dict[str, object]] = []
+    after: str | None = None
+    seen: set[str] = set()
+    while True:
+        page = _fetch_page(url, token, timeout, after)
+        items = page["devices"]
+        assert isinstance(items, list)
+        devices.extend(d for d in items if isinstance(d, dict))
+        nxt = page.get("next")
+        if not isinstance(nxt, str) or not items or nxt in seen:  # the last page (or a cursor going round)
+            return devices
+        seen.add(nxt)
+        after = nxt
 
 
 def status_table(devices: Sequence[dict[str, object]]) -> str:

@@ -62,3 +62,35 @@ async def test_status_without_a_sidecar_is_one_line(capsys: pytest.CaptureFixtur
     code, out, err = await _status(capsys, "--url", f"http://127.0.0.1:{port}")
     assert code == 1 and out == "" and err.count("\n") == 1 and f"127.0.0.1:{port}" in err
     assert (await _status(capsys, "--url", "localhost:8780"))[0] == 2
+
+
+async def test_status_follows_the_pages_of_a_large_fleet(capsys: pytest.CaptureFixture[str]):
+    """GET /v1/devices answers a page at a time (at most 1,000): status must list every device, not one page."""
+    from aiohttp import web
+
+    ids = [f"leaf-{i:02d}" for i in range(7)]
+    asked: list[str | None] = []
+
+    async def devices(request: web.Request) -> web.Response:
+        after = request.query.get("after")
+        asked.append(after)
+        start = ids.index(after) + 1 if after else 0
+        page = ids[start:start + 3]  # a server may page smaller than the limit asked
+        nxt = page[-1] if start + 3 < len(ids) else None
+        return web.json_response({"devices": [{"id": d, "protocol": "amqp", "state": "connected"} for d in page],
+                                  "next": nxt, "total": len(ids)})
+
+    app = web.Application()
+    app.router.add_get("/v1/devices", devices)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        code, out, err = await _status(capsys, "--url", f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+    assert code == 0 and err == "", err
+    assert [row.split()[0] for row in out.splitlines()[1:]] == ids
+    assert asked == [None, "leaf-02", "leaf-05"]
