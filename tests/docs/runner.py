@@ -332,7 +332,7 @@ def run_console(block: Block, sandbox: Sandbox, timeout: float = 120.0) -> Outco
 
 # -- parsed blocks -------------------------------------------------------------------------------------
 
-_SIDECAR_SECTIONS = {"api", "outbox", "delivery", "logging", "upstream", "policy", "devices"}
+_SIDECAR_SECTIONS = {"api", "outbox", "delivery", "logging", "upstream", "policy", "devices", "amqp", "metrics"}
 _POLICY_SECTIONS = {"retry", "reconnect", "throttle", "identity", "quota", "device", "operation", "drops", "codes"}
 _KEY = "c2VjcmV0LWtleS1mb3ItZG9jcy1leGFtcGxlcy0wMDA="  # base64; any 32 bytes do for a config check
 
