@@ -47,7 +47,7 @@ from gateway.aio import cancel_and_wait
 from gateway.codes import Action, code_of, lookup
 from gateway.errors import IoTHubError, make_error
 from gateway.handler import Handler, State, StateChange, Undelivered
-from gateway.outbox import Outbox, OutboxItem, StorageError
+from gateway.outbox import OutboxItem, StorageError
 from gateway.outbox_writer import AsyncOutbox
 from gateway.policy import Policy
 from gateway.sas import ConnectionString
@@ -67,7 +67,6 @@ __all__ = [
     "TransportFactory",
     "TransportSpec",
     "build_transport",
-    "device_counts",
     "rfc3339",
     "split_system",
     "storage_view",
@@ -192,18 +191,6 @@ def surface_of(transport: Transport, default: frozenset[str] = SURFACE) -> froze
         return default
     parts = {_PART_OF.get(item) if isinstance(item, type) else _PART_NAMES.get(str(item)) for item in items}
     return frozenset(p for p in parts if p is not None)
-
-
-def device_counts(outbox: AsyncOutbox, device_id: str) -> dict[str, int]:
-    """One device's message counts in O(1). ``AsyncOutbox.counts(device_id)`` walks every device's
-    counts (O(devices): a page of 1,000 devices from 10,000 made that 10 million steps); the store's
-    published table (replaced after each commit, never changed in place) is read directly when present."""
-    table = getattr(getattr(outbox, "_store", None), "_counts", None)
-    if not isinstance(table, Mapping):
-        return outbox.counts(device_id)
-    out = Outbox.empty_counts()
-    out.update(table.get(device_id, ()))
-    return out
 
 
 _STREAM_PART = {"c2d": "c2d", "methods": "methods", "desired": "twin"}
@@ -477,7 +464,7 @@ class DevicePipeline:
 
     def status(self) -> dict[str, Any]:
         change = self.handler.last_change
-        counts = device_counts(self.outbox, self.device_id)
+        counts = self.outbox.counts(self.device_id)
         return {
             "id": self.device_id,
             "protocol": self.protocol,
@@ -497,7 +484,7 @@ class DevicePipeline:
         }
 
     def snapshot(self) -> DeviceSnapshot:
-        counts = device_counts(self.outbox, self.device_id)
+        counts = self.outbox.counts(self.device_id)
         return DeviceSnapshot(self.device_id, self.protocol, self.handler.state.value,
                               counts["pending"] + counts["inflight"], self.handler.metrics())
 
@@ -551,7 +538,7 @@ class DevicePipeline:
         # Claim ahead (up to max_inflight more than are being sent): the next send starts the moment a
         # slot frees, instead of after a round trip to the writer thread.
         self._wake.clear()
-        if not self._tasks and not self._ready and device_counts(self.outbox, self.device_id)["pending"] == 0:
+        if not self._tasks and not self._ready and self.outbox.counts(self.device_id)["pending"] == 0:
             # Nothing waits (the counts are published after each commit, before an accept returns and
             # wakes us): no claim, no timer per second; 10,000 idle devices cost nothing.
             await self._sleep_or_wake(IDLE_RECHECK)
