@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -50,8 +51,35 @@ KEY = "c2NhbGUtYmVuY2gtZGV2aWNlLWtleS0wMTIzNDU2Nzg5YWI="  # one key for every be
 HUB_HOST = "scale.azure-devices.net"
 
 
-def _hub_process(n: int, pipe: Connection) -> None:
-    """The emulator: a hub with N devices and its AMQP front; answers 'count', 'drop' and 'stop'."""
+def _hub_process(n: int, pipe: Connection, profile: str | None = None) -> None:
+    """The emulator: a hub with N devices and its AMQP front; answers 'count', 'drop' and 'stop'.
+
+    ``profile``: a file to write the emulator's cProfile statistics to (``--profile-hub``)."""
+    if profile:
+        import cProfile
+        import pstats
+
+        profilers: list[cProfile.Profile] = []
+
+        def per_thread(*_: Any) -> None:  # the first event of every thread (the front's proton thread)
+            sys.setprofile(None)
+            profiler = cProfile.Profile()
+            profilers.append(profiler)
+            profiler.enable()
+
+        threading.setprofile(per_thread)
+        main_profiler = cProfile.Profile()
+        main_profiler.enable()
+        try:
+            _hub_process(n, pipe)
+        finally:
+            main_profiler.disable()
+            stats = pstats.Stats(main_profiler)
+            for profiler in profilers:
+                with contextlib.suppress(TypeError):  # a thread that recorded nothing
+                    stats.add(profiler)
+            stats.dump_stats(profile)
+        return
 
     async def main() -> None:
         hub = Hub(host_name=HUB_HOST)
@@ -204,11 +232,12 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5, help="telemetry messages per device")
     parser.add_argument("--per-connection", action="store_true", help="one AmqpTransport per device instead")
     parser.add_argument("--shared-session", action="store_true", help="mux with one session per connection")
+    parser.add_argument("--profile-hub", metavar="FILE", help="write the emulator's cProfile statistics here")
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
     for n in args.n:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_hub_process, args=(n, child), daemon=True)
+        proc = ctx.Process(target=_hub_process, args=(n, child, args.profile_hub), daemon=True)
         proc.start()
         port, hub_host = parent.recv()
         try:
