@@ -461,14 +461,15 @@ class AmqpMux(Plumbing):
         def on_loop() -> None:
             if err is not None and was_up and not member.device._closing:
                 member.events.put_nowait(Disconnected(err))  # first: the supervisor learns the cause
-            member.end(err)
+            member.dead, member.error = True, err
             self._leave(conn, member.device_id)
             if not member.ready.done():
                 member.ready.set_exception(err or not_connected(member.device_id, "closed before it was up"))
                 member.ready.exception()  # retrieved: nobody may be waiting any more (a timed-out connect)
 
         self.call(on_loop)
-        links.stop(err)  # after on_loop: the senders hear of it after the supervisor
+        links.stop(err)  # after on_loop: the senders hear of it after the supervisor, each with its own error
+        self.call(lambda: member.end(err))  # then whoever still waits (nothing in flight: not connected)
         links.emit(None)
 
     def _close_when_open(self, endpoint: Any) -> None:

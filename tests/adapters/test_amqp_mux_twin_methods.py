@@ -289,3 +289,16 @@ async def test_the_handler_drives_twin_and_methods_over_the_mux(
         result = await asyncio.wait_for(service.invoke_method("m1", "ping", None), STEP * 2)
         assert result == MethodResult(200, {"ok": True, "name": "ping"})
         await asyncio.wait_for(task, STEP)
+
+
+async def test_a_send_in_flight_when_the_device_leaves_is_outcome_unknown(hub: Hub, mux: AmqpMux) -> None:
+    """Closing one device locally: its unsettled send may have reached the hub (never "not connected")."""
+    hub.plan.add("telemetry", kind="no_ack", device="m1", transport="amqp")
+    one, two = await connected(mux, hub, "m1", "m2")
+    sending = asyncio.create_task(one.send(Message("limbo", "m1", b"x")))
+    await asyncio.sleep(0.2)  # the transfer is out, its settlement never comes
+    await asyncio.wait_for(one.close(), STEP)
+    with pytest.raises(IoTHubError) as info:
+        await asyncio.wait_for(sending, STEP)
+    assert info.value.name == "OperationTimedOut" and "outcome unknown" in info.value.message
+    await asyncio.wait_for(two.send(Message("still", "m2", b"x")), STEP)
