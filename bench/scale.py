@@ -255,7 +255,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
-    panels = [("connect_s", "connect all (s)"), ("rss_per_device_kb", "RSS per idle device (KB)"),
+    panels = [("connect_s", "connect all (s)"), ("rss_per_device_kb", "RSS per idle device (KB, log)"),
               ("msgs_per_s", "telemetry through the handlers (msg/s)"), ("threads", "threads (log)")]
     for mode in dict.fromkeys(r["mode"] for r in results):
         rows = sorted((r for r in results if r["mode"] == mode), key=lambda r: r["n"])
@@ -264,6 +264,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     axes[0].axhline(30.0, color="grey", linestyle="--", linewidth=1, label="target: 30 s (AMQP, 10,000)")
     axes[1].axhline(10.0, color="grey", linestyle="--", linewidth=1, label="target: 10 KB (AMQP)")
     axes[1].axhline(30.0, color="grey", linestyle=":", linewidth=1, label="target: 30 KB (MQTT)")
+    axes[1].set_yscale("log")
     axes[3].set_yscale("log")
     for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=10)
