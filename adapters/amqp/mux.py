@@ -22,8 +22,10 @@ connection, opened once after ONE backoff for the pool (exponential with jitter 
 if that attempt fails every device waiting for it gets the same error. Devices rejoin when their own
 handlers ask, not all at once by decree.
 
-Surface: telemetry (``send``), cloud-to-device messages (``Inbound("c2d")``, ``SettleC2D``). Twin and
-direct-method links are not multiplexed yet: those requests raise ``UnsupportedRequest``.
+Surface: the same as :class:`~adapters.amqp.transport.AmqpTransport`'s, from the same code
+(:mod:`adapters.amqp.core`): telemetry (``send``), cloud-to-device messages (``Inbound("c2d")``,
+``SettleC2D``), the twin (``GetTwin``, ``PatchReported``, ``Inbound("twin_desired")``) and direct
+methods (``Inbound("method")``, ``RespondMethod``), each device on its own links.
 
 Proton objects are only touched on the proton thread; results come back to the loop in batches
 (``call_soon_threadsafe``), commands go in through one ``EventInjector``.
@@ -34,66 +36,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import ssl as _ssl
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, Literal, cast
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Literal
 
-from adapters.amqp.translate import translate, translate_cbs
-from adapters.amqp.transport import (
-    _CA_BUNDLES,
-    _DISPOSITIONS,
+from adapters.amqp.core import (
+    API_VERSION,
+    CA_BUNDLES,
+    CBS,
+    CLOSED,
     DEFAULT_IDLE_TIMEOUT,
-    AmqpRemoteError,
-    _error_from_condition,
-    _in_flight_error,
-    _is_active,
-    _is_ip_address,
-    _mapped,
-    _SettleSecond,
-    _Target,
-    _Timer,
-    _to_error,
+    TIMED_OUT,
+    TRANSPORT,
+    DeviceLinks,
+    DeviceSurface,
+    Plumbing,
+    Stay,
+    Target,
+    Timer,
+    cbs_answer_error,
+    connect_options,
+    copy_for,
+    error_from_condition,
+    handler_class,
+    mapped,
+    not_connected,
+    put_token_message,
+    renewal_delay,
+    subscriptions_of,
+    to_error,
 )
-from gateway.codes import code_of
 from gateway.errors import IoTHubError, make_error
 from gateway.sas import parse_sas_token
 from gateway.tls import default_port, resolve
-from gateway.transport import (
-    C2DMessage,
-    Disconnected,
-    Inbound,
-    Message,
-    Request,
-    SettleC2D,
-    SettleOutcome,
-    TransportEvent,
-    UnsupportedRequest,
-    check_properties,
-)
+from gateway.transport import Disconnected
 
 __all__ = ["DEVICES_PER_CONNECTION", "AmqpMux", "MuxDevice"]
 
 log = logging.getLogger(__name__)
 
-TRANSPORT: Final = "amqp"
 #: IoT Hub's (and the Java SDK's) limit of device identities per AMQPS connection (500 over WebSockets).
 DEVICES_PER_CONNECTION: Final = 1000
-_NOT_CONNECTED: Final = code_of("NotConnected")
-_TIMED_OUT: Final = code_of("OperationTimedOut")
-_CLOSED: Final = code_of("DeviceConnectionClosedRemotely")
-_PROTOCOL: Final = code_of("ProtocolViolation")
-_LOCK_LOST: Final = "com.microsoft:message-lock-lost"
-_CBS: Final = "$cbs"
-
-
-def _not_connected(device_id: str, message: str) -> IoTHubError:
-    return make_error(_NOT_CONNECTED, transport=TRANSPORT, device_id=device_id, message=message)
 
 
 class _Conn:
@@ -118,63 +105,26 @@ class _Conn:
         self.tls_files: list[str] = []
 
 
-class _Inbox:
-    """A device's event queue for one reader, lighter than ``asyncio.Queue`` (three deques and an Event
-    per device add up at 10,000 devices); bounded in practice by the link credit (``prefetch``)."""
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque[TransportEvent | None] | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: TransportEvent | None) -> None:
-        if self._items is None:
-            self._items = deque()
-        self._items.append(item)
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> TransportEvent | None:
-        while not self._items:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            await waiter
-        return self._items.popleft()
-
-
-class _Member:
-    """One device's stay on one connection: its session, links and everything in flight on them."""
+class _Member(Stay):
+    """One device's stay on one connection: its session, and its links (``DeviceLinks``) on it."""
 
     def __init__(self, device: MuxDevice, conn: _Conn, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(device.device_id, loop)
         self.device = device
-        self.device_id = device.device_id
         self.conn = conn
-        # loop side
-        self.ready: asyncio.Future[None] = loop.create_future()
-        self.events = _Inbox()
-        self.ready_done = False
-        self.dead = False
-        self.error: IoTHubError | None = None
-        self.token_expiry: float | None = None
-        self.waiters: set[asyncio.Future[Any]] = set()
+        self.mux = device.mux
+        self.links = DeviceLinks(device, device.mux, self.events, self)
         # proton side
-        self.stopped = False
-        self.up = False
         self.session: Any = None
-        self.sender: Any = None
-        self.receiver: Any = None
-        self.links_open: set[str] = set()
-        self.pending: dict[Any, asyncio.Future[None]] = {}
-        self.c2d: dict[str, Any] = {}
-        self.settling: dict[Any, asyncio.Future[None]] = {}
         self.renew_task: Any = None
         self.pending_expiry: float | None = None
         self.renew_expiry: float | None = None
-        self.outgoing: Any = None
+
+    def post(self, fn: Callable[[], None]) -> bool:
+        return self.mux.post(fn)
 
 
-class AmqpMux:
+class AmqpMux(Plumbing):
     """A pool of shared AMQP connections to one hub, served by one proton thread.
 
     ``devices_per_connection`` caps the identities on one connection (IoT Hub's 1,000 by default).
@@ -202,6 +152,7 @@ class AmqpMux:
         rng: random.Random | None = None,
         session_per_device: bool = True,
     ) -> None:
+        super().__init__()
         if devices_per_connection < 1:
             raise ValueError("devices_per_connection must be at least 1")
         if idle_timeout is not None and idle_timeout <= 0:
@@ -221,7 +172,6 @@ class AmqpMux:
         #: connection (less memory per device), whose error reaches every device on it
         self.session_per_device = session_per_device
         self._rng = rng or random.Random()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: list[_Conn] = []  # loop side: the connections not known dead, in opening order
         self._index = 0
         self._failures = 0  # connection failures in a row (the pool's one backoff)
@@ -230,17 +180,8 @@ class AmqpMux:
         self._closed = False
         # the proton thread
         self._thread: threading.Thread | None = None
-        self._proton: Any = None
         self._container: Any = None
-        self._injector: Any = None
         self._finished: asyncio.Future[None] | None = None
-        self._cmd_lock = threading.Lock()
-        self._cmds: deque[Callable[[], None]] = deque()
-        self._cmd_signalled = False
-        self._pipe_closed = False
-        self._out_lock = threading.Lock()
-        self._out: list[Callable[[], None]] = []
-        self._out_scheduled = False
         self._all: list[_Conn] = []  # proton side: every connection opened, until its transport closed
         self._transports = 0  # proton side: sockets not closed yet
 
@@ -248,10 +189,14 @@ class AmqpMux:
 
     def device(self, device_id: str, *, token: str | Callable[[], str], receive_c2d: bool = True,
                send_timeout: float = 30.0, connect_timeout: float = 30.0, settle_timeout: float = 30.0,
-               settle_mode: Literal["first", "second"] = "second") -> MuxDevice:
-        """The transport of one device on this pool (connects on its ``connect()``)."""
+               settle_mode: Literal["first", "second"] = "second", subscribe: Iterable[str] = (),
+               api_version: str = API_VERSION) -> MuxDevice:
+        """The transport of one device on this pool (connects on its ``connect()``).
+
+        ``subscribe``: "methods" and/or "twin" links attached at connect (as ``AmqpTransport``'s)."""
         return MuxDevice(self, device_id, token=token, receive_c2d=receive_c2d, send_timeout=send_timeout,
-                         connect_timeout=connect_timeout, settle_timeout=settle_timeout, settle_mode=settle_mode)
+                         connect_timeout=connect_timeout, settle_timeout=settle_timeout, settle_mode=settle_mode,
+                         subscribe=subscribe, api_version=api_version)
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -271,30 +216,25 @@ class AmqpMux:
         self._closed = True
         for conn in list(self._conns):  # one still waiting for the pool's backoff never opens now
             if not conn.opened.done():
-                self._conn_failed(conn, make_error(_NOT_CONNECTED, transport=TRANSPORT,
-                                                   message="the AMQP mux is closed"))
+                self._conn_failed(conn, not_connected(None, "the AMQP mux is closed"))
         if self._thread is None or self._finished is None:
             return
-        self._post(self._do_shutdown)
+        self.post(self._do_shutdown)
         try:
             await asyncio.wait_for(asyncio.shield(self._finished), 10.0)
         except TimeoutError:
             log.warning("the AMQP mux thread did not end within 10 s")
         self._thread.join(1.0)
-        self._flush()
+        self.flush()
 
     # -- the pool (loop side) --------------------------------------------------------------------------
 
     def _ensure_thread(self) -> None:
         if self._thread is not None:
             return
-        import proton
-        import proton.reactor
-
-        self._loop = asyncio.get_running_loop()
-        self._finished = self._loop.create_future()
-        self._proton = proton
-        self._injector = proton.reactor.EventInjector()
+        loop = asyncio.get_running_loop()
+        self.open_pipe(loop)
+        self._finished = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="amqp-mux", daemon=True)
         self._thread.start()
 
@@ -312,9 +252,9 @@ class AmqpMux:
         delay = max(0.0, self._next_open - loop.time())
         self._opens += 1
         if delay > 0:
-            loop.call_at(self._next_open, lambda: self._post(lambda: self._do_open(conn)))
+            loop.call_at(self._next_open, lambda: self.post(lambda: self._do_open(conn)))
         else:
-            self._post(lambda: self._do_open(conn))
+            self.post(lambda: self._do_open(conn))
         return conn
 
     def _leave(self, conn: _Conn, device_id: str) -> None:
@@ -327,7 +267,7 @@ class AmqpMux:
         conn.dead = True
         if conn in self._conns:
             self._conns.remove(conn)
-        self._post(lambda: self._fail_conn(conn, None))
+        self.post(lambda: self._fail_conn(conn, None))
 
     def _conn_failed(self, conn: _Conn, err: IoTHubError | None) -> None:
         """Loop side: a connection is gone. The pool's one backoff starts (a clean close by us: none)."""
@@ -336,8 +276,7 @@ class AmqpMux:
         if conn in self._conns:
             self._conns.remove(conn)
         if not conn.opened.done():
-            conn.opened.set_exception(err or make_error(_NOT_CONNECTED, transport=TRANSPORT,
-                                                         message="the AMQP connection closed before it opened"))
+            conn.opened.set_exception(err or not_connected(None, "the AMQP connection closed before it opened"))
             conn.opened.exception()  # retrieved: the joiners read it from their own memberships
         if err is None or self._closed or not news:
             return
@@ -352,85 +291,21 @@ class AmqpMux:
         if not conn.opened.done():
             conn.opened.set_result(None)
 
-    # -- cross-thread plumbing ----------------------------------------------------------------------
-
-    def _post(self, fn: Callable[[], None]) -> bool:
-        """Run ``fn`` on the proton thread; one injector wake-up per batch; dropped once the thread ended."""
-        with self._cmd_lock:
-            if self._pipe_closed:
-                return False
-            self._cmds.append(fn)
-            if not self._cmd_signalled:
-                self._cmd_signalled = True
-                with contextlib.suppress(OSError):
-                    self._injector.trigger(self._proton.reactor.ApplicationEvent("amqp_cmd"))
-            return True
-
-    def _run_commands(self) -> None:
-        while True:
-            with self._cmd_lock:
-                if not self._cmds:
-                    self._cmd_signalled = False
-                    return
-                batch = list(self._cmds)
-                self._cmds.clear()
-            for fn in batch:
-                try:
-                    fn()
-                except Exception:
-                    log.exception("AMQP mux command failed")
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop (from the proton thread); one loop wake-up per batch."""
-        with self._out_lock:
-            self._out.append(fn)
-            if self._out_scheduled:
-                return
-            self._out_scheduled = True
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._out_lock:
-            batch, self._out = self._out, []
-            self._out_scheduled = False
-        for fn in batch:
-            try:
-                fn()
-            except Exception:
-                log.exception("AMQP mux result delivery failed")
-
-    def _resolve(self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
-        def apply() -> None:
-            if not fut.done():
-                if exc is not None:
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-
-        self._call(apply)
-
     # -- the proton thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            self._container = self._proton.reactor.Container(_mux_handler_class()(self))
+            self._container = self.proton.reactor.Container(handler_class()(self))
             self._container.container_id = f"iothub-gateway-mux-{uuid.uuid4().hex[:8]}"
             self._container.run()
         except BaseException:
             log.exception("the AMQP mux container failed")
         finally:
-            gone = make_error(_CLOSED, transport=TRANSPORT, exact=False, message="the AMQP mux thread ended")
+            gone = make_error(CLOSED, transport=TRANSPORT, exact=False, message="the AMQP mux thread ended")
             for conn in list(self._live_conns()):
                 self._fail_conn(conn, gone)
-            with self._cmd_lock:
-                self._pipe_closed = True
-                for fd in self._injector.pipe:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self._call(self._mark_finished)
+            self.close_pipe()
+            self.call(self._mark_finished)
 
     def _mark_finished(self) -> None:
         if self._finished is not None and not self._finished.done():
@@ -439,27 +314,19 @@ class AmqpMux:
     def _live_conns(self) -> list[_Conn]:
         return [c for c in self._all if not c.stopped]
 
-    def _on_start(self, container: Any) -> None:
-        container.selectable(self._injector)
+    def on_start(self, container: Any) -> None:
+        container.selectable(self.injector)
 
     def _do_open(self, conn: _Conn) -> None:
         if self._closed:
-            self._fail_conn(conn, make_error(_NOT_CONNECTED, transport=TRANSPORT, message="the AMQP mux is closed"))
+            self._fail_conn(conn, not_connected(None, "the AMQP mux is closed"))
             return
         tls = self.ssl_context is not None
-        kwargs: dict[str, Any] = {
-            "reconnect": False,
-            "virtual_host": self.hub_host,
-            "sni": self.host if tls and not _is_ip_address(self.host) else None,
-            "allow_insecure_mechs": True,
-            "allowed_mechs": "ANONYMOUS",
-        }
-        if self.ssl_context is not None:
-            kwargs["ssl_domain"] = self._ssl_domain(self.ssl_context, conn)
-        if self.idle_timeout:
-            kwargs["heartbeat"] = self.idle_timeout
         try:
-            with _mapped(None):
+            with mapped(None):
+                kwargs = connect_options(host=self.host, hub_host=self.hub_host, tls_context=self.ssl_context,
+                                         idle_timeout=self.idle_timeout, proton=self.proton,
+                                         tls_files=conn.tls_files)
                 conn.pconn = self._container.connect(f"{'amqps' if tls else 'amqp'}://{self.host}:{self.port}",
                                                      **kwargs)
         except IoTHubError as err:
@@ -470,64 +337,33 @@ class AmqpMux:
         conn.transport_open = True
         self._transports += 1
 
-    def _ssl_domain(self, context: _ssl.SSLContext, conn: _Conn) -> Any:
-        """The context's verification settings as a proton ``SSLDomain`` (as ``AmqpTransport`` maps them)."""
-        domain_cls = self._proton.SSLDomain
-        domain = domain_cls(domain_cls.MODE_CLIENT)
-        if context.verify_mode == _ssl.CERT_NONE:
-            domain.set_peer_authentication(domain_cls.ANONYMOUS_PEER)
-            return domain
-        ders = context.get_ca_certs(binary_form=True)
-        if ders:
-            ca: str | None = _CA_BUNDLES.acquire(ders)
-            conn.tls_files.append(cast(str, ca))
-        else:
-            paths = _ssl.get_default_verify_paths()
-            ca = paths.cafile or paths.capath
-        if ca is not None:
-            domain.set_trusted_ca_db(ca)
-        by_name = context.check_hostname and not _is_ip_address(self.host)
-        domain.set_peer_authentication(domain_cls.VERIFY_PEER_NAME if by_name else domain_cls.VERIFY_PEER, ca)
-        return domain
-
-    def _on_connection_opened(self, pconn: Any) -> None:
+    def on_connection_opened(self, pconn: Any) -> None:
         conn: _Conn | None = getattr(pconn, "gw_conn", None)
         if conn is None or conn.stopped or conn.cbs_sender is not None:
             return
-        conn.cbs_sender = self._container.create_sender(pconn, target=_CBS, name=f"cbs-s-{uuid.uuid4()}")
-        conn.cbs_receiver = self._container.create_receiver(pconn, source=_CBS, name=f"cbs-r-{uuid.uuid4()}",
-                                                            options=_Target("cbs"))
+        conn.cbs_sender = self._container.create_sender(pconn, target=CBS, name=f"cbs-s-{uuid.uuid4()}")
+        conn.cbs_receiver = self._container.create_receiver(pconn, source=CBS, name=f"cbs-r-{uuid.uuid4()}",
+                                                            options=Target("cbs"))
         conn.cbs_sender.gw_cbs = conn
         conn.cbs_receiver.gw_cbs = conn
 
-    def _on_link_opened(self, link: Any) -> None:
-        remote = link.remote_target if link.is_sender else link.remote_source
-        if remote.address is None and not remote.dynamic:
-            return  # a refused attach: the detach with the reason follows
+    def on_link_opened(self, link: Any) -> None:
         conn: _Conn | None = getattr(link, "gw_cbs", None)
         if conn is not None:
-            if not conn.up and _is_active(conn.cbs_sender, self._proton) and \
-                    _is_active(conn.cbs_receiver, self._proton) and \
-                    conn.cbs_sender.state & self._proton.Endpoint.REMOTE_ACTIVE and \
-                    conn.cbs_receiver.state & self._proton.Endpoint.REMOTE_ACTIVE:
+            remote = link.remote_target if link.is_sender else link.remote_source
+            if remote.address is None and not remote.dynamic:
+                return  # a refused attach: the detach with the reason follows
+            active = self.proton.Endpoint.REMOTE_ACTIVE
+            if not conn.up and all(is_up.state & active for is_up in (conn.cbs_sender, conn.cbs_receiver)):
                 conn.up = True
-                self._call(lambda: self._conn_opened(conn))
+                self.call(lambda: self._conn_opened(conn))
                 for joined in list(conn.joined.values()):
                     self._put_token(joined)
             return
-        member: _Member | None = getattr(link, "gw_member", None)
-        if member is None or member.stopped:
-            return
-        member.links_open.add("events" if link == member.sender else "c2d")
-        wanted = {"events", "c2d"} if member.device.receive_c2d else {"events"}
-        if wanted <= member.links_open and not member.up:
-            member.up = True
-            self._call(lambda: self._member_ready(member))
-
-    def _member_ready(self, member: _Member) -> None:
-        member.ready_done = True
-        if not member.ready.done():
-            member.ready.set_result(None)
+        links: DeviceLinks | None = getattr(link, "gw_links", None)
+        if links is not None and links.on_link_opened(link):
+            member: _Member = links.owner
+            self.call(lambda: _member_ready(member))
 
     # -- devices (proton thread) -----------------------------------------------------------------------
 
@@ -542,45 +378,29 @@ class AmqpMux:
         # else: put when the connection's CBS links are up
 
     def _put_token(self, member: _Member) -> None:
-        if member.stopped:
+        if member.links.stopped:
             return
-        conn = member.conn
         try:
             token = member.device.next_token()
         except Exception as exc:
-            self._fail_member(member, _to_error(exc, member.device_id))
+            self._fail_member(member, to_error(exc, member.device_id))
             return
-        msg_id = str(uuid.uuid4())
-        msg = self._proton.Message(body=token, id=msg_id, reply_to="cbs")
-        msg.properties = cast(Any, {"operation": "put-token", "type": "azure-devices.net:sastoken",
-                                    "name": f"{self.hub_host}/devices/{member.device_id}"})
-        try:
-            member.pending_expiry = float(parse_sas_token(token).expiry)
-        except ValueError:
-            member.pending_expiry = None
+        msg, msg_id, member.pending_expiry = put_token_message(
+            self.proton, token, f"{self.hub_host}/devices/{member.device_id}")
+        conn = member.conn
         conn.cbs_pending[msg_id] = member
         conn.cbs_sender.send(msg)
 
     def _on_cbs_answer(self, conn: _Conn, message: Any) -> None:
         member = conn.cbs_pending.pop(str(message.correlation_id), None)
-        if member is None or member.stopped:
+        if member is None or member.links.stopped:
             return
-        props = message.properties or {}
-        status = props.get("status-code")
-        desc = props.get("status-description")
-        try:
-            err = translate_cbs(status if status is not None else "", desc, props)
-        except ValueError as exc:
-            err = make_error(_PROTOCOL, transport=TRANSPORT, device_id=member.device_id, exact=False,
-                             message=f"CBS answer without a usable status-code: {status!r}")
-            err.__cause__ = exc
+        err = cbs_answer_error(message, member.device_id)
         if err is not None:  # this device's token refused: its neighbours are not concerned
-            err.device_id = err.device_id or member.device_id
-            err.__cause__ = AmqpRemoteError("cbs", str(status), desc if isinstance(desc, str) else None, props)
             self._fail_member(member, err)
             return
         member.renew_expiry = expiry = member.pending_expiry
-        self._call(lambda: setattr(member, "token_expiry", expiry))
+        self.call(lambda: setattr(member, "token_expiry", expiry))
         if member.session is None:
             self._attach(member)
         self._schedule_renewal(member)
@@ -589,17 +409,15 @@ class AmqpMux:
         expiry = member.renew_expiry
         if expiry is None or not callable(member.device._token):
             return
-        lifetime = expiry - time.time()  # a token's expiry is wall-clock epoch seconds
-        delay = max(1.0, lifetime * (1.0 - self.renew_margin)) if lifetime > 0 else 1.0
 
         def renew() -> None:
-            if not member.stopped and not member.conn.stopped:
+            if not member.links.stopped and not member.conn.stopped:
                 self._put_token(member)
 
-        member.renew_task = self._container.schedule(delay, _Timer(renew))
+        delay = renewal_delay(expiry, self.renew_margin, time.time())  # a token's expiry is epoch seconds
+        member.renew_task = self._container.schedule(delay, Timer(renew))
 
     def _attach(self, member: _Member) -> None:
-        device = member.device
         conn = member.conn
         if self.session_per_device:
             session = conn.pconn.session()
@@ -612,24 +430,17 @@ class AmqpMux:
                 session.gw_shared = conn
                 session.open()
         member.session = session
-        member.sender = self._container.create_sender(session, target=device.events_address,
-                                                      name=f"events-{uuid.uuid4()}")
-        member.sender.gw_member = member
-        if device.receive_c2d:
-            member.receiver = self._container.create_receiver(
-                session, source=device.c2d_address, name=f"c2d-{uuid.uuid4()}",
-                options=_SettleSecond(self._proton) if device.settle_mode == "second" else None)
-            member.receiver.gw_member = member
+        member.links.attach(self._container, session)
 
     def _do_leave(self, member: _Member, done: asyncio.Future[None]) -> None:
         self._fail_member(member, None)
-        self._resolve(done)
+        self.resolve(done)
 
     def _fail_member(self, member: _Member, err: IoTHubError | None) -> None:
         """One device leaves its connection (``err`` None: its own clean close); the others stay."""
-        if member.stopped:
+        links = member.links
+        if links.stopped:
             return
-        member.stopped = True
         conn = member.conn
         if conn.joined.get(member.device_id) is member:
             del conn.joined[member.device_id]
@@ -639,48 +450,27 @@ class AmqpMux:
         if member.renew_task is not None:
             with contextlib.suppress(Exception):
                 member.renew_task.cancel()
-        session = member.session
-        own = [session] if self.session_per_device else [member.sender, member.receiver]
+        own = [member.session] if self.session_per_device else links.endpoints()
         for endpoint in own:  # its own session, or its own links on the shared one
             if endpoint is not None and not conn.stopped:
                 self._close_when_open(endpoint)
         if err is not None:
             err.device_id = err.device_id or member.device_id
-        was_up = member.up
-        if err is None:
-            gone = make_error(_TIMED_OUT, transport=TRANSPORT, device_id=member.device_id,
-                              message="connection closed locally while the message was in flight (outcome unknown)")
-        else:
-            gone = _in_flight_error(err)
-        pending = list(member.pending.values())
-        member.pending.clear()
-        lost = translate(_LOCK_LOST, "the connection closed before the hub confirmed the settlement")
-        lost.device_id = member.device_id
-        settling = list(member.settling.values())
-        member.settling.clear()
-        member.c2d.clear()
+        was_up = links.up
 
         def on_loop() -> None:
-            member.dead = True
-            member.error = err
-            self._leave(conn, member.device_id)
             if err is not None and was_up and not member.device._closing:
                 member.events.put_nowait(Disconnected(err))  # first: the supervisor learns the cause
+            member.dead, member.error = True, err
+            self._leave(conn, member.device_id)
             if not member.ready.done():
-                member.ready.set_exception(err or _not_connected(member.device_id, "closed before it was up"))
+                member.ready.set_exception(err or not_connected(member.device_id, "closed before it was up"))
                 member.ready.exception()  # retrieved: nobody may be waiting any more (a timed-out connect)
-            for fut in pending:
-                if not fut.done():
-                    fut.set_exception(gone)
-            for fut in settling:
-                if not fut.done():
-                    fut.set_exception(lost)
-            for fut in list(member.waiters):
-                if not fut.done():
-                    fut.set_exception(gone)
-            member.events.put_nowait(None)
 
-        self._call(on_loop)
+        self.call(on_loop)
+        links.stop(err)  # after on_loop: the senders hear of it after the supervisor, each with its own error
+        self.call(lambda: member.end(err))  # then whoever still waits (nothing in flight: not connected)
+        links.emit(None)
 
     def _close_when_open(self, endpoint: Any) -> None:
         """Close a session or link, but not before the peer's begin/attach reply has come.
@@ -690,15 +480,15 @@ class AmqpMux:
         A device leaving early (its connect timed out) would tear down its neighbours.
         """
         state = endpoint.state
-        if state & self._proton.Endpoint.LOCAL_CLOSED:
+        if state & self.proton.Endpoint.LOCAL_CLOSED:
             return
-        if state & self._proton.Endpoint.REMOTE_UNINIT:
-            endpoint.gw_close_pending = True  # closed by _on_remote_open
+        if state & self.proton.Endpoint.REMOTE_UNINIT:
+            endpoint.gw_close_pending = True  # closed by on_remote_open
             return
         with contextlib.suppress(Exception):
             endpoint.close()
 
-    def _on_remote_open(self, endpoint: Any) -> None:
+    def on_remote_open(self, endpoint: Any) -> None:
         if getattr(endpoint, "gw_close_pending", False):
             endpoint.gw_close_pending = False
             self._close_when_open(endpoint)
@@ -710,41 +500,44 @@ class AmqpMux:
         conn.stopped = True
         # first: the pool forgets the connection before any device hears of the loss (a device whose
         # handler reconnects at once must not be given the dead connection again)
-        self._call(lambda: self._conn_failed(conn, err))
+        self.call(lambda: self._conn_failed(conn, err))
         for member in list(conn.joined.values()):
-            self._fail_member(member, None if err is None else _copy_for(err, member.device_id))
+            self._fail_member(member, None if err is None else copy_for(err, member.device_id))
         conn.joined.clear()
         conn.cbs_pending.clear()
         pconn = conn.pconn
-        if pconn is not None and not pconn.state & self._proton.Endpoint.LOCAL_CLOSED:
+        if pconn is not None and not pconn.state & self.proton.Endpoint.LOCAL_CLOSED:
             with contextlib.suppress(Exception):
                 pconn.close()
         for path in conn.tls_files:
-            _CA_BUNDLES.release(path)
+            CA_BUNDLES.release(path)
         conn.tls_files.clear()
 
-    def _endpoint_error(self, where: str, endpoint: Any, cond: Any) -> None:
+    def endpoint_error(self, where: str, endpoint: Any, cond: Any) -> None:
         if where in ("connection", "transport"):
             conn = getattr(endpoint, "gw_conn", None)
             if conn is not None:
-                self._fail_conn(conn, _error_from_condition(where, cond))
+                self._fail_conn(conn, error_from_condition(where, cond))
             return
         cbs_conn = getattr(endpoint, "gw_cbs", None)
         if cbs_conn is not None:  # the connection's CBS links carry every device's token
-            self._fail_conn(cbs_conn, _error_from_condition(where, cond))
+            self._fail_conn(cbs_conn, error_from_condition(where, cond))
             return
         shared = getattr(endpoint, "gw_shared", None) if where == "session" else None
         if shared is not None:  # the shared session: every device on it, once; the connection stays
             if shared.shared_session == endpoint:
                 shared.shared_session = None
-            if not endpoint.state & self._proton.Endpoint.LOCAL_CLOSED:
+            if not endpoint.state & self.proton.Endpoint.LOCAL_CLOSED:
                 endpoint.close()
             for member in [m for m in shared.joined.values() if m.session == endpoint]:
-                self._fail_member(member, _error_from_condition(where, cond, member.device_id))
+                self._fail_member(member, error_from_condition(where, cond, member.device_id))
             return
-        member = getattr(endpoint, "gw_member", None)
-        if member is not None:
-            self._fail_member(member, _error_from_condition(where, cond, member.device_id))
+        owner: _Member | None = getattr(endpoint, "gw_member", None)  # the device's own session
+        if owner is None:
+            links: DeviceLinks | None = getattr(endpoint, "gw_links", None)  # one of the device's links
+            owner = links.owner if links is not None else None
+        if owner is not None:
+            self._fail_member(owner, error_from_condition(where, cond, owner.device_id))
 
     def _do_shutdown(self) -> None:
         for conn in self._live_conns():
@@ -752,7 +545,7 @@ class AmqpMux:
         if self._transports == 0:
             self._container.stop()
         else:  # wait for the close handshakes, but not for ever
-            self._container.schedule(5.0, _Timer(self._abort_all))
+            self._container.schedule(5.0, Timer(self._abort_all))
 
     def _abort_all(self) -> None:
         for conn in self._all:
@@ -762,12 +555,12 @@ class AmqpMux:
                 transport.close_head()
         self._container.stop()
 
-    def _on_transport_closed(self, connection: Any, transport: Any) -> None:
+    def on_transport_closed(self, connection: Any, transport: Any) -> None:
         conn: _Conn | None = getattr(connection, "gw_conn", None) if connection is not None else None
         if conn is None:
             return
         if not conn.stopped:
-            self._fail_conn(conn, _error_from_condition("transport", getattr(transport, "condition", None)))
+            self._fail_conn(conn, error_from_condition("transport", getattr(transport, "condition", None)))
         if conn.transport_open:
             conn.transport_open = False
             self._transports -= 1
@@ -776,118 +569,42 @@ class AmqpMux:
         if self._closed and self._transports == 0:
             self._container.stop()
 
-    # -- telemetry and C2D (proton thread) --------------------------------------------------------------
+    # -- inbound (proton thread) -----------------------------------------------------------------------
 
-    def _do_send(self, member: _Member, message: Message, fut: asyncio.Future[None]) -> None:
-        sender = member.sender
-        if member.stopped or sender is None or not _is_active(sender, self._proton):
-            self._resolve(fut, exc=_not_connected(member.device_id, "the telemetry link is not open; nothing was sent"))
-            return
-        pmsg = member.outgoing
-        if pmsg is None:
-            pmsg = member.outgoing = self._proton.Message(inferred=True)
-        pmsg.id = message.id
-        pmsg.body = bytes(message.body)
-        pmsg.properties = cast(Any, dict(message.properties) if message.properties else None)
-        member.pending[sender.send(pmsg)] = fut
-
-    def _do_settle(self, member: _Member, token: str, outcome: SettleOutcome, fut: asyncio.Future[None]) -> None:
-        dlv = member.c2d.pop(token, None)
-        if dlv is None or member.stopped:
-            err = translate(_LOCK_LOST, f"lock token {token!r} is not held on this connection")
-            err.device_id = member.device_id
-            self._resolve(fut, exc=err)
-            return
-        dlv.update(getattr(self._proton.Delivery, _DISPOSITIONS[outcome]))
-        if dlv.link.remote_rcv_settle_mode == self._proton.Link.RCV_SECOND:
-            member.settling[dlv] = fut
-        else:
-            dlv.settle()
-            self._resolve(fut)
-
-    def _on_message(self, delivery: Any, message: Any) -> None:
+    def on_message(self, delivery: Any, message: Any) -> None:
         link = delivery.link
         cbs_conn = getattr(link, "gw_cbs", None)
-        member: _Member | None = getattr(link, "gw_member", None)
         if cbs_conn is not None:
-            delivery.update(self._proton.Delivery.ACCEPTED)
+            delivery.update(self.proton.Delivery.ACCEPTED)
             delivery.settle()
             self._on_cbs_answer(cbs_conn, message)
             return
-        if member is None or member.stopped or link != member.receiver:
-            delivery.update(self._proton.Delivery.RELEASED)
+        links: DeviceLinks | None = getattr(link, "gw_links", None)
+        if links is None:
+            delivery.update(self.proton.Delivery.RELEASED)
             delivery.settle()
             return
-        token = str(uuid.uuid4())
-        member.c2d[token] = delivery
-        body = message.body
-        body = bytes(body) if isinstance(body, (bytes, memoryview, bytearray)) else \
-            body.encode() if isinstance(body, str) else b"" if body is None else repr(body).encode()
-        msg_id, corr, count = message.id, message.correlation_id, message.delivery_count
-        c2d = C2DMessage(member.device_id, token, str(msg_id) if msg_id is not None else None, body,
-                         {str(k): str(v) for k, v in (message.properties or {}).items()},
-                         count if isinstance(count, int) else 0, str(corr) if corr is not None else None)
-        event = Inbound("c2d", c2d, member.device_id)
-        self._call(lambda: member.events.put_nowait(event))
-
-    def _on_outcome(self, delivery: Any) -> None:
-        member: _Member | None = getattr(delivery.link, "gw_member", None)
-        if member is None:
-            return
-        fut = member.pending.pop(delivery, None)
-        if fut is None:
-            return
-        dstate = self._proton.Delivery
-        remote = delivery.remote_state
-        if remote == dstate.ACCEPTED:
-            self._resolve(fut)
-            return
-        cond = delivery.remote.condition
-        if cond is not None:
-            err = _error_from_condition("delivery", cond, member.device_id)
-        elif remote == dstate.REJECTED:
-            err = translate("amqp:rejected", "delivery rejected with no condition")
-            err.__cause__ = AmqpRemoteError("delivery", None, "rejected with no condition")
-        else:
-            err = make_error(code_of("ServerBusy"), transport=TRANSPORT, device_id=member.device_id, exact=False,
-                             message=f"delivery released by the peer (state {remote})")
-        err.device_id = err.device_id or member.device_id
-        self._resolve(fut, exc=err)
-
-    def _on_receiver_settled(self, delivery: Any) -> None:
-        member: _Member | None = getattr(delivery.link, "gw_member", None)
-        if member is None:
-            return
-        fut = member.settling.pop(delivery, None)
-        if fut is None:
-            return
-        if delivery.remote_state == self._proton.Delivery.REJECTED and delivery.remote.condition is not None:
-            self._resolve(fut, exc=_error_from_condition("delivery", delivery.remote.condition, member.device_id))
-        else:
-            self._resolve(fut)
-        delivery.settle()
+        links.on_message(delivery, message)
 
 
-def _copy_for(err: IoTHubError, device_id: str) -> IoTHubError:
-    """The connection's error as one device's: same code, facts and cause, its own ``device_id``."""
-    copy = make_error(err.info, transport=TRANSPORT, exact=err.exact, device_id=device_id, message=err.message,
-                      native=dict(err.native), retry_after=getattr(err, "retry_after", None),
-                      retry_at=getattr(err, "retry_at", None), tracking_id=getattr(err, "tracking_id", None))
-    copy.__cause__ = err.__cause__
-    return copy
+def _member_ready(member: _Member) -> None:
+    member.ready_done = True
+    if not member.ready.done():
+        member.ready.set_result(None)
 
 
 def _conn_error(conn: _Conn, device_id: str) -> IoTHubError:
-    return _not_connected(device_id, f"shared AMQP connection #{conn.index} is closed")
+    return not_connected(device_id, f"shared AMQP connection #{conn.index} is closed")
 
 
-class MuxDevice:
+class MuxDevice(DeviceSurface):
     """One device on an :class:`AmqpMux`: the :class:`~gateway.transport.Transport` its handler drives.
 
     ``connect()`` takes a slot on a shared connection (opening one if none has room: single-flight,
     after the pool's backoff), puts the device's token on the connection's ``$cbs`` and attaches the
     device's own session and links. ``credential_expiry`` is None with a token callable (CBS renews on
-    the live connection); with a fixed token string, the token's expiry.
+    the live connection); with a fixed token string, the token's expiry. Requests and events are
+    ``AmqpTransport``'s (:class:`~adapters.amqp.core.DeviceSurface`).
     """
 
     name = TRANSPORT
@@ -895,7 +612,8 @@ class MuxDevice:
 
     def __init__(self, mux: AmqpMux, device_id: str, *, token: str | Callable[[], str], receive_c2d: bool,
                  send_timeout: float, connect_timeout: float, settle_timeout: float,
-                 settle_mode: Literal["first", "second"]) -> None:
+                 settle_mode: Literal["first", "second"], subscribe: Iterable[str] = (),
+                 api_version: str = API_VERSION) -> None:
         self.mux = mux
         self.device_id = device_id
         self._token = token
@@ -904,15 +622,30 @@ class MuxDevice:
         self.connect_timeout = connect_timeout
         self.settle_timeout = settle_timeout
         self.settle_mode = settle_mode
-        self.events_address = f"amqps://{mux.hub_host}/devices/{device_id}/messages/events"
-        self.c2d_address = f"amqps://{mux.hub_host}/devices/{device_id}/messages/devicebound"
+        self.subscriptions = subscriptions_of(subscribe)
+        self.api_version = api_version
         self._member: _Member | None = None
         self._closing = False
 
+    # the link addresses, derived (a string each would cost ~150 bytes per device at 10,000 devices)
     @property
-    def connected(self) -> bool:
-        m = self._member
-        return m is not None and m.ready_done and not m.dead
+    def events_address(self) -> str:
+        return f"amqps://{self.mux.hub_host}/devices/{self.device_id}/messages/events"
+
+    @property
+    def c2d_address(self) -> str:
+        return f"amqps://{self.mux.hub_host}/devices/{self.device_id}/messages/devicebound"
+
+    @property
+    def twin_address(self) -> str:
+        return f"amqps://{self.mux.hub_host}/devices/{self.device_id}/twin"
+
+    @property
+    def methods_address(self) -> str:
+        return f"amqps://{self.mux.hub_host}/devices/{self.device_id}/methods/devicebound"
+
+    def _stay(self) -> _Member | None:
+        return self._member
 
     @property
     def connection_index(self) -> int | None:
@@ -941,8 +674,8 @@ class MuxDevice:
         self._closing = False
         mux = self.mux
         if mux._closed:
-            raise _not_connected(self.device_id, "the AMQP mux is closed")
-        with _mapped(self.device_id):
+            raise not_connected(self.device_id, "the AMQP mux is closed")
+        with mapped(self.device_id):
             mux._ensure_thread()
         loop = asyncio.get_running_loop()
         conn = mux._slot(self)
@@ -953,16 +686,17 @@ class MuxDevice:
                 try:
                     await asyncio.shield(conn.opened)
                 except IoTHubError as err:
-                    raise _copy_for(err, self.device_id) from err.__cause__
-                mux._post(lambda: mux._do_join(member))
+                    raise copy_for(err, self.device_id) from err.__cause__
+                mux.post(lambda: mux._do_join(member))
                 await member.ready
         except TimeoutError:
             await self._leave()
-            raise make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
+            raise make_error(TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
                              message=f"AMQP connect got no answer within {self.connect_timeout:g}s") from None
         except BaseException:
             await self._leave()
             raise
+        member.attached.update(self.subscriptions)
 
     async def close(self) -> None:
         """Leave the shared connection (it stays up for the other devices). Idempotent."""
@@ -978,158 +712,9 @@ class MuxDevice:
             return
         mux = self.mux
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if mux._post(lambda: mux._do_leave(member, done)):
+        if mux.post(lambda: mux._do_leave(member, done)):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done, 5.0)
         mux._leave(member.conn, self.device_id)
         if self._closing:
             mux._close_if_empty(member.conn)
-
-    def _live(self) -> _Member:
-        m = self._member
-        if m is None or m.dead or not m.ready_done:
-            cause = m.error if m is not None else None
-            err = _not_connected(self.device_id, "not connected" + (f" ({cause.name}: {cause.message})"
-                                                                    if cause else ""))
-            err.__cause__ = cause
-            raise err
-        return m
-
-    async def send(self, message: Message) -> None:
-        """Send one telemetry message and wait until the hub settles it (accepted)."""
-        check_properties(message, TRANSPORT)
-        member = self._live()
-        mux = self.mux
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        mux._post(lambda: mux._do_send(member, message, fut))
-        member.waiters.add(fut)
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await fut
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                raise
-            raise make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
-                             message=f"AMQP send got no settlement within {self.send_timeout:g}s "
-                                     "(outcome unknown)") from None
-        finally:
-            member.waiters.discard(fut)
-
-    async def request(self, request: Request, *, timeout: float) -> Any:
-        """``SettleC2D`` -> None once the hub confirmed; anything else raises ``UnsupportedRequest``."""
-        if not isinstance(request, SettleC2D):
-            raise UnsupportedRequest(f"a multiplexed AMQP device has no {type(request).__name__} request yet "
-                                     "(it answers SettleC2D; use AmqpTransport for twin and methods)")
-        member = self._live()
-        mux = self.mux
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        token, outcome = request.lock_token, request.outcome
-        mux._post(lambda: mux._do_settle(member, token, outcome, fut))
-        member.waiters.add(fut)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                raise
-            raise make_error(_TIMED_OUT, transport=TRANSPORT, device_id=self.device_id,
-                             message=f"AMQP settle got no answer within {timeout:g}s") from None
-        finally:
-            member.waiters.discard(fut)
-
-    async def events(self) -> AsyncIterator[TransportEvent]:
-        """``Inbound("c2d", C2DMessage)``, then ``Disconnected`` when this device's stay ends."""
-        member = self._member
-        if member is None:
-            return
-        while True:
-            event = await member.events.get()
-            if event is None:
-                return
-            yield event
-            if isinstance(event, Disconnected):
-                return
-
-
-_MUX_HANDLER: type[Any] | None = None
-
-
-def _mux_handler_class() -> type[Any]:
-    """The proton handler, built on first use so that importing this module does not import proton."""
-    global _MUX_HANDLER
-    if _MUX_HANDLER is not None:
-        return _MUX_HANDLER
-    from proton.handlers import MessagingHandler
-
-    class _MuxHandler(MessagingHandler):  # type: ignore[misc]
-        def __init__(self, mux: AmqpMux) -> None:
-            super().__init__(prefetch=mux.prefetch, auto_accept=False, auto_settle=True)
-            self.mux = mux
-
-        def on_start(self, event: Any) -> None:
-            self.mux._on_start(event.container)
-
-        def on_amqp_cmd(self, event: Any) -> None:
-            self.mux._run_commands()
-
-        def on_connection_opened(self, event: Any) -> None:
-            self.mux._on_connection_opened(event.connection)
-
-        def on_link_opened(self, event: Any) -> None:
-            self.mux._on_link_opened(event.link)
-
-        def on_message(self, event: Any) -> None:
-            self.mux._on_message(event.delivery, event.message)
-
-        def on_accepted(self, event: Any) -> None:
-            self.mux._on_outcome(event.delivery)
-
-        def on_rejected(self, event: Any) -> None:
-            self.mux._on_outcome(event.delivery)
-
-        def on_released(self, event: Any) -> None:
-            self.mux._on_outcome(event.delivery)
-
-        def on_settled(self, event: Any) -> None:
-            if event.delivery.link.is_receiver:
-                self.mux._on_receiver_settled(event.delivery)
-            else:
-                self.mux._on_outcome(event.delivery)
-
-        # (MessagingHandler's child handlers get these events too: proton dispatches to both)
-        def on_session_remote_open(self, event: Any) -> None:
-            self.mux._on_remote_open(event.session)
-
-        def on_link_remote_open(self, event: Any) -> None:
-            self.mux._on_remote_open(event.link)
-
-        def on_connection_remote_close(self, event: Any) -> None:
-            self.mux._endpoint_error("connection", event.connection, event.connection.remote_condition)
-
-        def on_session_remote_close(self, event: Any) -> None:
-            self.mux._endpoint_error("session", event.session, event.session.remote_condition)
-
-        def on_link_remote_close(self, event: Any) -> None:
-            self.mux._endpoint_error("link", event.link, event.link.remote_condition)
-
-        def on_transport_error(self, event: Any) -> None:
-            self.mux._endpoint_error("transport", event.connection, event.transport.condition)
-
-        def on_transport_closed(self, event: Any) -> None:
-            self.mux._on_transport_closed(event.connection, event.transport)
-
-        def on_connection_error(self, event: Any) -> None:
-            pass
-
-        def on_session_error(self, event: Any) -> None:
-            pass
-
-        def on_link_error(self, event: Any) -> None:
-            pass
-
-        def on_disconnected(self, event: Any) -> None:
-            pass
-
-    _MUX_HANDLER = _MuxHandler
-    return _MuxHandler

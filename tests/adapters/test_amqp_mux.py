@@ -95,8 +95,9 @@ async def test_devices_share_one_connection_and_one_thread(hub: Hub, front: Amqp
     await asyncio.gather(*(d.send(Message(f"{d.device_id}-1", d.device_id, b"x")) for d in devices))
     for d in DEVICES:
         assert ids(hub, d) == [f"{d}-1"]
-    with pytest.raises(UnsupportedRequest):
-        await devices[0].request(GetTwin(), timeout=STEP)
+    assert isinstance(await devices[0].request(GetTwin(), timeout=STEP), dict)  # its twin link, attached lazily
+    with pytest.raises(UnsupportedRequest):  # a device reads only its own twin
+        await devices[0].request(GetTwin(devices[1].device_id), timeout=STEP)
     await devices[0].close()  # one device leaves: the connection stays for the others
     await devices[1].send(Message("after-leave", devices[1].device_id, b"x"))
     assert front.connections() == 1 and mux.connections() == [len(DEVICES) - 1]
