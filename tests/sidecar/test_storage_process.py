@@ -62,8 +62,10 @@ async def test_disk_full_for_real_answers_503_and_heals_by_itself(tmp_path: Path
         if ready == 503:  # still full: visible on readiness and on the device
             assert body["storage"]["kind"] in {"full", "io"}
             assert device["storage"]["code"] == code_of("ServiceUnavailable")
-        else:  # a loaded machine: the once-a-second probe's small write already fit (freed pages), so it healed
-            assert ready == 200 and device["storage"] is None
+        else:  # a loaded machine: the once-a-second probe's small write already fit (freed pages), so it healed;
+            # while the disk stays full the next bigger write can fail again between the two reads: then it says so
+            assert ready == 200
+            assert device["storage"] is None or device["storage"]["code"] == code_of("ServiceUnavailable")
 
         proc.proc.send_signal(signal.SIGUSR1)  # room again
         async with asyncio.timeout(20):
