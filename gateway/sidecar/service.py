@@ -43,7 +43,6 @@ from gateway.sidecar.metrics import DeviceSnapshot, Fleet, Metrics
 from gateway.sidecar.security import Redactor
 from gateway.sidecar.stats import Stats
 from gateway.sidecar.upstream import (
-    SURFACE,
     AmqpPools,
     DevicePipeline,
     EventHub,
@@ -217,8 +216,7 @@ class Sidecar:
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
                 metrics=self.metrics, events=self.events, max_inflight=cfg.delivery.max_inflight, clock=self.clock,
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
-                c2d_max_held=cfg.delivery.c2d_max_held, surface=self.amqp_pools.surface(device.id) or SURFACE,
-                multiplexed=self.amqp_pools.surface(device.id) is not None,
+                c2d_max_held=cfg.delivery.c2d_max_held, multiplexed=self.amqp_pools.multiplexed(device.id),
                 twin_poll_interval=cfg.delivery.twin_poll_interval, stats=self.stats,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
@@ -235,17 +233,9 @@ class Sidecar:
         self.accepting = True
 
     def _multiplexed(self) -> set[str]:
-        """The AMQP devices that share connections: ``multiplex`` (theirs, else ``[amqp]``), except a lone
-        one left to the default while this build's mux lacks part of the device surface (twin, methods):
-        alone it shares nothing, costs one thread either way, and keeps the whole surface on its own."""
+        """The AMQP devices that share connections: ``multiplex`` (theirs, else ``[amqp]``)."""
         cfg = self.config
-        chosen = {d.id for d in cfg.devices if cfg.multiplexed(d)}
-        if len(chosen) == 1 and not self.amqp_pools.whole_surface():
-            (lone,) = chosen
-            device = cfg.device(lone)
-            if device is not None and device.multiplex is None:
-                return set()
-        return chosen
+        return {d.id for d in cfg.devices if cfg.multiplexed(d)}
 
     async def _start_pipelines(self, pipelines: list[DevicePipeline]) -> None:
         """Start the pipelines with a bounded number of first connects under way (:class:`StartPace`):

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import inspect
 import logging
 import ssl
 import time
@@ -45,7 +44,7 @@ from typing import Any
 
 from gateway.aio import cancel_and_wait
 from gateway.codes import Action, code_of, lookup
-from gateway.errors import IoTHubError, make_error
+from gateway.errors import IoTHubError
 from gateway.handler import Handler, State, StateChange, Undelivered
 from gateway.outbox import OutboxItem, StorageError
 from gateway.outbox_writer import AsyncOutbox
@@ -55,11 +54,10 @@ from gateway.sidecar.metrics import DeviceSnapshot, Metrics
 from gateway.sidecar.stats import Stats
 from gateway.sidecar.surface import DeviceSurface
 from gateway.tls import client_context
-from gateway.transport import GetTwin, Message, PatchReported, RespondMethod, SettleC2D, Transport
+from gateway.transport import Message, Transport
 
 __all__ = [
     "FACTORIES",
-    "SURFACE",
     "AmqpPools",
     "DevicePipeline",
     "EventHub",
@@ -70,7 +68,6 @@ __all__ = [
     "rfc3339",
     "split_system",
     "storage_view",
-    "surface_of",
 ]
 
 log = logging.getLogger("gateway.sidecar")
@@ -170,65 +167,10 @@ FACTORIES: Mapping[str, TransportFactory] = {"http": _http, "mqtt": _mqtt, "amqp
 
 #: The device surface's parts: "c2d" (stream + settle), "methods" (stream + answer), "twin" (get, patch
 #: reported, desired stream).
-SURFACE: frozenset[str] = frozenset({"c2d", "methods", "twin"})
-_PART_OF = {SettleC2D: "c2d", RespondMethod: "methods", GetTwin: "twin", PatchReported: "twin"}
 _TOKEN_TTL = 3600.0  #: seconds a multiplexed device's SAS token lives; CBS renews it on the live connection
-
-
-_PART_NAMES = {**{cls.__name__: part for cls, part in _PART_OF.items()}, "method": "methods",
-               "twin_desired": "twin", **{part: part for part in SURFACE}}
-
-
-def surface_of(transport: Transport, default: frozenset[str] = SURFACE) -> frozenset[str]:
-    """The surface parts ``transport`` serves: its ``supports`` attribute when it has one (part names,
-    request classes or their names, inbound kinds), else ``default``."""
-    supports = getattr(transport, "supports", None)
-    if supports is None:
-        return default
-    try:
-        items = list(supports)
-    except TypeError:
-        return default
-    parts = {_PART_OF.get(item) if isinstance(item, type) else _PART_NAMES.get(str(item)) for item in items}
-    return frozenset(p for p in parts if p is not None)
-
-
-_STREAM_PART = {"c2d": "c2d", "methods": "methods", "desired": "twin"}
-_WHAT = {"methods": "direct methods", "twin": "the device twin", "c2d": "cloud-to-device messages"}
-_NOT_IMPLEMENTED = code_of("GenericNotImplemented")
 #: An idle pipeline (no messages waiting) looks at the outbox again after this many seconds even if no
 #: accept woke it (a safety net only: every accept, release, replay and storage recovery wakes it).
 IDLE_RECHECK = 30.0
-
-
-class _Surface(DeviceSurface):
-    """The device surface of a transport that serves only ``parts`` of it (a multiplexed AMQP device
-    before the mux serves twin and methods): the rest answers 501 naming the way out."""
-
-    def __init__(self, *args: Any, parts: frozenset[str], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.parts = parts
-
-    def _lacking(self, part: str) -> IoTHubError:
-        return make_error(_NOT_IMPLEMENTED, transport=self.protocol, device_id=self.device_id,
-                          message=f"device {self.device_id!r} shares an AMQP connection (multiplexed), which serves "
-                                  f"no {_WHAT[part]} in this build: set multiplex = false in its device entry to "
-                                  f"give it its own connection (and thread) with the whole device surface")
-
-    def _check_stream(self, kind: str) -> None:
-        super()._check_stream(kind)
-        part = _STREAM_PART.get(kind)
-        if part is not None and part not in self.parts:
-            raise self._lacking(part)
-
-    async def _request(self, request: Any) -> Any:
-        try:
-            return await super()._request(request)
-        except IoTHubError as err:
-            part = _PART_OF.get(type(request))
-            if err.code == _NOT_IMPLEMENTED and part is not None and part not in self.parts:
-                raise self._lacking(part) from err
-            raise
 
 
 class AmqpPools:
@@ -239,10 +181,11 @@ class AmqpPools:
     def __init__(self, devices_per_connection: int = 1000) -> None:
         self.devices_per_connection = devices_per_connection
         self._muxes: dict[tuple[str, int, bool, str | None, str], Any] = {}
-        self._surface: dict[str, frozenset[str]] = {}
+        self._members: set[str] = set()
 
     def device(self, spec: TransportSpec) -> Transport:
-        """The multiplexed transport of ``spec``'s device (its connection opens on ``connect()``)."""
+        """The multiplexed transport of ``spec``'s device (its connection opens on ``connect()``), with
+        the whole device surface: telemetry, C2D, twin and direct methods on its own links."""
         mod = _adapter("amqp", "adapters.amqp.mux")
         cs = spec.connection
         key = (spec.host, spec.port, spec.tls, spec.ca_file, cs.host_name)
@@ -255,32 +198,14 @@ class AmqpPools:
         def token() -> str:
             return cs.token(int(time.time() + _TOKEN_TTL))  # an epoch expiry: the wall clock is right here
 
-        params = inspect.signature(mux.device).parameters
-        kwargs: dict[str, Any] = {}
-        full = "subscribe" in params  # a mux with twin and methods takes what to subscribe, as AmqpTransport
-        if full:
-            kwargs["subscribe"] = ("methods", "twin")
-        transport: Transport = mux.device(cs.device_id, token=token, receive_c2d=True, **kwargs)
-        # Without a ``supports`` attribute: the whole surface if it took ``subscribe``, else C2D only
-        # (what MuxDevice served when this was written); its twin requests are tried anyway.
-        self._surface[cs.device_id] = surface_of(transport, SURFACE if full else frozenset({"c2d"}))
+        self._members.add(cs.device_id)
+        transport: Transport = mux.device(cs.device_id, token=token, receive_c2d=True,
+                                          subscribe=("methods", "twin"))
         return transport
 
-    def whole_surface(self) -> bool:
-        """Whether a multiplexed device serves the whole device surface in this build (its class says
-        ``supports``, or its mux takes ``subscribe`` as AmqpTransport does)."""
-        try:
-            mod = importlib.import_module("adapters.amqp.mux")
-        except ImportError:
-            return False
-        supports = getattr(mod.MuxDevice, "supports", None)
-        if supports is not None and not isinstance(supports, property):
-            return surface_of(mod.MuxDevice) >= SURFACE
-        return "subscribe" in inspect.signature(mod.AmqpMux.device).parameters
-
-    def surface(self, device_id: str) -> frozenset[str] | None:
-        """The surface parts of a device made here, or None for one not multiplexed."""
-        return self._surface.get(device_id)
+    def multiplexed(self, device_id: str) -> bool:
+        """Whether the device was made here (it shares a connection)."""
+        return device_id in self._members
 
     def connections(self) -> dict[str, list[int]]:
         """Devices per live shared connection, per upstream (``host:port``)."""
@@ -384,7 +309,6 @@ class DevicePipeline:
         redact: Callable[[str], str] = str,
         c2d_poll_interval: float = 1.0,
         c2d_max_held: int = 100,
-        surface: frozenset[str] = SURFACE,
         multiplexed: bool = False,
         twin_poll_interval: float = 30.0,
         stats: Stats | None = None,
@@ -402,12 +326,11 @@ class DevicePipeline:
         self._clock = clock
         self.last_error: IoTHubError | None = None
         self.last_error_at: float | None = None
-        make: Callable[..., DeviceSurface] = DeviceSurface if surface >= SURFACE else partial(_Surface, parts=surface)
-        self.surface = make(device_id, protocol, lambda: self.handler,
-                            now=lambda: rfc3339(self._clock()) or "",
-                            timeout=lambda: self.policy.config.operation.timeout,
-                            poll_interval=c2d_poll_interval, max_held=c2d_max_held,
-                            twin_poll_interval=twin_poll_interval)
+        self.surface = DeviceSurface(device_id, protocol, lambda: self.handler,
+                                     now=lambda: rfc3339(self._clock()) or "",
+                                     timeout=lambda: self.policy.config.operation.timeout,
+                                     poll_interval=c2d_poll_interval, max_held=c2d_max_held,
+                                     twin_poll_interval=twin_poll_interval)
         self.handler = Handler(transport, policy=policy, identity=device_id, refresh_credentials=_no_refresh,
                                on_state_change=self._on_state, on_undelivered=self._on_undelivered,
                                on_inbound=self.surface.on_inbound)

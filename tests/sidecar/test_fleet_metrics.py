@@ -9,8 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.sidecar.metrics import DeviceStates
-from gateway.sidecar.upstream import SURFACE, surface_of
-from gateway.transport import GetTwin, PatchReported, RespondMethod, SettleC2D
 
 _STATES = ["idle", "connecting", "connected", "disconnected-retrying", "throttled", "parked", "stopped", "closed"]
 _changes = st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["mqtt", "amqp"]), st.sampled_from(_STATES)),
@@ -34,18 +32,3 @@ def test_counts_kept_on_events_match_a_recount(changes: list[tuple[int, str, str
     assert picked[:len(unhealthy)] == unhealthy[:limit]  # attention first, by id
     rest = picked[len(unhealthy):]
     assert rest == sorted(rest) and not set(rest) & set(unhealthy)
-
-
-class _With:
-    def __init__(self, supports: object) -> None:
-        self.supports = supports
-
-
-def test_supports_is_read_defensively() -> None:
-    assert surface_of(object()) == SURFACE  # no attribute: the default
-    assert surface_of(object(), frozenset({"c2d"})) == {"c2d"}
-    assert surface_of(_With({SettleC2D, GetTwin})) == {"c2d", "twin"}  # request classes
-    assert surface_of(_With(["RespondMethod", "twin_desired", "c2d", "nonsense"])) == SURFACE  # names
-    assert surface_of(_With([PatchReported, RespondMethod])) == {"twin", "methods"}
-    assert surface_of(_With(42), frozenset({"c2d"})) == {"c2d"}  # not a collection: the default
-    assert surface_of(_With(())) == frozenset()
