@@ -17,11 +17,11 @@ from adapters.amqp.mux import DEVICES_PER_CONNECTION, AmqpMux, MuxDevice
 from adapters.amqp.transport import AmqpTransport
 from gateway.codes import code_of
 from gateway.emulator import Hub
-from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
 from gateway.handler import Handler, State, StateChange
 from gateway.tls import client_context
 from gateway.transport import C2DMessage, Disconnected, GetTwin, Inbound, Message, SettleC2D, UnsupportedRequest
+from tests.peers.emulator import tls_amqp_front
 
 STEP = 5.0
 DEVICES = [f"leaf-{i}" for i in range(6)]
@@ -44,11 +44,8 @@ def hub() -> Hub:
 
 @pytest.fixture
 async def front(hub: Hub, tls_files: Any) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub, FrontConfig(ssl_context=tls_files.server_context()),
-                  cert_file=str(tls_files.cert_pem), key_file=str(tls_files.key_pem))
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+    async with tls_amqp_front(hub, tls_files) as f:
+        yield f
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from adapters.amqp.mux import AmqpMux, MuxDevice
 from adapters.http.emulator import HttpFront
 from adapters.http.transport import HttpTransport, MethodResult
 from gateway.emulator import Hub
-from gateway.emulator.front import FrontConfig
 from gateway.errors import IoTHubError
 from gateway.handler import Handler
 from gateway.tls import client_context
@@ -39,6 +38,7 @@ from gateway.transport import (
     TransportEvent,
     UnsupportedRequest,
 )
+from tests.peers.emulator import tls_amqp_front
 
 STEP = 5.0
 DEVICES = ["m1", "m2", "m3"]
@@ -54,11 +54,8 @@ def hub() -> Hub:
 
 @pytest.fixture
 async def front(hub: Hub, tls_files: Any) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub, FrontConfig(ssl_context=tls_files.server_context()),
-                  cert_file=str(tls_files.cert_pem), key_file=str(tls_files.key_pem))
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+    async with tls_amqp_front(hub, tls_files) as f:
+        yield f
 
 
 @pytest.fixture

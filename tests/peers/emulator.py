@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from adapters.amqp.emulator import AmqpFront
 from adapters.mqtt.emulator import MqttFront
 from gateway.emulator import Hub
+from gateway.emulator.front import FrontConfig
 
 STEP = 5.0  # bound on starting or stopping a front
 
@@ -53,3 +56,15 @@ async def mqtt_front(hub: Hub) -> AsyncIterator[MqttFront]:
     await asyncio.wait_for(f.start(), STEP)
     yield f
     await asyncio.wait_for(f.stop(), STEP * 2)
+
+
+@contextlib.asynccontextmanager
+async def tls_amqp_front(hub: Hub, tls_files: Any) -> AsyncIterator[AmqpFront]:
+    """The AMQP front over TLS (proton takes the certificate as files), started and stopped within bounds."""
+    f = AmqpFront(hub, FrontConfig(ssl_context=tls_files.server_context()),
+                  cert_file=str(tls_files.cert_pem), key_file=str(tls_files.key_pem))
+    await asyncio.wait_for(f.start(), STEP)
+    try:
+        yield f
+    finally:
+        await asyncio.wait_for(f.stop(), STEP * 3)

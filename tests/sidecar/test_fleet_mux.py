@@ -16,10 +16,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.amqp.emulator import AmqpFront
 from gateway.emulator import Hub
-from gateway.emulator.front import FrontConfig
 from gateway.sidecar.app import make_app
 from gateway.sidecar.config import parse_config
 from gateway.sidecar.service import Sidecar
+from tests.peers.emulator import tls_amqp_front
 
 N = 1000
 STEP = 5.0
@@ -35,11 +35,8 @@ def hub() -> Hub:
 
 @pytest.fixture
 async def front(hub: Hub, tls_files: Any) -> AsyncIterator[AmqpFront]:
-    f = AmqpFront(hub, FrontConfig(ssl_context=tls_files.server_context()),
-                  cert_file=str(tls_files.cert_pem), key_file=str(tls_files.key_pem))
-    await asyncio.wait_for(f.start(), STEP)
-    yield f
-    await asyncio.wait_for(f.stop(), STEP * 3)
+    async with tls_amqp_front(hub, tls_files) as f:
+        yield f
 
 
 def _threads() -> list[str]:
