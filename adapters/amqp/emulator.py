@@ -377,6 +377,7 @@ def _server_class() -> type[Any]:
             self.feedback_links: list[Any] = []  # the service's feedback receivers
             self.eh_links: list[Any] = []  # Event Hub-compatible partition receivers
             self.stopping = False
+            self.tick: Any = None  #: the pending C2D / feedback tick (proton Task)
             self._cmds: deque[Callable[[], None]] = deque()
             self._lock = threading.Lock()
             self._ids = itertools.count()
@@ -410,11 +411,13 @@ def _server_class() -> type[Any]:
                 domain.set_peer_authentication(proton.SSLDomain.ANONYMOUS_PEER)
                 self.acceptor.set_ssl_domain(domain)
             front._port = self.acceptor._selectable._delegate.getsockname()[1]
-            container.schedule(front.c2d_poll, self)
+            self.tick = container.schedule(front.c2d_poll, self)
             front._started.set()
 
         def shutdown(self) -> None:
             self.stopping = True
+            if self.tick is not None:
+                self.tick.cancel()  # a pending tick would keep the reactor (and its thread) alive until it fires
             if self.acceptor is not None:
                 self.acceptor.close()
             for conn in list(self.conns):
@@ -618,6 +621,8 @@ def _server_class() -> type[Any]:
                 self.c2d_links[device] = link
             handle = self.conns.setdefault(conn, object())
             self.hub.attach(device, "amqp", handle, kick=lambda: self.post(lambda: self._taken_over(conn)))
+            if kind == "devicebound":  # told of each queued message: IoT Hub delivers C2D at once, not per tick
+                self.hub.watch_c2d(device, handle, lambda: self.post(lambda: self._c2d_queued(device)))
             if str(kind).startswith("methods-") and all(
                 (out := self.links.get((device, side))) is not None and out.connection == conn
                 for side in ("methods-in", "methods-out")
@@ -1123,24 +1128,34 @@ def _server_class() -> type[Any]:
             if self.eh_links:
                 self._send_events()
             for device, link in list(self.c2d_links.items()):
-                if not link.state & Endpoint.LOCAL_ACTIVE or link.credit <= 0:
-                    continue
-                known = self.hub.device(device)
-                if known is None or not (known.c2d or known.locked):
-                    continue  # nothing queued or locked (a lock-free peek: the next tick catches a race);
-                    # with thousands of multiplexed devices a full lock_c2d per device per tick is the cost
-                while link.credit > 0:
-                    entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
-                    if entry is None or entry.lock_token is None:
-                        break
-                    msg = Message(id=entry.message_id, body=entry.body, inferred=True,
-                                  address=f"/devices/{device}/messages/deviceBound",
-                                  correlation_id=entry.correlation_id, delivery_count=entry.delivery_count - 1)
-                    if entry.properties:
-                        msg.properties = cast(Any, dict(entry.properties))
-                    dlv = link.send(msg)
-                    dlv.gw_c2d = (device, entry.lock_token)
-            event.container.schedule(self.front.c2d_poll, self)
+                self._push_c2d(device, link)
+            self.tick = event.container.schedule(self.front.c2d_poll, self)
+
+        def _push_c2d(self, device: str, link: Any) -> None:
+            """Send the device what is queued for it, as far as the link's credit goes. Called when the hub
+            says a message was queued (IoT Hub delivers at once) and on every tick (expired locks, credit)."""
+            if not link.state & Endpoint.LOCAL_ACTIVE or link.credit <= 0:
+                return
+            known = self.hub.device(device)
+            if known is None or not (known.c2d or known.locked):
+                return  # nothing queued or locked (a lock-free peek: the next tick catches a race);
+                # with thousands of multiplexed devices a full lock_c2d per device per tick is the cost
+            while link.credit > 0:
+                entry = self.hub.lock_c2d(device, self.front.lock_timeout, self.front.clock())
+                if entry is None or entry.lock_token is None:
+                    break
+                msg = Message(id=entry.message_id, body=entry.body, inferred=True,
+                              address=f"/devices/{device}/messages/deviceBound",
+                              correlation_id=entry.correlation_id, delivery_count=entry.delivery_count - 1)
+                if entry.properties:
+                    msg.properties = cast(Any, dict(entry.properties))
+                dlv = link.send(msg)
+                dlv.gw_c2d = (device, entry.lock_token)
+
+        def _c2d_queued(self, device: str) -> None:
+            link = self.c2d_links.get(device)
+            if link is not None:
+                self._push_c2d(device, link)
 
         def on_accepted(self, event: Any) -> None:
             self._settled_by_device(event.delivery)

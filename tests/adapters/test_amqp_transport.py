@@ -338,6 +338,23 @@ async def test_c2d_receive_and_complete(hub: Hub, front: AmqpFront) -> None:
         await t.close()
 
 
+async def test_c2d_is_pushed_when_queued_not_on_the_next_poll(hub: Hub) -> None:
+    """IoT Hub delivers a queued C2D message at once: the front must not wait for its poll (an hour here)."""
+    front = AmqpFront(hub, c2d_poll=3600.0)
+    await asyncio.wait_for(front.start(), STEP)
+    t = await connected(hub, front)
+    try:
+        await asyncio.sleep(0.1)  # the receiver link's credit is out
+        for i in range(3):
+            hub.send_c2d("d1", b"now", message_id=f"push-{i}")
+            event = await next_event(t)
+            assert isinstance(event, Inbound) and event.payload.message_id == f"push-{i}"
+            await asyncio.wait_for(t.settle(event.payload.lock_token), STEP)
+    finally:
+        await t.close()
+        await front.stop()
+
+
 async def test_c2d_settlement_after_the_lock_expired(hub: Hub) -> None:
     now = [1_000.0]
     front = AmqpFront(hub, lock_timeout=30.0, clock=lambda: now[0])
