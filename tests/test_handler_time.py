@@ -208,9 +208,8 @@ async def test_three_hours_tokens_renewed_before_expiry_at_quiet_moments() -> No
         refreshed.append(clock.now())
         return None
 
-    handler = Handler(transport, clock=clock, refresh_credentials=refresh)
     changes: list[Any] = []
-    handler._on_state_change = changes.append
+    handler = Handler(transport, clock=clock, refresh_credentials=refresh, on_state_change=changes.append)
     await handler.start()
     assert await clock.run_until(lambda: handler.state is State.CONNECTED, limit=10)
 
@@ -227,7 +226,7 @@ async def test_three_hours_tokens_renewed_before_expiry_at_quiet_moments() -> No
     assert len(refreshed) >= 2 and transport.connects >= 3
     assert all(closed < expiry for closed, expiry in transport.lifetimes)  # renewed before each expiry
     assert transport.closed_busy == 0  # at a quiet moment: no send was cut
-    assert not any(c.state in (State.STOPPED, State.RETRYING) for c in changes)
+    assert changes and not any(c.state in (State.STOPPED, State.RETRYING) for c in changes)
     assert handler.metrics()[(None, "mqtt", "renew")] == len(refreshed)
     sender.cancel()
     await asyncio.gather(sender, return_exceptions=True)
