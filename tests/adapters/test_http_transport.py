@@ -590,8 +590,9 @@ async def test_handler_honours_retry_after_on_throttling(env: Env) -> None:
     assert throttled and throttled[0].code == 429001 and throttled[0].cause is not None
     assert throttled[0].cause.retry_after == 0.3
     assert throttled[0].until is not None and throttled[0].until - throttled[0].at >= 0.3
-    # the wait before the second attempt was the hub's 0.3 s (plus jitter), not the 0.05 s throttle curve
-    assert any(0.3 <= s <= 0.34 for s in clock.sleeps)
+    # the wait before the second attempt was the hub's 0.3 s (plus jitter), not the 0.05 s throttle curve;
+    # the gate sleeps ``until - now`` from a task that a loaded machine starts late, so it can be shorter
+    assert any(0.2 <= s <= 0.34 for s in clock.sleeps), clock.sleeps
     assert env.hub.received_ids() == ["m1"]
 
 
