@@ -388,6 +388,49 @@ async def e2e_rate(s: aiohttp.ClientSession, url: str, device: str, n: int, conc
     return n / accept, n / (end - start), drain
 
 
+def prefill(path: Path, device: str, n: int) -> None:
+    """``n`` pending messages for ``device`` written straight into an outbox file, as an app's POSTs would
+    have left them (same properties), in one transaction."""
+    from gateway.outbox import Outbox
+
+    store = Outbox(str(path), max_messages=max(n, 1) * 2)
+    now = time.time()
+    props = {"site": "bench", "$.ct": "application/json", "$.ctime": "2026-01-01T00:00:00.000Z"}
+    try:
+        with store.transaction():
+            for i in range(n):
+                store.put(device, PAYLOAD, now=now, properties=props, message_id=f"p-{device}-{i}")
+    finally:
+        store.close()
+
+
+async def drain_rate(args: argparse.Namespace, emu: Emulator, tmp: Path, t: str) -> float:
+    """Outbox to hub alone: a sidecar started on an outbox already holding N messages for its one device;
+    delivered per second from its first delivery until all N are acknowledged (no POST meanwhile)."""
+    device = f"sc-{t}"
+    outbox = tmp / f"drain-{t}.sqlite3"
+    for old in tmp.glob(f"drain-{t}.sqlite3*"):
+        old.unlink()
+    prefill(outbox, device, args.messages)
+    config = sidecar_config(tmp / f"drain-{t}.toml", outbox=outbox, ports=emu.ports, devices=[(device, t)],
+                            inflight=args.inflight, retention_max=args.retention_max)
+    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
+    with child(["-m", "gateway.cli", "run", "--config", str(config)], env,
+               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+        async with session(4) as s:
+            async with asyncio.timeout(max(120.0, args.messages / 20)):
+                first = 0
+                while first == 0:
+                    first = await delivered_of(s, sidecar.url, device)
+                    await asyncio.sleep(0.005)
+                start, cpu = time.perf_counter(), sidecar.cpu_seconds()
+                while (done := await delivered_of(s, sidecar.url, device)) < args.messages:
+                    await asyncio.sleep(0.02)
+                took = time.perf_counter() - start
+                args.drain_cpu_us = (sidecar.cpu_seconds() - cpu) / (done - first) * 1e6
+    return (done - first) / took
+
+
 async def c2d_round_trips(s: aiohttp.ClientSession, url: str, admin: str, device: str, k: int) -> float:
     async with s.get(f"{url}/v1/devices/{device}/c2d", timeout=aiohttp.ClientTimeout(total=None)) as resp:
         stream = Events(resp)

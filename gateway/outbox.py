@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -409,6 +409,30 @@ class Outbox:
     def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> bool:
         """The hub acknowledged it. False when it was no longer open (a late ack after a dead letter)."""
         return self._finish(message_id, "delivered", now, None, None, possible_duplicate)
+
+    def delivered_many(self, acks: Sequence[tuple[str, float, bool]]) -> list[bool]:
+        """Several acknowledgements ``(message_id, now, possible_duplicate)`` in one transaction, one
+        statement per flag (and per 500 ids): under load a commit writes each touched index page once for a
+        whole group instead of once per message. Each group takes its latest ``now`` (the acknowledgements
+        of one group arrive within one write's time). Says, per ack, whether it was still open."""
+        done: set[str] = set()
+        with self.transaction():
+            for dup in (False, True):
+                group = [(mid, now) for mid, now, flag in acks if bool(flag) is dup]
+                for start in range(0, len(group), 500):
+                    part = group[start:start + 500]
+                    marks = ",".join("?" * len(part))
+                    # "+status": with a list of ids SQLite would otherwise walk the status index (every
+                    # pending row, measured ~1.5 ms per ack at 30,000 pending) instead of the id index.
+                    rows = self._writer.execute(
+                        f"UPDATE messages SET status='delivered', done_at=?, code=NULL, reason=NULL, "
+                        f"duplicate=MAX(duplicate, ?) WHERE id IN ({marks}) AND +status IN ('pending','inflight') "
+                        f"RETURNING id",
+                        (max(now for _, now in part), int(dup), *(mid for mid, _ in part)),
+                    ).fetchall()
+                    done.update(row[0] for row in rows)
+            self._open_delta -= len(done)
+        return [mid in done for mid, _, _ in acks]
 
     def dead_letter(self, message_id: str, *, code: int, reason: str, now: float) -> bool:
         """The hub refused it for good, or its deadline passed: keep it, with the code, listable."""

@@ -205,8 +205,7 @@ class AsyncOutbox:
     async def delivered_many(self, acks: Sequence[tuple[str, float, bool]]) -> list[bool]:
         """Several acknowledgements ``(message_id, now, possible_duplicate)`` as one operation: one wake-up
         of the writer thread, not one per message."""
-        return await self._submit(lambda s: [s.delivered(mid, now=now, possible_duplicate=dup)
-                                             for mid, now, dup in acks])
+        return await self._submit(lambda s: s.delivered_many(acks))
 
     async def dead_letter(self, message_id: str, *, code: int, reason: str, now: float) -> bool:
         return await self._submit(lambda s: s.dead_letter(message_id, code=code, reason=reason, now=now))

@@ -277,3 +277,28 @@ def test_a_file_from_before_the_counts_table_is_migrated(tmp_path: pathlib.Path)
     assert box.counts("e")["dead"] == 1
     assert box._db is not None and box._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
     box.close()
+
+
+def test_delivered_many_settles_a_group_in_one_statement_per_flag(tmp_path: pathlib.Path) -> None:
+    box = Outbox(str(tmp_path / "o.db"), max_messages=10_000)
+    with box.transaction():
+        for i in range(3000):  # enough rows that a plan by status would visit thousands of them per id
+            box.put("d", b"x", now=0, message_id=f"m{i}")
+    claimed = box.claim("d", limit=1200)
+    box.dead_letter(claimed[5].id, code=400000, reason="refused", now=1)
+    statements: list[str] = []
+    box._writer.set_trace_callback(statements.append)
+    acks = [(item.id, 2.0 + n, n % 3 == 0) for n, item in enumerate(claimed)] + [("nope", 9.0, False)]
+    done = box.delivered_many(acks)
+    box._writer.set_trace_callback(None)
+    assert done == [item.id != claimed[5].id for item in claimed] + [False]  # a dead letter stays dead
+    assert box.counts("d")["delivered"] == 1199 and box.counts("d")["possible_duplicates"] == 400
+    assert box.counts("d")["pending"] == 1800 and box.counts("d")["inflight"] == 0
+    flagged = box.get(claimed[3].id)
+    assert flagged is not None and flagged.possible_duplicate and flagged.status == "delivered"
+    updates = {s for s in statements if s.startswith("UPDATE messages SET status='delivered'")}  # (traced per row)
+    assert len(updates) == 3  # 801 unflagged ("nope" included) in two statements of <= 500 ids, 400 flagged in one
+    for update in updates:  # found through the id index, never by scanning a status
+        plan = " ".join(row[3] for row in box._writer.execute("EXPLAIN QUERY PLAN " + update))
+        assert "sqlite_autoindex_messages_1 (id=?)" in plan, plan
+    box.close()

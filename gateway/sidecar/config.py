@@ -125,6 +125,10 @@ class DeliveryConfig:
     c2d_poll_interval: float = 1.0  #: HTTP devices: seconds between C2D polls while an app listens
     c2d_max_held: int = 100  #: C2D messages held unsettled per device for apps; past that the hub keeps them
     twin_poll_interval: float = 30.0  #: HTTP devices: seconds between twin reads while an app streams desired
+    #: a device with a backlog claims up to this many messages beyond ``2 * max_inflight`` at once (fewer
+    #: commits per message), borrowed from ``claim_budget``, which all devices share (bodies held in memory)
+    claim_ahead: int = 256
+    claim_budget: int = 4096  #: messages claimed ahead of sending across all devices at most
 
 
 @dataclass(frozen=True)
@@ -451,7 +455,7 @@ def parse_config(
 
     raw = c.table(data, "delivery")
     c.keys(raw, "[delivery]", {"max_inflight", "shutdown_deadline", "c2d_poll_interval", "c2d_max_held",
-                            "twin_poll_interval"})
+                            "twin_poll_interval", "claim_ahead", "claim_budget"})
     dl = DeliveryConfig()
     delivery = DeliveryConfig(
         max_inflight=c.number(raw, "max_inflight", "[delivery]", dl.max_inflight, whole=True, minimum=1,
@@ -463,6 +467,10 @@ def parse_config(
                               maximum=10000),
         twin_poll_interval=c.number(raw, "twin_poll_interval", "[delivery]", dl.twin_poll_interval, minimum=0.01,
                                     maximum=86400),
+        claim_ahead=c.number(raw, "claim_ahead", "[delivery]", dl.claim_ahead, whole=True, minimum=0,
+                             maximum=100_000),
+        claim_budget=c.number(raw, "claim_budget", "[delivery]", dl.claim_budget, whole=True, minimum=0,
+                              maximum=10_000_000),
     )
 
     raw = c.table(data, "logging")

@@ -44,6 +44,7 @@ from gateway.sidecar.security import Redactor
 from gateway.sidecar.stats import Stats
 from gateway.sidecar.upstream import (
     AmqpPools,
+    ClaimBudget,
     DevicePipeline,
     EventHub,
     ProtocolUnavailable,
@@ -211,6 +212,7 @@ class Sidecar:
         if self._outbox.recovered:
             log.warning("%d message(s) were in flight when the sidecar last stopped; they will be sent again "
                         "(flagged as possible duplicates)", self._outbox.recovered)
+        budget = ClaimBudget(cfg.delivery.claim_budget, cfg.delivery.claim_ahead)
         for device in cfg.devices:
             self.pipelines[device.id] = DevicePipeline(
                 device.id, device.protocol, transports[device.id], self._outbox, policy=cfg.policy,
@@ -218,6 +220,7 @@ class Sidecar:
                 redact=self.redactor, c2d_poll_interval=cfg.delivery.c2d_poll_interval,
                 c2d_max_held=cfg.delivery.c2d_max_held, multiplexed=self.amqp_pools.multiplexed(device.id),
                 twin_poll_interval=cfg.delivery.twin_poll_interval, stats=self.stats,
+                budget=budget,
             )
         legacy = self.config.outbox_path().parent / "outbox.sqlite3"
         if not cfg.outbox.path and legacy.exists():

@@ -2,9 +2,9 @@
 
 One :class:`DevicePipeline` per configured device, each with its own transport and
 :class:`~gateway.handler.Handler` (IoT Hub authenticates per device). A pipeline claims the oldest
-pending messages of its device (up to ``max_inflight`` sends at a time, and as many again claimed ahead so
-the next send starts the moment a slot frees), sends each with the stable outbox id as the message id,
-and settles it in the outbox (the write goes on after the slot is free):
+pending messages of its device (up to ``max_inflight`` sends at a time, and more claimed ahead so the next
+send starts the moment a slot frees), sends each with the stable outbox id as the message id, and settles
+it in the outbox (the write goes on after the slot is free):
 
 - delivered: ``outbox.delivered`` (flagged as a possible duplicate when an attempt was uncertain);
 - a permanent refusal (the code's action is ``fail``): dead-lettered with that code;
@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import ssl
 import time
 from collections import deque
@@ -83,10 +84,25 @@ SYSTEM_KEYS = {"$.ct": "content_type", "$.ce": "content_encoding", "$.cid": "cor
 
 
 def rfc3339(epoch: float | None) -> str | None:
-    """An epoch time as the API shows it: RFC 3339 in UTC with milliseconds (None stays None)."""
+    """An epoch time as the API shows it: RFC 3339 in UTC with milliseconds (None stays None).
+
+    Every delivery event carries one, so the seconds part is formatted once per second and kept; the
+    result is the same as ``datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")``
+    with ``Z`` (microseconds rounded half to even, then truncated to milliseconds).
+    """
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    whole = math.floor(epoch)
+    micros = round((epoch - whole) * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    global _last_second
+    if _last_second[0] != whole:
+        _last_second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_last_second[1]}.{micros // 1000:03d}Z"
+
+
+_last_second: tuple[int | None, str] = (None, "")
 
 
 def storage_view(failure: Any) -> dict[str, Any] | None:
@@ -171,6 +187,32 @@ _TOKEN_TTL = 3600.0  #: seconds a multiplexed device's SAS token lives; CBS rene
 #: An idle pipeline (no messages waiting) looks at the outbox again after this many seconds even if no
 #: accept woke it (a safety net only: every accept, release, replay and storage recovery wakes it).
 IDLE_RECHECK = 30.0
+#: Seconds acknowledgements of a busy pipeline gather before they are written as one group.
+ACK_GROUP_DELAY = 0.02
+
+
+class ClaimBudget:
+    """Messages claimed ahead of sending, beyond each device's own ``2 * max_inflight``, shared by every
+    pipeline of a sidecar.
+
+    Why claim far ahead: the outbox commits a claim's rows and their index pages once per claim, so 256
+    rows in one claim cost a fraction of 16 claims of 16 (measured: ~15 µs against ~50 µs of SQLite per
+    message), and a device with a backlog keeps its sends going while the writer thread is busy. Why a
+    shared bound: claimed bodies sit in memory; 10,000 devices with a backlog each would otherwise hold
+    ``10,000 * ahead`` of them. A device borrows only while its backlog lasts and gives back as it drains.
+    """
+
+    def __init__(self, total: int, per_device: int) -> None:
+        self.free = total
+        self.per_device = per_device
+
+    def borrow(self, want: int) -> int:
+        got = max(0, min(want, self.free))
+        self.free -= got
+        return got
+
+    def give_back(self, n: int) -> None:
+        self.free += n
 
 
 class AmqpPools:
@@ -312,8 +354,11 @@ class DevicePipeline:
         multiplexed: bool = False,
         twin_poll_interval: float = 30.0,
         stats: Stats | None = None,
+        budget: ClaimBudget | None = None,
     ) -> None:
         self.device_id = device_id
+        self._budget = budget or ClaimBudget(0, 0)
+        self._borrowed = 0  #: claim-ahead room borrowed from the budget (given back as the backlog drains)
         self.multiplexed = multiplexed
         self.stats = stats or Stats([device_id])
         self._redact = redact
@@ -339,7 +384,7 @@ class DevicePipeline:
         #: deliveries being written to the outbox: a send's slot is free once the hub acknowledged it, so
         #: the next send does not wait for this write (the writer thread commits them in groups)
         self._settling: set[asyncio.Task[None]] = set()
-        #: claimed ahead, not yet sent (at most max_inflight): released, unflagged, when the pipeline stops
+        #: claimed ahead, not yet sent: released, unflagged, when the pipeline stops
         self._ready: deque[OutboxItem] = deque()
         #: acknowledged by the hub, to be written as delivered by the one writing task (``_flusher``)
         self._acked: list[tuple[OutboxItem, int, float, bool]] = []
@@ -379,6 +424,8 @@ class DevicePipeline:
         if self._settling:  # acknowledged by the hub: write them down (a cut-short write is sent again later)
             _, late = await asyncio.wait(set(self._settling), timeout=max(deadline, 1.0))
             await cancel_and_wait(late)
+        self._budget.give_back(self._borrowed)
+        self._borrowed = 0
         await self.surface.close()
         await self.handler.close()
         return len(pending)
@@ -454,14 +501,16 @@ class DevicePipeline:
             task = asyncio.get_running_loop().create_task(self._deliver(item), name=f"send-{item.id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        room = 2 * self.max_inflight - len(self._tasks) - len(self._ready)
-        if self._tasks and (room <= 0 or len(self._ready) > self.max_inflight // 2):
+        pending = self.outbox.counts(self.device_id)["pending"]
+        room = self._window(pending) - len(self._tasks) - len(self._ready)
+        if self._tasks and (room <= 0 or len(self._ready) > max(self.max_inflight, self._borrowed) // 2):
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
             return
-        # Claim ahead (up to max_inflight more than are being sent): the next send starts the moment a
-        # slot frees, instead of after a round trip to the writer thread.
+        # Claim ahead (max_inflight more than are being sent, and what the budget lends while there is a
+        # backlog): the next send starts the moment a slot frees, not after a round trip to the writer
+        # thread, and one claim carries many rows.
         self._wake.clear()
-        if not self._tasks and not self._ready and self.outbox.counts(self.device_id)["pending"] == 0:
+        if not self._tasks and not self._ready and pending == 0:
             # Nothing waits (the counts are published after each commit, before an accept returns and
             # wakes us): no claim, no timer per second; 10,000 idle devices cost nothing.
             await self._sleep_or_wake(IDLE_RECHECK)
@@ -476,6 +525,18 @@ class DevicePipeline:
             waker.cancel()
         else:
             await self._sleep_or_wake(1.0)
+
+    def _window(self, pending: int) -> int:
+        """How many may be claimed (in flight and ready) now: ``2 * max_inflight``, plus what the budget
+        lends while pending messages wait, given back as the backlog drains."""
+        base = 2 * self.max_inflight
+        wanted = min(self._budget.per_device, max(0, len(self._tasks) + len(self._ready) + pending - base))
+        if wanted > self._borrowed:
+            self._borrowed += self._budget.borrow(wanted - self._borrowed)
+        elif wanted < self._borrowed:
+            self._budget.give_back(self._borrowed - wanted)
+            self._borrowed = wanted
+        return base + self._borrowed
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -524,7 +585,14 @@ class DevicePipeline:
 
     async def _write_delivered(self) -> None:
         try:
-            await asyncio.sleep(0)  # the acknowledgements read in this turn of the loop join the first write
+            # While sends are still coming back, let acknowledgements gather for a moment: a commit costs
+            # the same for one row as for hundreds (each touched index page is written to the WAL once),
+            # and the hub already has these messages, so only their status waits (a crash meanwhile sends
+            # them again, flagged as possible duplicates).
+            if self._tasks and not self._stopping:
+                await asyncio.sleep(ACK_GROUP_DELAY)
+            else:
+                await asyncio.sleep(0)  # the acknowledgements read in this turn of the loop join the first write
             while self._acked:
                 batch, self._acked = self._acked, []
                 acks = [(item.id, done, duplicate) for item, _, done, duplicate in batch]

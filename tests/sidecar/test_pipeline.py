@@ -1,20 +1,27 @@
-"""The delivery pipeline's claim-ahead: the next send starts as a slot frees; what was claimed ahead and
-never sent goes back to pending unflagged at shutdown (only the sends cut short are possible duplicates)."""
+"""The delivery pipeline's claim-ahead: the next send starts as a slot frees; a backlog is claimed in large
+groups within a budget all devices share; what was claimed ahead and never sent goes back to pending
+unflagged at shutdown (only the sends cut short are possible duplicates)."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gateway.outbox import Outbox
+from gateway.sidecar.upstream import rfc3339
 from tests.sidecar.fakes import Upstream, fake_config
 
 
 async def test_claimed_ahead_messages_return_unflagged_and_sends_cut_short_flagged(tmp_path: Path,
                                                                                 start_sidecar: Any):
     up = Upstream(block=asyncio.Event())  # every send waits: the hub never acknowledges
-    config = fake_config(tmp_path, ("dev-mqtt", "mqtt"), delivery={"max_inflight": 2, "shutdown_deadline": 0.2})
+    config = fake_config(tmp_path, ("dev-mqtt", "mqtt"),
+                         delivery={"max_inflight": 2, "shutdown_deadline": 0.2, "claim_ahead": 0})
     run = await start_sidecar(config, up)
     ids = []
     for i in range(8):
@@ -85,3 +92,62 @@ async def test_delivered_many_settles_each_and_says_which_were_open(tmp_path: Pa
     item = outbox.get(b)
     assert item is not None and item.status == "delivered" and item.possible_duplicate
     up.block.set()  # type: ignore[union-attr]
+
+
+async def test_a_backlog_is_claimed_far_ahead_within_the_shared_budget_and_given_back(tmp_path: Path,
+                                                                                   start_sidecar: Any):
+    stored = Outbox(str(tmp_path / "outbox.sqlite3"))  # a backlog left by an earlier run (the hub was away)
+    with stored.transaction():
+        for device in ("dev-a", "dev-b"):
+            for i in range(40):
+                stored.put(device, f"{device}-{i}".encode(), now=0)
+    stored.close()
+    up = Upstream(block=asyncio.Event())
+    config = fake_config(tmp_path, ("dev-a", "mqtt"), ("dev-b", "mqtt"),
+                         delivery={"max_inflight": 2, "claim_ahead": 20, "claim_budget": 30})
+    run = await start_sidecar(config, up)
+    a, b = run.sidecar.pipelines["dev-a"], run.sidecar.pipelines["dev-b"]
+    outbox = run.sidecar.outbox
+
+    def claimed(device: str) -> int:
+        return outbox.counts(device)["inflight"]
+
+    # each device: 2 sending and 2 ahead of its own, plus what it borrowed: 20 at most each, 30 for both
+    await run.wait_for(lambda: claimed("dev-a") + claimed("dev-b") == 8 + 30)
+    assert a._borrowed + b._borrowed == 30 and a._borrowed <= 20 and b._borrowed <= 20
+    assert claimed("dev-a") == 4 + a._borrowed and claimed("dev-b") == 4 + b._borrowed
+    up.block.set()  # type: ignore[union-attr]
+    await run.wait_for(lambda: outbox.counts()["delivered"] == 80)
+    await run.wait_for(lambda: a._borrowed == 0 and b._borrowed == 0)  # given back as the backlogs drained
+    assert a._budget is b._budget and a._budget.free == 30
+    sent = [m.body.decode() for m in up.received]
+    assert [x for x in sent if x.startswith("dev-a")] == [f"dev-a-{i}" for i in range(40)]  # in order
+
+
+async def test_acknowledgements_of_a_busy_pipeline_are_written_in_few_commits(tmp_path: Path,
+                                                                             start_sidecar: Any):
+    up = Upstream()
+    run = await start_sidecar(fake_config(tmp_path, ("dev-mqtt", "mqtt"), delivery={"max_inflight": 8}), up)
+    outbox = run.sidecar.outbox
+    groups: list[int] = []
+    write = outbox.delivered_many
+
+    async def counted(acks: Any) -> list[bool]:
+        groups.append(len(acks))
+        return await write(acks)
+
+    outbox.delivered_many = counted  # type: ignore[method-assign]
+    for i in range(300):
+        assert (await run.client.post("/v1/devices/dev-mqtt/messages", data=f"m{i}".encode())).status == 202
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["delivered"] == 300)
+    assert sum(groups) == 300
+    assert len(groups) <= 300 / 4, groups  # gathered while sends came back, not one write per acknowledgement
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.floats(min_value=-1e9, max_value=4e10, allow_nan=False),
+                 st.integers(min_value=0, max_value=4 * 10**9).map(lambda s: s + 0.9995),
+                 st.integers(min_value=0, max_value=4 * 10**9).map(lambda s: s + 0.9999996)))
+def test_rfc3339_formats_as_datetime_does(epoch: float) -> None:
+    expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert rfc3339(epoch) == expected
