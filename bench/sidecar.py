@@ -248,6 +248,27 @@ async def post_messages(s: aiohttp.ClientSession, url: str, devices: list[str], 
     return await drive(n, concurrency, one)
 
 
+BATCH_MESSAGE = {"body": json.loads(PAYLOAD), "properties": {"site": "bench"}}
+
+
+async def post_batches(s: aiohttp.ClientSession, url: str, device: str, n: int, size: int, concurrency: int) -> float:
+    """``n`` messages as ``POST .../messages/batch`` requests of ``size`` (the same body and property as
+    :func:`post_messages`, the body given as JSON so the sidecar sends it as application/json)."""
+    body = json.dumps({"messages": [BATCH_MESSAGE] * size}).encode()
+    tail = n % size
+    last = json.dumps({"messages": [BATCH_MESSAGE] * tail}).encode() if tail else body
+    count = -(-n // size)
+
+    async def one(i: int) -> None:
+        async with s.post(f"{url}/v1/devices/{device}/messages/batch", data=last if i == count - 1 else body,
+                          headers={"Content-Type": "application/json"}) as resp:
+            await resp.read()
+            if resp.status != 202:
+                raise RuntimeError(f"batch POST answered {resp.status}: {await resp.text()}")
+
+    return await drive(count, concurrency, one)
+
+
 async def get_json(s: aiohttp.ClientSession, url: str) -> Any:
     async with s.get(url) as resp:
         return await resp.json()
@@ -276,7 +297,7 @@ class Events:
         self.resp = resp
 
     async def next(self, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
-        kind, data = "message", []
+        kind, data = "message", list[str]()
         async with asyncio.timeout(timeout):
             while True:
                 raw = await self.resp.content.readline()
@@ -370,13 +391,16 @@ async def delivered_of(s: aiohttp.ClientSession, url: str, device: str) -> int:
 
 
 async def e2e_rate(s: aiohttp.ClientSession, url: str, device: str, n: int, concurrency: int,
-                   sample: Callable[[], None]) -> tuple[float, float, float | None]:
-    """POST ``n`` messages to one device: (accepted/s, delivered/s from the first POST to the last ack,
-    delivered/s from the last POST's answer to the last ack: the pipeline alone, or None when less than a
-    fifth of the messages were still to deliver then)."""
+                   sample: Callable[[], None], batch: int = 0) -> tuple[float, float, float | None]:
+    """POST ``n`` messages to one device (one per request, or ``batch`` per request): (accepted/s,
+    delivered/s from the first POST to the last ack, delivered/s from the last POST's answer to the last
+    ack: the pipeline alone, or None when less than a fifth of the messages were still to deliver then)."""
     before = await delivered_of(s, url, device)
     start = time.perf_counter()
-    accept = await post_messages(s, url, [device], n, concurrency)
+    if batch:
+        accept = await post_batches(s, url, device, n, batch, max(1, concurrency // 8))
+    else:
+        accept = await post_messages(s, url, [device], n, concurrency)
     backlog = n - (await delivered_of(s, url, device) - before)
     drain_start = time.perf_counter()
     async with asyncio.timeout(max(120.0, n / 20)):
@@ -407,7 +431,7 @@ def prefill(path: Path, device: str, n: int) -> None:
 async def drain_rate(args: argparse.Namespace, emu: Emulator, tmp: Path, t: str) -> float:
     """Outbox to hub alone: a sidecar started on an outbox already holding N messages for its one device;
     delivered per second from its first delivery until all N are acknowledged (no POST meanwhile)."""
-    device = f"sc-{t}"
+    device = f"dr-{t}"  # its own identity: the end-to-end sidecar stays connected as sc-{t} meanwhile
     outbox = tmp / f"drain-{t}.sqlite3"
     for old in tmp.glob(f"drain-{t}.sqlite3*"):
         old.unlink()
@@ -488,8 +512,8 @@ async def end_to_end(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict
     env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
     config = sidecar_config(tmp / "e2e.toml", outbox=tmp / "e2e.sqlite3", ports=emu.ports, devices=devices,
                             inflight=args.inflight, retention_max=args.retention_max)
-    out: dict[str, Any] = {"raw": {}, "sidecar": {}, "accepted": {}, "drain": {}, "ratio": {}, "drain_ratio": {},
-                           "c2d": {}, "methods": {}}
+    out: dict[str, Any] = {"raw": {}, "single": {}, "batched": {}, "drain": {}, "accepted": {},
+                           "accepted_batched": {}, "ratio": {}, "c2d": {}, "methods": {}}
     profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
     with child([*profile, "-m", "gateway.cli", "run", "--config", str(config)], env,
                until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
@@ -510,21 +534,23 @@ async def end_to_end(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict
 
             for t in args.transports:
                 for r in range(args.e2e_rounds):
-                    first = ("raw", "sidecar") if r % 2 == 0 else ("sidecar", "raw")
-                    for who in first:
+                    order = ["raw", "single", "batched", "drain"]
+                    for who in order if r % 2 == 0 else order[::-1]:
                         if who == "raw":
                             rate = await raw_rate(t, emu.devices[f"raw-{t}"], emu.ports[t], args.messages,
                                                   args.inflight)
-                            out["raw"].setdefault(t, []).append(rate)
+                        elif who == "drain":
+                            rate = await drain_rate(args, emu, tmp, t)
                         else:
-                            accepted, rate, drain = await e2e_rate(s, sidecar.url, f"sc-{t}", args.messages,
-                                                                   args.concurrency, sample)
-                            out["sidecar"].setdefault(t, []).append(rate)
-                            out["accepted"].setdefault(t, []).append(accepted)
-                            out["drain"].setdefault(t, []).append(drain)
-                out["ratio"][t] = median(a / b for a, b in zip(out["sidecar"][t], out["raw"][t], strict=True))
-                drains = [d / b for d, b in zip(out["drain"][t], out["raw"][t], strict=True) if d is not None]
-                out["drain_ratio"][t] = median(drains) if drains else None
+                            accepted, rate, _ = await e2e_rate(s, sidecar.url, f"sc-{t}", args.messages,
+                                                               args.concurrency, sample,
+                                                               batch=args.batch if who == "batched" else 0)
+                            out["accepted" if who == "single" else "accepted_batched"].setdefault(t, []).append(
+                                accepted)
+                        out[who].setdefault(t, []).append(rate)
+                for who in ("single", "batched", "drain"):
+                    out["ratio"].setdefault(who, {})[t] = median(
+                        a / b for a, b in zip(out[who][t], out["raw"][t], strict=True))
             sample()
             out["rss_loaded"] = peak["rss"]
             out["file_peak_mb"] = peak["file"]
@@ -541,6 +567,101 @@ async def end_to_end(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict
     return out
 
 
+async def soak(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict[str, Any]:
+    """5. ``--soak`` messages through one MQTT device, POSTed in batches while at most ``window`` wait
+    undelivered (a steady flow, as on an edge box, not one huge backlog), retention on
+    (``delivered_max = --retention-max``); every second: delivered so far, RSS, the outbox file + WAL."""
+    device, n, window = "soak-mqtt", args.soak, 20_000
+    outbox = tmp / "soak.sqlite3"
+    config = sidecar_config(tmp / "soak.toml", outbox=outbox, ports=emu.ports, devices=[(device, "mqtt")],
+                            inflight=args.inflight, retention_max=args.retention_max)
+    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
+
+    def file_mb() -> float:
+        return sum(p.stat().st_size for p in tmp.glob("soak.sqlite3*") if p.is_file()) / 2**20
+
+    with child(["-m", "gateway.cli", "run", "--config", str(config)], env,
+               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+        async with session(8) as s:
+            await wait_connected(s, sidecar.url)
+            await asyncio.sleep(2.0)
+            out: dict[str, Any] = {"rss_idle": sidecar.rss_mb(), "samples": []}
+            state = {"posted": 0, "delivered": 0}
+            body = json.dumps({"messages": [BATCH_MESSAGE] * args.batch}).encode()
+
+            async def producer() -> None:
+                while state["posted"] < n:
+                    if state["posted"] - state["delivered"] > window:
+                        await asyncio.sleep(0.05)
+                        continue
+                    size = min(args.batch, n - state["posted"])
+                    state["posted"] += size
+                    data = body if size == args.batch else json.dumps({"messages": [BATCH_MESSAGE] * size}).encode()
+                    async with s.post(f"{sidecar.url}/v1/devices/{device}/messages/batch", data=data,
+                                      headers={"Content-Type": "application/json"}) as resp:
+                        if resp.status != 202:
+                            raise RuntimeError(f"batch POST answered {resp.status}: {await resp.text()}")
+
+            start = time.perf_counter()
+            producers = [asyncio.ensure_future(producer()) for _ in range(2)]
+            try:
+                async with asyncio.timeout(max(600.0, n / 200)):
+                    while state["delivered"] < n:
+                        await asyncio.sleep(1.0)
+                        state["delivered"] = await delivered_of(s, sidecar.url, device)
+                        out["samples"].append((time.perf_counter() - start, state["delivered"], sidecar.rss_mb(),
+                                               file_mb()))
+                        for task in producers:
+                            if task.done() and task.exception() is not None:
+                                raise task.exception()  # type: ignore[misc]
+            finally:
+                for task in producers:
+                    task.cancel()
+            out["seconds"] = time.perf_counter() - start
+            await asyncio.sleep(3.0)  # the sweep runs every second: retention, then incremental vacuum
+            out["rss_after"] = sidecar.rss_mb()
+            out["file_after_mb"] = file_mb()
+            out["delivered"] = await delivered_of(s, sidecar.url, device)
+    return out
+
+
+def print_soak(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    samples = result["samples"]
+    limit = "under" if result["file_after_mb"] <= args.file_limit else "OVER"
+    print(f"5. soak: {result['delivered']} delivered through one MQTT device in {result['seconds']:.0f} s "
+          f"({result['delivered'] / result['seconds']:.0f}/s; {args.batch} per POST, at most 20,000 waiting)")
+    print(f"   RSS: idle {result['rss_idle']:.1f} MB (target < 60 MB), largest {max(x[2] for x in samples):.1f} MB, "
+          f"at the end {result['rss_after']:.1f} MB")
+    print(f"   outbox file + WAL: largest {max(x[3] for x in samples):.1f} MB, "
+          f"at the end {result['file_after_mb']:.2f} MB (delivered_max = {args.retention_max}): "
+          f"{limit} the set size of {args.file_limit:g} MB")
+    tenth = max(1, len(samples) // 10)
+    print("   over time (s, delivered, RSS MB, file MB): " + "; ".join(
+        f"{t:.0f} {d} {r:.1f} {f:.1f}" for t, d, r, f in samples[::tenth]))
+
+
+def plot_soak(path: str, result: dict[str, Any], retention_max: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    delivered = [x[1] / 1000 for x in result["samples"]]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=120)
+    ax.plot(delivered, [x[2] for x in result["samples"]], color="#1d4ed8", label="sidecar RSS (MB)")
+    ax.plot(delivered, [x[3] for x in result["samples"]], color="#0a7d38", label="outbox file + WAL (MB)")
+    ax.axhline(60, color="#b42318", linestyle="--", linewidth=1)
+    ax.text(delivered[-1], 61, "RSS target 60 MB", color="#b42318", ha="right", fontsize=8)
+    ax.set_xlabel("messages delivered (thousands)")
+    ax.set_ylabel("MB")
+    ax.set_ylim(0, max(70.0, max(x[2] for x in result["samples"]) + 10))
+    ax.legend(loc="center right", fontsize=8)
+    ax.set_title(f"Soak: {result['delivered']:,} messages through one MQTT device, retention delivered_max = "
+                 f"{retention_max:,}\n{os.cpu_count()} shared CPUs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def plot(path: str, accept: dict[str, Any], e2e: dict[str, Any], n: int) -> None:
     import matplotlib
 
@@ -551,11 +672,12 @@ def plot(path: str, accept: dict[str, Any], e2e: dict[str, Any], n: int) -> None
         ("accept\nNORMAL", accept["ratio"]["NORMAL"], "#1d4ed8", ""),
         ("accept\nFULL", accept["ratio"]["FULL"], "#60a5fa", ""),
     ]
-    for t, ratio in e2e["ratio"].items():
-        bars.append((f"{t}\nend to end", ratio, "#0a7d38", ""))
-        if e2e["drain_ratio"].get(t) is not None:
-            bars.append((f"{t}\noutbox->hub", e2e["drain_ratio"][t], "#86efac", "//"))
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
+    styles = {"single": ("end to end\n1/POST", "#0a7d38", ""), "batched": ("end to end\nbatched", "#16a34a", ""),
+              "drain": ("outbox->hub", "#86efac", "//")}
+    for who, (label, color, hatch) in styles.items():
+        for t, ratio in e2e["ratio"].get(who, {}).items():
+            bars.append((f"{t}\n{label}", ratio, color, hatch))
+    fig, ax = plt.subplots(figsize=(11, 4), dpi=120)
     drawn = ax.bar([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars],
                    edgecolor="#1d2330", linewidth=0.5)
     for bar, (_, value, _, hatch) in zip(drawn, bars, strict=True):
@@ -583,6 +705,11 @@ async def main() -> None:
     parser.add_argument("--roundtrips", type=int, default=100, help="C2D and method round trips per device")
     parser.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight from the client")
     parser.add_argument("--inflight", type=int, default=8, help="sends in flight per device (both sides)")
+    parser.add_argument("--batch", type=int, default=100, help="messages per POST .../batch (default 100)")
+    parser.add_argument("--soak", type=int, default=0, metavar="N",
+                        help="5. also deliver N messages (e.g. 1000000) through one MQTT device with retention on, "
+                             "sampling RSS and the outbox file")
+    parser.add_argument("--soak-plot", metavar="PNG", help="write the soak run's RSS and file size over time")
     parser.add_argument("--retention-max", type=int, default=1000, help="[outbox] delivered_max of the e2e sidecar")
     parser.add_argument("--file-limit", type=float, default=16.0, help="the outbox file's size bound to check, MB")
     parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated (default all three)")
@@ -593,7 +720,7 @@ async def main() -> None:
     args.transports = [t for t in args.transports.split(",") if t]
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
-    names = [f"{side}-{t}" for side in ("sc", "raw") for t in TRANSPORTS]
+    names = [f"{side}-{t}" for side in ("sc", "raw", "dr", "soak") for t in TRANSPORTS]
     print(f"bench/sidecar.py: {os.cpu_count()} CPU(s) (shared: figures are noisy), Python {sys.version.split()[0]}, "
           f"aiohttp {aiohttp.__version__}; N = {args.messages} per transport, concurrency {args.concurrency}, "
           f"{args.inflight} in flight per device", flush=True)
@@ -605,10 +732,16 @@ async def main() -> None:
             print_accept(accept)
         e2e = await end_to_end(args, emu, tmp)
         emulator_cpu = emulator.cpu_seconds()
-    print_e2e(args, e2e, emulator_cpu)
-    if args.plot and accept is not None:
-        plot(args.plot, accept, e2e, args.messages)
-        print(f"figure: {args.plot}")
+        print_e2e(args, e2e, emulator_cpu)
+        if args.plot and accept is not None:
+            plot(args.plot, accept, e2e, args.messages)
+            print(f"figure: {args.plot}")
+        if args.soak:
+            result = await soak(args, emu, tmp)
+            print_soak(args, result)
+            if args.soak_plot:
+                plot_soak(args.soak_plot, result, args.retention_max)
+                print(f"figure: {args.soak_plot}")
 
 
 def print_accept(accept: dict[str, Any]) -> None:
@@ -624,15 +757,21 @@ def print_accept(accept: dict[str, Any]) -> None:
 
 
 def print_e2e(args: argparse.Namespace, e2e: dict[str, Any], emulator_cpu: float) -> None:
-    print(f"2. delivered end to end per second vs the raw adapter ({args.inflight} sends in flight, same emulator):")
+    print(f"2. delivered per second vs the raw adapter ({args.inflight} sends in flight, same emulator; "
+          "target >= 0.7):")
+    labels = {"single": "end to end, one message per POST",
+              "batched": f"end to end, {args.batch} per POST .../batch",
+              "drain": "outbox -> hub alone (prefilled outbox)"}
     for t in args.transports:
-        drain = e2e["drain_ratio"][t]
-        drained = [d for d in e2e["drain"][t] if d is not None]
-        print(f"   {t:<5} raw adapter {median(e2e['raw'][t]):7.0f}   sidecar {median(e2e['sidecar'][t]):7.0f}"
-              f" (accepted {median(e2e['accepted'][t]):.0f}/s)   ratio {e2e['ratio'][t]:.2f}   (target >= 0.7)")
-        if drain is not None:
-            print(f"         after the last POST (outbox -> hub only) {median(drained):7.0f}/s   ratio {drain:.2f}")
-    print("   (end to end includes the POSTs to the same process: it cannot pass the accept rate of section 1)")
+        print(f"   {t:<5} raw adapter {median(e2e['raw'][t]):7.0f}/s   ({args.messages} messages per figure)")
+        for who, label in labels.items():
+            extra = ""
+            if who == "single":
+                extra = f"   (accepted {median(e2e['accepted'][t]):.0f}/s)"
+            elif who == "batched":
+                extra = f"   (accepted {median(e2e['accepted_batched'][t]):.0f}/s)"
+            print(f"         {label:<42} {median(e2e[who][t]):7.0f}/s   ratio {e2e['ratio'][who][t]:.2f}{extra}")
+    print("   (one message per POST cannot pass the accept rate of section 1: the POSTs reach the same process)")
     print("3. round trips per second through the local API (one at a time):")
     for t in args.transports:
         methods = f"{e2e['methods'][t]:6.1f}" if t in e2e["methods"] else "   n/a (HTTP has no methods)"
