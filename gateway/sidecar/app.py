@@ -111,7 +111,8 @@ class Api:
         self.limiter = RateLimiter(api.rate_limit, api.rate_burst)
         self.token = api.token.reveal() if api.token is not None else None
         self.max_body = api.max_body
-        self.max_batch = api.max_batch
+        #: a batch larger than the outbox could never fit: refused as malformed, not 429 forever
+        self.max_batch = min(api.max_batch, sidecar.config.outbox.max_messages)
         self.max_batch_body = api.max_batch_body
 
     # -- helpers ---------------------------------------------------------------------------------------
@@ -677,7 +678,8 @@ def _batch_messages(data: Any, *, max_batch: int, max_body: int, now: str) -> li
     if not isinstance(items, list) or not items:
         raise _Invalid("must be a non-empty list of message objects", field="messages")
     if len(items) > max_batch:
-        raise _Invalid(f"{len(items)} messages; at most {max_batch} per batch ([api] max_batch)", field="messages")
+        raise _Invalid(f"{len(items)} messages; at most {max_batch} per batch ([api] max_batch, at most "
+                       "[outbox] max_messages)", field="messages")
     messages: list[NewMessage] = []
     first: dict[str, int] = {}
     for index, item in enumerate(items):
@@ -710,9 +712,10 @@ def _batch_message(item: Any, *, max_body: int, now: str) -> NewMessage:
         body, serialized = _batch_body(item[field], binary=field == "body_base64")
         if len(body) > max_body:
             raise _Invalid(f"{len(body)} bytes; the limit is {max_body} ([api] max_body)", _TOO_LARGE)
-        if serialized:
+        if serialized:  # JSON made here: valid whatever the content type says
             system.setdefault("$.ct", "application/json")
-        _check_json_body(system.get("$.ct"), body)
+        else:
+            _check_json_body(system.get("$.ct"), body)
     system.setdefault("$.ctime", now)
     properties: dict[str, str] = {}
     if "properties" in item:
@@ -727,6 +730,9 @@ def _batch_message(item: Any, *, max_body: int, now: str) -> NewMessage:
     return NewMessage(body, {**properties, **system}, message_id)
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _batch_body(value: Any, *, binary: bool) -> tuple[bytes, bool]:
     """A batch message's body as bytes, and whether it is a JSON value serialized here."""
     if binary:
@@ -739,7 +745,7 @@ def _batch_body(value: Any, *, binary: bool) -> tuple[bytes, bool]:
     try:
         if isinstance(value, str):
             return value.encode("utf-8"), False
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"), True
+        return _COMPACT.encode(value).encode("utf-8"), True
     except UnicodeEncodeError:
         raise _Invalid("holds a lone surrogate (\\ud800-\\udfff): not UTF-8") from None
     except RecursionError:

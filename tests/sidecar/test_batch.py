@@ -279,6 +279,9 @@ async def test_a_batch_that_does_not_fit_the_outbox_is_429_and_stores_nothing(tm
     assert _stored(run) == before and len(run.sidecar.outbox) == 2
     fits = await run.client.post(BATCH, json={"messages": [{"body": "3"}]})
     assert fits.status == 202 and len(run.sidecar.outbox) == 3
+    # a batch larger than the whole outbox would never fit: malformed, not "retry later" forever
+    never = await run.client.post(BATCH, json={"messages": [{"body": str(i)} for i in range(4)]})
+    await _refused(never, 400, ARGUMENT, "at most 3 per batch")
 
 
 async def test_a_storage_failure_is_503_and_stores_nothing(tmp_path: Path, start_sidecar: Any):
