@@ -188,3 +188,44 @@ async def test_an_operation_that_fails_after_writing_is_undone_alone(tmp_path: p
         assert db.execute("SELECT status, attempts FROM messages WHERE id = 'damaged'").fetchone() == ("pending", 0)
     assert box.counts("bad")["pending"] == 1 and box.counts("good")["pending"] == 1
     await box.close()
+
+
+_DISK_FULL_BATCHES = textwrap.dedent("""
+    import asyncio, json, os, resource, signal, sys
+    from gateway.outbox import NewMessage, Outbox, StorageError
+    from gateway.outbox_writer import AsyncOutbox
+
+    async def main(path):
+        box = AsyncOutbox(lambda: Outbox(path, max_messages=10**6))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # the limit bites in the middle of a batch
+        stored, failed = [], []
+        for b in range(100):
+            batch = [NewMessage(os.urandom(3000), {"b": str(b)}, f"{b}-{i}") for i in range(20)]
+            try:
+                stored += [mid for mid, _ in await box.put_many("d", batch, now=b)]
+            except StorageError:
+                failed = [m.message_id for m in batch]
+                break
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        healed = await box.check() is None
+        await box.close()
+        print(json.dumps({"stored": stored, "failed": failed, "healed": healed}))
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_disk_full_in_the_middle_of_a_batch_keeps_none_of_it(tmp_path: pathlib.Path) -> None:
+    """A real file-size limit in a child process: the batch the limit bites in is not kept in part."""
+    path = tmp_path / "o.db"
+    out = subprocess.run([sys.executable, "-c", _DISK_FULL_BATCHES, str(path)], cwd=ROOT, capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["failed"] and len(result["stored"]) >= 20 and result["healed"], result  # some fitted, one not
+    box = Outbox(str(path))
+    kept = [i.id for i in box]
+    assert kept == result["stored"]  # every acknowledged batch whole and in order, nothing of the failed one
+    box.close()
