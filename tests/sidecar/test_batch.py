@@ -35,11 +35,11 @@ def _stored(run: Running) -> list[tuple[str, str, bytes, dict[str, str]]]:
     return [(i.id, i.device_id, i.body, i.properties) for i in run.sidecar.outbox.store]
 
 
-def _rejected(text: str) -> float:
-    """The metrics' count of refused messages (all codes)."""
+def _counted(text: str, outcome: str = "rejected") -> float:
+    """The metrics' count of messages with this outcome (all transports and codes)."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("iothub_gateway_messages_total{") and 'outcome="rejected"' in line:
+        if line.startswith("iothub_gateway_messages_total{") and f'outcome="{outcome}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -184,13 +184,13 @@ async def small(tmp_path: Path, start_sidecar: Any) -> AsyncIterator[Running]:
 async def test_each_refusal_has_its_status_and_code_and_stores_nothing(small: Running, body: bytes, status: int,
                                                                        code: int, fragments: tuple[str, ...]):
     before = _stored(small)
-    rejected = _rejected(await (await small.client.get("/metrics")).text())
+    rejected = _counted(await (await small.client.get("/metrics")).text())
     await _refused(await small.client.post(BATCH, data=body, headers={"Content-Type": "application/json"}),
                    status, code, *fragments)
     assert _stored(small) == before
     assert small.sidecar.outbox.counts("dev-mqtt") == Outbox.empty_counts()
     # a refused batch counts once, whatever its size (the guard counts per request)
-    assert _rejected(await (await small.client.get("/metrics")).text()) == rejected + 1
+    assert _counted(await (await small.client.get("/metrics")).text()) == rejected + 1
 
 
 async def test_limits_on_the_request_itself(small: Running):
@@ -253,6 +253,7 @@ async def test_ids_already_stored_for_the_device_are_answered_as_duplicates(tmp_
     assert first.status == 202
     await run.wait_for(lambda: run.sidecar.outbox.get("m-1").status == "delivered")  # type: ignore[union-attr]
     accepted = run.sidecar.stats.totals[("accepted", None)]
+    metered = _counted(await (await run.client.get("/metrics")).text(), "accepted")
     resp = await run.client.post(BATCH, json={"messages": [
         {"body": "new", "message_id": "m-1"}, {"body": "b", "message_id": "m-2"}, {"body": "c"}]})
     assert resp.status == 202, await resp.text()
@@ -262,6 +263,7 @@ async def test_ids_already_stored_for_the_device_are_answered_as_duplicates(tmp_
     assert second["id"] == "m-2" and second["status"] == "pending" and second["duplicate"] is False
     assert third["duplicate"] is False and third["id"] not in ("m-1", "m-2")
     assert run.sidecar.stats.totals[("accepted", None)] == accepted + 2  # the duplicate is not counted again
+    assert _counted(await (await run.client.get("/metrics")).text(), "accepted") == metered + 2
     await run.wait_for(lambda: {m.id for m in run.upstream.received} >= {"m-2", third["id"]})
     assert [m.body for m in run.upstream.received if m.id == "m-1"] == [b"old"]  # sent once, never replaced
     again = await run.client.post(BATCH, json={"messages": [{"body": "b", "message_id": "m-2"}]})
