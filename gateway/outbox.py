@@ -34,11 +34,12 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from gateway.codes import code_of
 
-__all__ = ["Outbox", "OutboxFull", "OutboxItem", "Purged", "Retention", "Status", "StorageError"]
+__all__ = ["IdTaken", "NewMessage", "Outbox", "OutboxFull", "OutboxItem", "Purged", "Retention", "Status",
+           "StorageError"]
 
 Status = Literal["pending", "inflight", "delivered", "dead"]
 
@@ -99,6 +100,24 @@ _KINDS = {5: "locked", 6: "locked", 8: "read-only", 10: "io", 11: "corrupt", 13:
 
 class OutboxFull(Exception):
     """The outbox holds its maximum: the caller must apply backpressure (HTTP 429), not drop."""
+
+
+class IdTaken(ValueError):
+    """A message id another device's message holds, or one a batch uses twice: nothing of the batch is kept.
+    ``index`` is the offending message's place in the batch."""
+
+    def __init__(self, message: str, *, message_id: str, index: int) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+        self.index = index
+
+
+class NewMessage(NamedTuple):
+    """One message of :meth:`Outbox.put_many`: ``properties`` as stored (the app's and the system ones)."""
+
+    body: bytes
+    properties: Mapping[str, str] | None = None
+    message_id: str | None = None  #: None: a fresh id is made
 
 
 class StorageError(Exception):
@@ -190,6 +209,8 @@ class OutboxItem:
 _COLUMNS = ("id, device_id, body, properties, accepted_at, deadline, status, attempts, duplicate, done_at, code, "
             "reason, seq")
 _NO_BODY = _COLUMNS.replace("body", "x''")  # listings that do not need the bodies do not read them
+_INSERT = ("INSERT INTO messages (id, device_id, body, properties, accepted_at, deadline, status) "
+           "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (id) DO NOTHING")
 
 
 def _item(row: tuple[Any, ...]) -> OutboxItem:
@@ -380,15 +401,48 @@ class Outbox:
         with self.transaction():
             if self._open_now() >= self.max_messages:
                 raise OutboxFull(f"outbox holds {self._open_now()} undelivered messages (limit {self.max_messages})")
-            added = self._writer.execute(
-                "INSERT INTO messages (id, device_id, body, properties, accepted_at, deadline, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'pending') ON CONFLICT (id) DO NOTHING",
-                (mid, device_id, body, props, now, deadline),
-            ).rowcount
+            added = self._writer.execute(_INSERT, (mid, device_id, body, props, now, deadline)).rowcount
             if not added:
                 raise ValueError(f"message id {mid!r} already in the outbox")
             self._open_delta += 1
         return mid
+
+    def put_many(self, device_id: str, messages: Sequence[NewMessage], *, now: float,
+                 deadline: float | None = None) -> list[tuple[str, OutboxItem | None]]:
+        """Persist a batch of one device's messages in one transaction (one commit): all or nothing.
+
+        Per message, in order: its id, and None when it was stored now, or the message this device
+        already stored under that id (a duplicate, left as it is; the item comes without its body). One
+        bound check for the whole batch, on the messages it adds. Raises IdTaken (an id used twice in the
+        batch, or held by another device's message), OutboxFull (the new messages do not fit),
+        StorageError; then nothing of the batch is kept.
+        """
+        rows = [(m.message_id or uuid.uuid4().hex, device_id, m.body,
+                 json.dumps(dict(m.properties or {}), separators=(",", ":")), now, deadline) for m in messages]
+        seen: set[str] = set()
+        for index, row in enumerate(rows):
+            if row[0] in seen:
+                raise IdTaken(f"message id {row[0]!r} is used twice in the batch", message_id=row[0], index=index)
+            seen.add(row[0])
+        out: list[tuple[str, OutboxItem | None]] = []
+        with self.transaction(), self.step():  # the savepoint undoes the batch alone inside a wider transaction
+            db = self._writer
+            added = 0
+            for index, row in enumerate(rows):
+                if db.execute(_INSERT, row).rowcount:
+                    added += 1
+                    out.append((row[0], None))
+                    continue
+                held = db.execute(f"SELECT {_NO_BODY} FROM messages WHERE id=?", (row[0],)).fetchone()
+                if held is None or held[1] != device_id:
+                    raise IdTaken(f"message id {row[0]!r} is already used by another device's message",
+                                  message_id=row[0], index=index)
+                out.append((row[0], _item(held)))
+            if self._open_now() + added > self.max_messages:
+                raise OutboxFull(f"outbox holds {self._open_now()} undelivered messages (limit {self.max_messages}); "
+                                 f"the batch adds {added}")
+            self._open_delta += added
+        return out
 
     def _open_now(self) -> int:
         """Undelivered messages including the open transaction's (the writer's view, for the bound)."""

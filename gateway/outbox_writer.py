@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.outbox import Outbox, OutboxFull, OutboxItem, Purged, StorageError
+from gateway.outbox import NewMessage, Outbox, OutboxFull, OutboxItem, Purged, StorageError
 
 __all__ = ["AsyncOutbox", "StorageFailure"]
 
@@ -195,6 +195,12 @@ class AsyncOutbox:
         """Durable when this returns. Raises OutboxFull, ValueError (id taken), StorageError."""
         return await self._submit(lambda s: s.put(device_id, body, now=now, properties=properties,
                                                   deadline=deadline, message_id=message_id))
+
+    async def put_many(self, device_id: str, messages: Sequence[NewMessage], *, now: float,
+                       deadline: float | None = None) -> list[tuple[str, OutboxItem | None]]:
+        """A batch as ONE operation of the writer (one commit, all or nothing): see :meth:`Outbox.put_many`.
+        Durable when this returns. Raises IdTaken, OutboxFull, StorageError."""
+        return await self._submit(lambda s: s.put_many(device_id, messages, now=now, deadline=deadline))
 
     async def claim(self, device_id: str, *, limit: int = 1) -> list[OutboxItem]:
         return await self._submit(lambda s: s.claim(device_id, limit=limit))

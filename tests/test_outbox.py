@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.outbox import Outbox, OutboxFull, Retention
+from gateway.outbox import IdTaken, NewMessage, Outbox, OutboxFull, Retention
 
 
 @pytest.fixture
@@ -65,6 +65,71 @@ def test_duplicate_ids_are_rejected(box: Outbox) -> None:
     box.put("d", b"a", now=0, message_id="same")
     with pytest.raises(ValueError, match="same"):
         box.put("d", b"b", now=0, message_id="same")
+
+
+def _rows(box: Outbox) -> list[tuple[str, str, bytes, dict[str, str]]]:
+    return [(i.id, i.device_id, i.body, i.properties) for i in box]
+
+
+def test_put_many_stores_a_batch_in_order_in_one_commit(box: Outbox) -> None:
+    commits: list[str] = []
+    assert box._db is not None
+    box._db.set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)
+    before = box.changes
+    out = box.put_many("d", [NewMessage(b"a", {"k": "v", "$.ct": "text/plain"}, "m-1"), NewMessage(b"b"),
+                             NewMessage(b"c", None, "m-3")], now=7, deadline=99)
+    assert commits == ["COMMIT"] and box.changes > before
+    assert [existing for _, existing in out] == [None, None, None]
+    ids = [mid for mid, _ in out]
+    assert ids[0] == "m-1" and ids[2] == "m-3" and len(ids[1]) == 32
+    assert _rows(box) == [("m-1", "d", b"a", {"k": "v", "$.ct": "text/plain"}), (ids[1], "d", b"b", {}),
+                          ("m-3", "d", b"c", {})]
+    assert [i.id for i in box.claim("d", limit=5)] == ids  # FIFO in the batch's order
+    assert all(i.accepted_at == 7 and i.deadline == 99 for i in box)
+
+
+def test_put_many_answers_this_devices_stored_ids_as_duplicates(box: Outbox) -> None:
+    box.put("d", b"old", now=0, message_id="m-1")
+    box.delivered(box.claim("d")[0].id, now=1)
+    out = box.put_many("d", [NewMessage(b"new", None, "m-1"), NewMessage(b"x", None, "m-2")], now=2)
+    (first, held), (second, fresh) = out
+    assert first == "m-1" and held is not None and held.status == "delivered" and held.device_id == "d"
+    assert second == "m-2" and fresh is None
+    assert box.get("m-1").body == b"old"  # type: ignore[union-attr]  # the stored one is left as it is
+    assert box.counts("d")["pending"] == 1 and len(box) == 1  # only the new one counts against the bound
+
+
+@pytest.mark.parametrize("ids", [["a", "b", "a"], ["x", "theirs", "y"]])
+def test_put_many_refuses_a_reused_id_and_keeps_nothing(box: Outbox, ids: list[str]) -> None:
+    box.put("e", b"other device", now=0, message_id="theirs")
+    rows = _rows(box)
+    with pytest.raises(IdTaken) as caught:
+        box.put_many("d", [NewMessage(b"1", None, i) for i in ids], now=1)
+    assert caught.value.index == 2 if ids[0] == "a" else caught.value.index == 1
+    assert caught.value.message_id == ids[caught.value.index]
+    assert _rows(box) == rows and box.counts("d") == Outbox.empty_counts()
+    assert box.put_many("d", [NewMessage(b"1", None, "a")], now=2)[0] == ("a", None)  # and the box still works
+
+
+def test_put_many_checks_the_bound_once_for_the_whole_batch(box: Outbox) -> None:
+    box.put_many("d", [NewMessage(b"x", None, f"m-{i}") for i in range(3)], now=0)
+    with pytest.raises(OutboxFull, match="adds 3"):
+        box.put_many("d", [NewMessage(b"y") for _ in range(3)], now=1)
+    assert len(box) == 3 and len(list(box)) == 3
+    # duplicates add nothing: a batch of 4 where 2 are stored already fits the 2 places left
+    out = box.put_many("d", [NewMessage(b"x", None, "m-0"), NewMessage(b"z"), NewMessage(b"x", None, "m-1"),
+                             NewMessage(b"z")], now=2)
+    assert [held is not None for _, held in out] == [True, False, True, False] and len(box) == 5
+
+
+def test_put_many_inside_a_wider_transaction_is_undone_alone(box: Outbox) -> None:
+    with box.transaction():
+        box.put("d", b"kept", now=0, message_id="kept")
+        with pytest.raises(IdTaken):
+            box.put_many("d", [NewMessage(b"1", None, "n-1"), NewMessage(b"2", None, "kept"),
+                               NewMessage(b"3", None, "n-1")], now=1)
+        box.put("d", b"also kept", now=0, message_id="also")
+    assert [i.id for i in box] == ["kept", "also"] and len(box) == 2
 
 
 def test_inflight_at_restart_comes_back_as_possible_duplicate(tmp_path: pathlib.Path) -> None:

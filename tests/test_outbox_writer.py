@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from gateway.codes import code_of
-from gateway.outbox import Outbox, OutboxFull, StorageError
+from gateway.outbox import IdTaken, NewMessage, Outbox, OutboxFull, StorageError
 from gateway.outbox_writer import AsyncOutbox
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,6 +49,33 @@ async def test_one_operation_failing_leaves_the_rest_of_its_batch(tmp_path: path
     assert results[0] == "same" and isinstance(results[1], ValueError)
     assert sum(isinstance(r, OutboxFull) for r in results) == 1 and len(box) == 3
     assert box.failure is None
+    await box.close()
+
+
+async def test_a_batch_is_one_operation_and_one_commit_of_the_writer(tmp_path: pathlib.Path) -> None:
+    box = _open(tmp_path / "o.db", synchronous="FULL")
+    commits: list[str] = []
+    box.store._writer.set_trace_callback(lambda s: commits.append(s) if s == "COMMIT" else None)
+    batches, operations = box.batches, box.operations
+    out = await box.put_many("d", [NewMessage(str(i).encode(), {"i": str(i)}) for i in range(300)], now=1)
+    assert len(out) == 300 and all(held is None for _, held in out)
+    assert (box.batches - batches, box.operations - operations, len(commits)) == (1, 1, 1)
+    assert [i.body for i in await box.claim("d", limit=300)] == [str(i).encode() for i in range(300)]
+    await box.close()
+
+
+async def test_a_refused_batch_leaves_the_operations_batched_with_it(tmp_path: pathlib.Path) -> None:
+    box = _open(tmp_path / "o.db", max_messages=4)
+    await box.put("e", b"x", now=0, message_id="theirs")
+    results = await asyncio.gather(
+        box.put("d", b"a", now=0, message_id="a"),
+        box.put_many("d", [NewMessage(b"1", None, "b"), NewMessage(b"2", None, "theirs")], now=0),
+        box.put_many("d", [NewMessage(b"3"), NewMessage(b"4"), NewMessage(b"5")], now=0),  # 2 + 3 > 4
+        box.put_many("d", [NewMessage(b"6", None, "c"), NewMessage(b"7", None, "a")], now=0),
+        return_exceptions=True)
+    assert results[0] == "a" and isinstance(results[1], IdTaken) and isinstance(results[2], OutboxFull)
+    assert [mid for mid, _ in results[3]] == ["c", "a"]  # type: ignore[union-attr]
+    assert sorted(i.id for i in box.store) == ["a", "c", "theirs"] and len(box) == 3 and box.failure is None
     await box.close()
 
 
@@ -161,3 +188,44 @@ async def test_an_operation_that_fails_after_writing_is_undone_alone(tmp_path: p
         assert db.execute("SELECT status, attempts FROM messages WHERE id = 'damaged'").fetchone() == ("pending", 0)
     assert box.counts("bad")["pending"] == 1 and box.counts("good")["pending"] == 1
     await box.close()
+
+
+_DISK_FULL_BATCHES = textwrap.dedent("""
+    import asyncio, json, os, resource, signal, sys
+    from gateway.outbox import NewMessage, Outbox, StorageError
+    from gateway.outbox_writer import AsyncOutbox
+
+    async def main(path):
+        box = AsyncOutbox(lambda: Outbox(path, max_messages=10**6))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # the limit bites in the middle of a batch
+        stored, failed = [], []
+        for b in range(100):
+            batch = [NewMessage(os.urandom(3000), {"b": str(b)}, f"{b}-{i}") for i in range(20)]
+            try:
+                stored += [mid for mid, _ in await box.put_many("d", batch, now=b)]
+            except StorageError:
+                failed = [m.message_id for m in batch]
+                break
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+        healed = await box.check() is None
+        await box.close()
+        print(json.dumps({"stored": stored, "failed": failed, "healed": healed}))
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_disk_full_in_the_middle_of_a_batch_keeps_none_of_it(tmp_path: pathlib.Path) -> None:
+    """A real file-size limit in a child process: the batch the limit bites in is not kept in part."""
+    path = tmp_path / "o.db"
+    out = subprocess.run([sys.executable, "-c", _DISK_FULL_BATCHES, str(path)], cwd=ROOT, capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["failed"] and len(result["stored"]) >= 20 and result["healed"], result  # some fitted, one not
+    box = Outbox(str(path))
+    kept = [i.id for i in box]
+    assert kept == result["stored"]  # every acknowledged batch whole and in order, nothing of the failed one
+    box.close()

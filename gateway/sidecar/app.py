@@ -11,14 +11,16 @@ the metrics page pass through the redactor.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -27,7 +29,7 @@ from aiohttp_sse import EventSourceResponse
 
 from gateway.codes import CodeInfo, all_codes, by_name, code_of, family, lookup
 from gateway.errors import IoTHubError, make_error
-from gateway.outbox import OutboxFull, StorageError
+from gateway.outbox import IdTaken, NewMessage, OutboxFull, StorageError
 from gateway.sidecar.metrics import CONTENT_TYPE
 from gateway.sidecar.security import RateLimiter, token_matches
 from gateway.sidecar.service import Sidecar, UnknownDevice
@@ -56,10 +58,19 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]
 _OUTCOMES = ("complete", "reject", "abandon")
 _PAGE_MAX = 1000  #: devices per page of GET /v1/devices (and without ?limit)
 #: The routes whose refusals are refused messages (metrics and stats count them; a GET 404 is no message).
-_MESSAGE_ROUTES = frozenset({"/v1/devices/{device_id}/messages", "/v1/dead-letters/{message_id}/replay"})
+#: A refused batch counts once: the guard counts per request.
+_MESSAGE_ROUTES = frozenset({"/v1/devices/{device_id}/messages", "/v1/devices/{device_id}/messages/batch",
+                             "/v1/dead-letters/{message_id}/replay"})
+#: A message's system properties: its field in a batch, its header on the single POST, its stored key
+#: (MQTT's name, see gateway/sidecar/upstream.py SYSTEM_KEYS).
+_SYSTEM_FIELDS = (("content_type", "Content-Type", "$.ct"), ("content_encoding", "iothub-contentencoding", "$.ce"),
+                  ("correlation_id", "iothub-correlationid", "$.cid"),
+                  ("creation_time", "iothub-creation-time-utc", "$.ctime"))
+_BATCH_KEYS = frozenset({"body", "body_base64", "properties", "message_id", *(f for f, _, _ in _SYSTEM_FIELDS)})
 _CODE: web.ResponseKey[int] = web.ResponseKey("iothub_code", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def api_error(code: int | CodeInfo, message: str, *, retry_after: float | None = None,
@@ -100,6 +111,9 @@ class Api:
         self.limiter = RateLimiter(api.rate_limit, api.rate_burst)
         self.token = api.token.reveal() if api.token is not None else None
         self.max_body = api.max_body
+        #: a batch larger than the outbox could never fit: refused as malformed, not 429 forever
+        self.max_batch = min(api.max_batch, sidecar.config.outbox.max_messages)
+        self.max_batch_body = api.max_batch_body
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -114,16 +128,19 @@ class Api:
         """The outbox cannot store now: 503 with the storage error's code; the app retries later."""
         return self.error(exc.code, f"the outbox cannot store messages now ({exc.kind}): {exc}", retry_after=1)
 
-    async def body(self, request: web.Request) -> bytes | web.Response:
-        if request.content_length is not None and request.content_length > self.max_body:
-            return self.error(_TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {self.max_body}")
-        try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self.error(_TOO_LARGE, f"the body is larger than the limit of {self.max_body} bytes")
-        if len(data) > self.max_body:
-            return self.error(_TOO_LARGE, f"the body is {len(data)} bytes; the limit is {self.max_body}")
-        return data
+    async def body(self, request: web.Request, limit: int | None = None) -> bytes | web.Response:
+        """The request's body; 413 past ``limit`` bytes (default ``[api] max_body``), refused by its
+        Content-Length or as soon as that much has arrived, never after reading it all. Read from the
+        stream, not with ``request.read()``: a batch may be larger than aiohttp's own (single POST) limit."""
+        limit = self.max_body if limit is None else limit
+        if request.content_length is not None and request.content_length > limit:
+            return self.error(_TOO_LARGE, f"the body is {request.content_length} bytes; the limit is {limit}")
+        data = bytearray()
+        async for chunk in request.content.iter_any():
+            data += chunk
+            if len(data) > limit:
+                return self.error(_TOO_LARGE, f"the body is larger than the limit of {limit} bytes")
+        return bytes(data)
 
     async def json_body(self, request: web.Request) -> dict[str, Any] | web.Response:
         raw = await self.body(request)
@@ -200,76 +217,113 @@ class Api:
 
     async def post_message(self, request: web.Request) -> web.StreamResponse:
         device_id = request.match_info["device_id"]
-        if not self.sidecar.accepting:
-            return self.error(_UNAVAILABLE, "the sidecar is shutting down; not accepting messages",
-                              retry_after=5)
-        if self.sidecar.pipeline(device_id) is None:
-            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        refused = self._admission(device_id)
+        if refused is not None:
+            return refused
         raw = await self.body(request)
         if isinstance(raw, web.Response):
             return raw
-        if request.content_type == "application/json":
-            try:
-                json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return self.error(_ARGUMENT, f"Content-Type is application/json but the body is not valid JSON: {exc}")
-            except RecursionError:
-                return self.error(_ARGUMENT, "Content-Type is application/json but the body is nested too deeply")
-        message_id = request.headers.get("iothub-messageid")
-        if message_id is not None and not _MESSAGE_ID.fullmatch(message_id):
-            return self.error(_ARGUMENT, "iothub-messageid must be 1-128 printable ASCII characters without spaces")
-        properties: dict[str, str] = {}
-        for name, value in request.headers.items():
-            if name.lower().startswith(_APP_PREFIX) and len(name) > len(_APP_PREFIX):
-                if not (_is_utf8(name) and _is_utf8(value)):
-                    # aiohttp hands undecodable header bytes over as surrogates: no transport can send them.
-                    return self.error(_ARGUMENT, "iothub-app-* header names and values must be UTF-8")
-                key = name[len(_APP_PREFIX):]
-                if key.startswith("$"):  # IoT Hub's own names (the system properties are stored so too)
-                    return self.error(_ARGUMENT, "iothub-app-* property names must not start with '$'")
-                properties[key] = value
-        if len(properties) > _MAX_PROPERTIES:
-            return self.error(_ARGUMENT, f"at most {_MAX_PROPERTIES} iothub-app-* properties")
-        system = self._system_properties(request)
-        if isinstance(system, web.Response):
-            return system
-        ttl: float | None = None
-        if "ttl" in request.query:
-            try:
-                ttl = float(request.query["ttl"])
-            except ValueError:
-                ttl = math.nan
-            if not math.isfinite(ttl) or ttl <= 0:
-                return self.error(_ARGUMENT, "ttl must be a positive number of seconds")
         try:
-            accepted = await self.sidecar.accept(device_id, raw, properties=properties, message_id=message_id,
-                                                 ttl=ttl, system=system)
+            with _naming("the body"):
+                _check_json_body(request.content_type, raw)
+            message_id = request.headers.get("iothub-messageid")
+            if message_id is not None:
+                with _naming("iothub-messageid"):
+                    _valid_message_id(message_id)
+            with _naming("iothub-app-* headers"):
+                properties = _valid_properties((name[len(_APP_PREFIX):], value)
+                                               for name, value in request.headers.items()
+                                               if name.lower().startswith(_APP_PREFIX))
+            system = self._system_properties(request)
+        except _Invalid as exc:
+            return self.error(exc.code, exc.text())
+        ttl = self._ttl(request)
+        if isinstance(ttl, web.Response):
+            return ttl
+        accepted = await self._storing(device_id, self.sidecar.accept(
+            device_id, raw, properties=properties, message_id=message_id, ttl=ttl, system=system))
+        if isinstance(accepted, web.Response):
+            return accepted
+        return self.json(accepted, status=202, headers={"Location": f"/v1/messages/{accepted['id']}"})
+
+    async def post_batch(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/devices/{id}/messages/batch``: ``{"messages": [...]}``, validated as a whole (the first
+        message and field that breaks a rule is named: 400, or 413 for a body over ``max_body``), then
+        stored in ONE outbox write: all or nothing. Each message is answered as the single POST answers it,
+        in request order. A refused batch counts once as a refused message (the guard counts per request);
+        each newly stored message counts as accepted."""
+        device_id = request.match_info["device_id"]
+        refused = self._admission(device_id)
+        if refused is not None:
+            return refused
+        ttl = self._ttl(request)
+        if isinstance(ttl, web.Response):
+            return ttl
+        raw = await self.body(request, self.max_batch_body)
+        if isinstance(raw, web.Response):
+            return raw
+        try:
+            data = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self.error(_ARGUMENT, f"the body is not valid JSON: {exc}")
+        except RecursionError:
+            return self.error(_ARGUMENT, "the body is not valid JSON: nested too deeply")
+        try:
+            messages = _batch_messages(data, max_batch=self.max_batch, max_body=self.max_body,
+                                       now=rfc3339(self.sidecar.clock()) or "")
+        except _Invalid as exc:
+            return self.error(exc.code, exc.text())
+        accepted = await self._storing(device_id, self.sidecar.accept_many(device_id, messages, ttl=ttl))
+        if isinstance(accepted, web.Response):
+            return accepted
+        return self.json({"messages": accepted}, status=202)
+
+    def _admission(self, device_id: str) -> web.Response | None:
+        """Why a POST of messages is refused before its body is read (shutting down, unknown device), if so."""
+        if not self.sidecar.accepting:
+            return self.error(_UNAVAILABLE, "the sidecar is shutting down; not accepting messages", retry_after=5)
+        if self.sidecar.pipeline(device_id) is None:
+            return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        return None
+
+    def _ttl(self, request: web.Request) -> float | web.Response | None:
+        """The query's ``ttl`` (seconds until a message is dead-lettered), None when absent."""
+        if "ttl" not in request.query:
+            return None
+        try:
+            ttl = float(request.query["ttl"])
+        except ValueError:
+            ttl = math.nan
+        if not math.isfinite(ttl) or ttl <= 0:
+            return self.error(_ARGUMENT, "ttl must be a positive number of seconds")
+        return ttl
+
+    async def _storing(self, device_id: str, storing: Awaitable[T]) -> T | web.Response:
+        """What the outbox answered, or its refusal as the API's: storage 503, full 429 (Retry-After),
+        unknown device 404, a message id taken or reused 400."""
+        try:
+            return await storing
         except StorageError as exc:
             return self.storage_error(exc)
         except OutboxFull as exc:
             return self.error(_THROTTLED, f"the outbox is full: {exc}", retry_after=1)
         except UnknownDevice:
             return self.error(_NO_DEVICE, f"device {device_id!r} is not configured in this sidecar")
+        except IdTaken as exc:
+            return self.error(_ARGUMENT, f"messages[{exc.index}].message_id: {exc}")
         except ValueError as exc:
             return self.error(_ARGUMENT, str(exc))
-        return self.json(accepted, status=202, headers={"Location": f"/v1/messages/{accepted['id']}"})
 
-    def _system_properties(self, request: web.Request) -> dict[str, str] | web.Response:
+    def _system_properties(self, request: web.Request) -> dict[str, str]:
         """The POST's system properties, stored by their MQTT names: its ``Content-Type`` (as sent),
         ``iothub-contentencoding``, ``iothub-correlationid`` and ``iothub-creation-time-utc`` (RFC 3339;
-        the time it is accepted when absent: a message may wait in the outbox for hours)."""
+        the time it is accepted when absent: a message may wait in the outbox for hours). Raises _Invalid."""
         system: dict[str, str] = {}
-        headers = {"Content-Type": "$.ct", "iothub-contentencoding": "$.ce", "iothub-correlationid": "$.cid",
-                   "iothub-creation-time-utc": "$.ctime"}
-        for header, key in headers.items():
+        for _, header, key in _SYSTEM_FIELDS:
             value = request.headers.get(header)
-            if value is None:
-                continue
-            if not _PRINTABLE.fullmatch(value):
-                return self.error(_ARGUMENT, f"{header} must be 1-256 printable ASCII characters")
-            if key == "$.ctime" and not _RFC3339.fullmatch(value):
-                return self.error(_ARGUMENT, f"{header} must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
-            system[key] = value
+            if value is not None:
+                with _naming(header):
+                    system[key] = _system_value(key, value)
         system.setdefault("$.ctime", rfc3339(self.sidecar.clock()) or "")
         return system
 
@@ -536,6 +590,175 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+# -- one validator per message field, shared by the single POST (headers) and the batch (JSON fields) -----
+
+class _Invalid(ValueError):
+    """A field breaks its rule. The text states the rule; :func:`_naming` adds the field's name (the single
+    POST's header, or a batch message's field), so both routes share one validator per field."""
+
+    def __init__(self, rule: str, code: int = _ARGUMENT, field: str = "") -> None:
+        super().__init__(rule)
+        self.code = code
+        self.field = field
+
+    def text(self, prefix: str = "") -> str:
+        path = ".".join(p for p in (prefix, self.field) if p)
+        return f"{path}: {self}" if path else str(self)
+
+
+@contextlib.contextmanager
+def _naming(field: str) -> Iterator[None]:
+    try:
+        yield
+    except _Invalid as exc:
+        raise _Invalid(str(exc), exc.code, ".".join(p for p in (field, exc.field) if p)) from None
+
+
+def _valid_message_id(value: object) -> str:
+    if not isinstance(value, str) or not _MESSAGE_ID.fullmatch(value):
+        raise _Invalid("must be 1-128 printable ASCII characters without spaces")
+    return value
+
+
+def _valid_properties(pairs: Iterable[tuple[object, object]]) -> dict[str, str]:
+    """Application properties: string names and values that are UTF-8 (aiohttp hands undecodable header
+    bytes over as surrogates: no transport can send them), no empty or ``$`` name (IoT Hub's own names, and
+    the system properties are stored so), at most ``_MAX_PROPERTIES``."""
+    properties: dict[str, str] = {}
+    for name, value in pairs:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise _Invalid("names and values must be strings")
+        if not (_is_utf8(name) and _is_utf8(value)):
+            raise _Invalid("names and values must be UTF-8")
+        if not name:
+            raise _Invalid("names must not be empty")
+        if name.startswith("$"):
+            raise _Invalid("names must not start with '$'")
+        properties[name] = value
+        if len(properties) > _MAX_PROPERTIES:
+            raise _Invalid(f"at most {_MAX_PROPERTIES} properties")
+    return properties
+
+
+def _system_value(key: str, value: object) -> str:
+    """A system property's value (``key`` its stored name): printable ASCII; ``$.ctime`` RFC 3339."""
+    if not isinstance(value, str) or not _PRINTABLE.fullmatch(value):
+        raise _Invalid("must be 1-256 printable ASCII characters")
+    if key == "$.ctime" and not _RFC3339.fullmatch(value):
+        raise _Invalid("must be an RFC 3339 time, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+def _check_json_body(content_type: str | None, body: bytes) -> None:
+    """A body whose content type is application/json must be JSON (IoT Hub's routing queries read it)."""
+    if content_type is None or content_type.split(";", 1)[0].strip().lower() != "application/json":
+        return
+    try:
+        json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Invalid(f"not valid JSON, yet the content type is application/json: {exc}") from None
+    except RecursionError:
+        raise _Invalid("nested too deeply to read as JSON (the content type is application/json)") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _batch_messages(data: Any, *, max_batch: int, max_body: int, now: str) -> list[NewMessage]:
+    """A batch's parsed body -> its messages as the outbox stores them; raises _Invalid naming the first
+    message and field that breaks a rule (``messages[3].properties: ...``). ``now``: the default creation
+    time (RFC 3339)."""
+    if not isinstance(data, dict):
+        raise _Invalid('the body must be a JSON object {"messages": [...]}')
+    unknown = set(data) - {"messages"}
+    if unknown:
+        raise _Invalid(f'unknown key(s) {_names(unknown)}: the body is {{"messages": [...]}}')
+    items = data.get("messages")
+    if not isinstance(items, list) or not items:
+        raise _Invalid("must be a non-empty list of message objects", field="messages")
+    if len(items) > max_batch:
+        raise _Invalid(f"{len(items)} messages; at most {max_batch} per batch ([api] max_batch, at most "
+                       "[outbox] max_messages)", field="messages")
+    messages: list[NewMessage] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(items):
+        try:
+            message = _batch_message(item, max_body=max_body, now=now)
+            if message.message_id is not None and first.setdefault(message.message_id, index) != index:
+                raise _Invalid(f"{message.message_id!r} is also the id of messages[{first[message.message_id]}]",
+                               field="message_id")
+        except _Invalid as exc:
+            raise _Invalid(exc.text(f"messages[{index}]"), exc.code) from None
+        messages.append(message)
+    return messages
+
+
+def _batch_message(item: Any, *, max_body: int, now: str) -> NewMessage:
+    if not isinstance(item, dict):
+        raise _Invalid("must be a message object, e.g. {\"body\": ...}")
+    unknown = set(item) - _BATCH_KEYS
+    if unknown:
+        raise _Invalid(f"unknown key(s) {_names(unknown)}; a message has {', '.join(sorted(_BATCH_KEYS))}")
+    if ("body" in item) == ("body_base64" in item):
+        raise _Invalid("needs exactly one of body and body_base64")
+    system: dict[str, str] = {}
+    for name, _, key in _SYSTEM_FIELDS:
+        if name in item:
+            with _naming(name):
+                system[key] = _system_value(key, item[name])
+    field = "body" if "body" in item else "body_base64"
+    with _naming(field):
+        body, serialized = _batch_body(item[field], binary=field == "body_base64")
+        if len(body) > max_body:
+            raise _Invalid(f"{len(body)} bytes; the limit is {max_body} ([api] max_body)", _TOO_LARGE)
+        if serialized:  # JSON made here: valid whatever the content type says
+            system.setdefault("$.ct", "application/json")
+        else:
+            _check_json_body(system.get("$.ct"), body)
+    system.setdefault("$.ctime", now)
+    properties: dict[str, str] = {}
+    if "properties" in item:
+        with _naming("properties"):
+            if not isinstance(item["properties"], dict):
+                raise _Invalid("must be an object of names to string values")
+            properties = _valid_properties(item["properties"].items())
+    message_id = None
+    if "message_id" in item:
+        with _naming("message_id"):
+            message_id = _valid_message_id(item["message_id"])
+    return NewMessage(body, {**properties, **system}, message_id)
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _batch_body(value: Any, *, binary: bool) -> tuple[bytes, bool]:
+    """A batch message's body as bytes, and whether it is a JSON value serialized here."""
+    if binary:
+        if not isinstance(value, str):
+            raise _Invalid("must be a base64 string")
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True), False
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise _Invalid("not strict base64 (RFC 4648 alphabet with padding, no whitespace)") from None
+    try:
+        if isinstance(value, str):
+            return value.encode("utf-8"), False
+        return _COMPACT.encode(value).encode("utf-8"), True
+    except UnicodeEncodeError:
+        raise _Invalid("holds a lone surrogate (\\ud800-\\udfff): not UTF-8") from None
+    except RecursionError:
+        raise _Invalid("nested too deeply") from None
+
+
+def _names(keys: Iterable[str]) -> str:
+    """Unknown keys for an error message: a few, each cut short (they are the client's text)."""
+    shown = sorted(keys)
+    text = ", ".join(repr(k[:40]) for k in shown[:5])
+    return text + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
 def openapi_text() -> str:
     return resources.files("gateway.sidecar").joinpath("openapi.json").read_text(encoding="utf-8")
 
@@ -691,6 +914,7 @@ def make_app(sidecar: Sidecar) -> web.Application:
     app[API_KEY] = api
     r = app.router
     r.add_post("/v1/devices/{device_id}/messages", api.post_message)
+    r.add_post("/v1/devices/{device_id}/messages/batch", api.post_batch)
     r.add_get("/v1/messages/{message_id}", api.get_message, allow_head=False)
     r.add_get("/v1/devices", api.devices, allow_head=False)
     r.add_get("/v1/devices/{device_id}", api.device, allow_head=False)

@@ -102,6 +102,8 @@ class ApiConfig:
     port: int = 8780
     token: Secret | None = None  #: bearer token; required when ``host`` is not loopback
     max_body: int = 256 * 1024  #: IoT Hub's device-to-cloud limit
+    max_batch: int = 500  #: messages per POST .../messages/batch
+    max_batch_body: int = 4 * 1024 * 1024  #: bytes per batch request (checked before it is all read)
     rate_limit: float = 2000.0  #: requests per second per client address (token bucket); 0 = off
     rate_burst: int = 4000
 
@@ -418,13 +420,16 @@ def parse_config(
                                "metrics"})
 
     raw = c.table(data, "api")
-    c.keys(raw, "[api]", {"host", "port", "token", "token_env", "token_file", "max_body", "rate_limit", "rate_burst"})
+    c.keys(raw, "[api]", {"host", "port", "token", "token_env", "token_file", "max_body", "max_batch",
+                          "max_batch_body", "rate_limit", "rate_burst"})
     d = ApiConfig()
     api = ApiConfig(
         host=c.string(raw, "host", "[api]", d.host),
         port=c.number(raw, "port", "[api]", d.port, whole=True, maximum=65535),
         token=c.secret(raw, "token", "[api]", required=False),
         max_body=c.number(raw, "max_body", "[api]", d.max_body, whole=True, minimum=1),
+        max_batch=c.number(raw, "max_batch", "[api]", d.max_batch, whole=True, minimum=1),
+        max_batch_body=c.number(raw, "max_batch_body", "[api]", d.max_batch_body, whole=True, minimum=1),
         rate_limit=c.number(raw, "rate_limit", "[api]", d.rate_limit),
         rate_burst=c.number(raw, "rate_burst", "[api]", d.rate_burst, whole=True, minimum=1),
     )

@@ -237,8 +237,8 @@ class Metrics:
         size on disk in bytes); ``fleet``: the aggregates over every device (and the handler counters)."""
         self.registry.register(_Live(devices, outbox, states, storage, fleet))
 
-    def message(self, transport: str, outcome: str, code: int | None = None) -> None:
-        self.messages.labels(transport, outcome, _code(code)).inc()
+    def message(self, transport: str, outcome: str, code: int | None = None, n: int = 1) -> None:
+        self.messages.labels(transport, outcome, _code(code)).inc(n)
 
     def delivered(self, transport: str, latency: float, *, duplicate: bool) -> None:
         self.message(transport, "duplicate" if duplicate else "delivered")

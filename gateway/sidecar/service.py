@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -34,7 +34,7 @@ from gateway.aio import cancel_and_wait
 from gateway.codes import lookup
 from gateway.emulator.admin import AdminServer
 from gateway.handler import State
-from gateway.outbox import Outbox, OutboxItem, Retention, StorageError
+from gateway.outbox import NewMessage, Outbox, OutboxItem, Retention, StorageError
 from gateway.outbox_writer import AsyncOutbox, StorageFailure
 from gateway.sidecar.config import ConfigError, SidecarConfig, load_config
 from gateway.sidecar.emulator_harness import EmulatorHarness
@@ -399,14 +399,7 @@ class Sidecar:
         (``$.ct``, ``$.ce``, ``$.cid``, ``$.ctime``), stored beside the application properties. Posting
         an id again answers the stored message's own status with ``duplicate`` true. Raises OutboxFull,
         UnknownDevice, ValueError or StorageError."""
-        pipeline = self.pipelines.get(device_id)
-        if pipeline is None:
-            raise UnknownDevice(device_id)
-        now = self.clock()
-        ttl = ttl if ttl is not None else (self.config.outbox.ttl or None)
-        deadline = now + ttl if ttl else None
-        duplicate = False
-        status = "pending"
+        pipeline, now, deadline = self._admit(device_id, ttl)
         stored = {**(properties or {}), **(system or {})}
         try:
             mid = await self.outbox.put(device_id, body, now=now, properties=stored, deadline=deadline,
@@ -419,13 +412,39 @@ class Sidecar:
                 raise
             if existing.device_id != device_id:
                 raise ValueError(f"message id {message_id!r} is already used by another device's message") from None
-            mid, duplicate, deadline, status = existing.id, True, existing.deadline, existing.status
-        else:
-            self.metrics.message(pipeline.protocol, "accepted")
-            self.stats.add(device_id, "accepted")
-            pipeline.notify()
-        return {"id": mid, "device_id": device_id, "status": status, "duplicate": duplicate,
-                "deadline": rfc3339(deadline)}
+            return _accepted(device_id, existing.id, existing)
+        self._count_accepted(pipeline, 1)
+        return _accepted(device_id, mid, None, deadline)
+
+    async def accept_many(self, device_id: str, messages: Sequence[NewMessage], *,
+                          ttl: float | None = None) -> list[dict[str, Any]]:
+        """Persist a batch in ONE outbox write (one commit): all or nothing, durable on return. Each
+        message's ``properties`` are as stored (application and system ones). Per message, in order, the
+        answer :meth:`accept` gives: an id this device already stored answers the stored message's status
+        with ``duplicate`` true (the others are stored). The pipeline is woken once. Raises OutboxFull (the
+        batch does not fit), UnknownDevice, IdTaken (a ValueError: an id twice in the batch, or another
+        device's) or StorageError."""
+        pipeline, now, deadline = self._admit(device_id, ttl)
+        stored = await self.outbox.put_many(device_id, messages, now=now, deadline=deadline)
+        fresh = sum(existing is None for _, existing in stored)
+        if fresh:
+            self._count_accepted(pipeline, fresh)
+        return [_accepted(device_id, mid, existing, deadline) for mid, existing in stored]
+
+    def _admit(self, device_id: str, ttl: float | None) -> tuple[DevicePipeline, float, float | None]:
+        """The device's pipeline (UnknownDevice), the acceptance time and the deadline ``ttl`` gives."""
+        pipeline = self.pipelines.get(device_id)
+        if pipeline is None:
+            raise UnknownDevice(device_id)
+        now = self.clock()
+        ttl = ttl if ttl is not None else (self.config.outbox.ttl or None)
+        return pipeline, now, (now + ttl if ttl else None)
+
+    def _count_accepted(self, pipeline: DevicePipeline, n: int) -> None:
+        """``n`` messages newly stored: counted (metrics, stats) and the pipeline woken, once."""
+        self.metrics.message(pipeline.protocol, "accepted", n=n)
+        self.stats.add(pipeline.device_id, "accepted", n=n)
+        pipeline.notify()
 
     async def message(self, message_id: str) -> dict[str, Any] | None:
         item = await self.outbox.aget(message_id)
@@ -496,6 +515,15 @@ def _with_last_error(pipeline: DevicePipeline) -> DeviceSnapshot:
     if err is None or err.code is None or at is None:
         return snap
     return dataclasses.replace(snap, last_error=(err.code, err.name, at))
+
+
+def _accepted(device_id: str, mid: str, existing: OutboxItem | None, deadline: float | None = None) -> dict[str, Any]:
+    """The answer to an accepted message: a new one (pending, its ``deadline``) or, when ``existing`` is
+    the message already stored under its id, that message's own status and deadline, ``duplicate`` true."""
+    if existing is not None:
+        return {"id": existing.id, "device_id": device_id, "status": existing.status, "duplicate": True,
+                "deadline": rfc3339(existing.deadline)}
+    return {"id": mid, "device_id": device_id, "status": "pending", "duplicate": False, "deadline": rfc3339(deadline)}
 
 
 def _view(item: OutboxItem, *, with_body: bool = False) -> dict[str, Any]:

@@ -64,6 +64,16 @@ async def test_responses_of_every_plain_route_match_the_document(tmp_path: Path,
     await conforms(await client.post("/v1/classify", json={"transport": "pigeon"}))
     await conforms(await client.post(f"/v1/dead-letters/{dead}/replay"))
     await conforms(await client.post("/v1/devices/nobody/messages", data=b"x"))
+    batch = {"messages": [{"body": "t", "message_id": "m-1"}, {"body": {"a": 1}, "properties": {"k": "v"}},
+                          {"body_base64": "AAE=", "content_type": "application/octet-stream"}]}
+    _validate("BatchRequest", batch)  # the request the document describes is the one the route takes
+    accepted = await conforms(await client.post("/v1/devices/dev-mqtt/messages/batch?ttl=60", json=batch))
+    assert [m["duplicate"] for m in json.loads(accepted)["messages"]] == [True, False, False]
+    for refused in ({"messages": []}, {"messages": [{"body": "x", "bdy": "x"}]}, [1]):
+        await conforms(await client.post("/v1/devices/dev-mqtt/messages/batch", json=refused))  # 400
+    await conforms(await client.post("/v1/devices/nobody/messages/batch", json=batch))  # 404
+    too_large = {"messages": [{"body": "x" * 300_000}]}
+    await conforms(await client.post("/v1/devices/dev-mqtt/messages/batch", json=too_large))  # 413
     not_allowed = await client.put("/v1/devices")  # no such operation to look up: its body is an Error
     assert not_allowed.status == 405
     _validate("Error", await not_allowed.json())
