@@ -225,6 +225,8 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self.messages = Counter("iothub_gateway_messages", "Messages by transport, outcome and code",
                                 ["transport", "outcome", "code"], registry=self.registry)
+        self._children: dict[tuple[str, str, int | None], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
         self.states = DeviceStates()
         self.latency = Histogram("iothub_gateway_delivery_latency_seconds",
                                  "From acceptance by the API to acknowledgement by the hub", ["transport"],
@@ -238,11 +240,20 @@ class Metrics:
         self.registry.register(_Live(devices, outbox, states, storage, fleet))
 
     def message(self, transport: str, outcome: str, code: int | None = None, n: int = 1) -> None:
-        self.messages.labels(transport, outcome, _code(code)).inc(n)
+        # Children are kept: ``labels()`` takes a lock and builds a key on every call, once per message.
+        # Bounded: transports x outcomes x the catalog's codes.
+        key = (transport, outcome, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.messages.labels(transport, outcome, _code(code))
+        child.inc(n)
 
     def delivered(self, transport: str, latency: float, *, duplicate: bool) -> None:
         self.message(transport, "duplicate" if duplicate else "delivered")
-        self.latency.labels(transport).observe(max(0.0, latency))
+        histogram = self._latency.get(transport)
+        if histogram is None:
+            histogram = self._latency[transport] = self.latency.labels(transport)
+        histogram.observe(max(0.0, latency))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
