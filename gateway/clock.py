@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "FakeClock", "SystemClock", "wall_to_monotonic"]
+__all__ = ["Clock", "FakeClock", "SystemClock", "Timer", "wall_to_monotonic"]
 
 
 @runtime_checkable
@@ -41,6 +41,12 @@ class Clock(Protocol):
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of monotonic time (<= 0 still yields once). Cancellable."""
         ...
+
+
+class Timer(Protocol):
+    """What :meth:`SystemClock.call_later` and :meth:`FakeClock.call_later` return."""
+
+    def cancel(self) -> object: ...
 
 
 def wall_to_monotonic(clock: Clock, epoch: float) -> float:
@@ -62,6 +68,11 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` on the loop after ``seconds``: a deadline without a sleeping task (the
+        handler arms one per operation)."""
+        return asyncio.get_running_loop().call_later(max(0.0, seconds), callback)
 
 
 class FakeClock:
@@ -102,6 +113,13 @@ class FakeClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._timers, (self._now + seconds, next(self._seq), fut))
         await fut  # a cancelled sleeper leaves a cancelled future, skipped when its time comes
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` when virtual time reaches ``now + seconds`` (a timer like a sleeper's)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: None if f.cancelled() else callback())
+        heapq.heappush(self._timers, (self._now + max(0.0, seconds), next(self._seq), fut))
+        return fut
 
     @property
     def sleepers(self) -> int:

@@ -504,8 +504,20 @@ async def test_drop_after_delivery_resends_with_the_same_id() -> None:
     await rig.handler.close()
 
 
-async def test_send_that_never_answers_ends_as_outcome_unknown() -> None:
-    rig = await connected(make_rig())
+class SleepOnlyClock(FakeClock):
+    """A user's Clock with only the protocol's three methods: the handler's deadlines fall back to a
+    sleeping task instead of ``call_later``."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "call_later":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("clock_kind", [FakeClock, SleepOnlyClock])
+async def test_send_that_never_answers_ends_as_outcome_unknown(clock_kind: type[FakeClock]) -> None:
+    rig = await connected(make_rig(clock=clock_kind()))
+    assert hasattr(rig.clock, "call_later") is (clock_kind is FakeClock)
     rig.hub.send_script = ["hang"]
     sending = spawn(rig.handler.send(msg(1), timeout=10))
     await rig.clock.advance(10)

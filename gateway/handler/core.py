@@ -984,7 +984,10 @@ class Handler:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise _DeadlineExceeded
-        timer = asyncio.ensure_future(self._clock.sleep(timeout))
+        call_later = getattr(self._clock, "call_later", None)
+        if call_later is not None:
+            return await self._within_timer(task, timeout, call_later)
+        timer = asyncio.ensure_future(self._clock.sleep(timeout))  # a Clock without call_later
         both: set[asyncio.Future[Any]] = {task, timer}
         try:
             await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
@@ -1002,6 +1005,34 @@ class Handler:
         if task.done() and not task.cancelled() and task.exception() is None:
             return task.result()  # finished while being cancelled: keep the result
         raise _DeadlineExceeded
+
+    @staticmethod
+    async def _within_timer(task: asyncio.Future[T], timeout: float,
+                            call_later: Callable[[float, Callable[[], object]], Any]) -> T:
+        """``_within`` with a timer callback instead of a sleeping task and ``asyncio.wait``: one timer
+        handle per operation rather than a second task, a waiter and a gather (this runs once per message
+        sent). Awaiting ``task`` directly also passes a cancellation of the caller on to it."""
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            fired = True
+            task.cancel()
+
+        timer = call_later(timeout, expire)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if fired and (current is None or not current.cancelling()):
+                raise _DeadlineExceeded from None
+            raise
+        except Exception:
+            if fired:  # it failed while being cut short: the deadline is what ended it
+                raise _DeadlineExceeded from None
+            raise
+        finally:
+            timer.cancel()
 
     def _call_done(self, task: asyncio.Task[Any]) -> None:
         self._inflight.discard(task)
