@@ -126,7 +126,12 @@ async def test_a_backlog_is_claimed_far_ahead_within_the_shared_budget_and_given
 
 async def test_acknowledgements_of_a_busy_pipeline_are_written_in_few_commits(tmp_path: Path,
                                                                              start_sidecar: Any):
-    up = Upstream()
+    stored = Outbox(str(tmp_path / "outbox.sqlite3"))  # a backlog: sends keep coming back while acks are written
+    with stored.transaction():
+        for i in range(300):
+            stored.put("dev-mqtt", f"m{i}".encode(), now=0)
+    stored.close()
+    up = Upstream(block=asyncio.Event())
     run = await start_sidecar(fake_config(tmp_path, ("dev-mqtt", "mqtt"), delivery={"max_inflight": 8}), up)
     outbox = run.sidecar.outbox
     groups: list[int] = []
@@ -137,8 +142,7 @@ async def test_acknowledgements_of_a_busy_pipeline_are_written_in_few_commits(tm
         return await write(acks)
 
     outbox.delivered_many = counted  # type: ignore[method-assign]
-    for i in range(300):
-        assert (await run.client.post("/v1/devices/dev-mqtt/messages", data=f"m{i}".encode())).status == 202
+    up.block.set()  # type: ignore[union-attr]
     await run.wait_for(lambda: outbox.counts("dev-mqtt")["delivered"] == 300)
     assert sum(groups) == 300
     assert len(groups) <= 300 / 4, groups  # gathered while sends came back, not one write per acknowledgement
