@@ -259,6 +259,8 @@ class Outbox:
         self._counts: dict[str, dict[str, int]] = {}  #: published after each commit, never changed in place
         self._open = 0  #: undelivered (pending + inflight), as of the last commit
         self._open_delta = 0  #: what the open transaction has added to that so far (for the bound)
+        #: devices whose counts the open transaction changed: only they are read again after its commit
+        self._touched: set[str] = set()
         self._db: sqlite3.Connection | None = None
         self._rdb: sqlite3.Connection | None = None
         try:
@@ -329,6 +331,7 @@ class Outbox:
                 raise self._storage(exc) from exc
             self._depth = 1
             self._open_delta = 0
+            self._touched = set()
             try:
                 yield
                 db.execute("COMMIT")
@@ -345,7 +348,7 @@ class Outbox:
                 self._depth = 0
                 self._open_delta = 0
             with contextlib.suppress(sqlite3.Error):
-                self._refresh_counts()
+                self._refresh_counts(self._touched)
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
@@ -375,12 +378,39 @@ class Outbox:
         """Rows written through this outbox since it opened (tells a write batch from an idle one)."""
         return self._writer.total_changes
 
-    def _refresh_counts(self) -> None:
-        rows = self._writer.execute("SELECT device_id, status, n FROM counts").fetchall()
-        counts: dict[str, dict[str, int]] = {}
-        for device, status, n in rows:
-            counts.setdefault(device, {})[status] = n
-        self._open = sum(c.get("pending", 0) + c.get("inflight", 0) for c in counts.values())
+    def _refresh_counts(self, devices: set[str] | None = None) -> None:
+        """Mirror the counts table in memory: every device (at open, after a rollback), or only ``devices``,
+        those a committed transaction touched (a commit must not read 10,000 devices' rows to publish one
+        device's change). A new dict is published; the old one is never changed in place."""
+        if devices is None:
+            rows = self._writer.execute("SELECT device_id, status, n FROM counts").fetchall()
+            counts: dict[str, dict[str, int]] = {}
+            for device, status, n in rows:
+                counts.setdefault(device, {})[status] = n
+            self._open = sum(c.get("pending", 0) + c.get("inflight", 0) for c in counts.values())
+            self._counts = counts
+            return
+        if not devices:
+            return
+        fresh: dict[str, dict[str, int]] = {}
+        ids = list(devices)
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            rows = self._writer.execute(
+                f"SELECT device_id, status, n FROM counts WHERE device_id IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+            for device, status, n in rows:
+                fresh.setdefault(device, {})[status] = n
+        counts = dict(self._counts)
+        open_now = self._open
+        for device in ids:
+            old = counts.pop(device, {})
+            open_now -= old.get("pending", 0) + old.get("inflight", 0)
+            new = fresh.get(device)
+            if new is not None:
+                counts[device] = new
+                open_now += new.get("pending", 0) + new.get("inflight", 0)
+        self._open = open_now
         self._counts = counts
 
     # -- accepting --------------------------------------------------------------------------
@@ -405,6 +435,7 @@ class Outbox:
             if not added:
                 raise ValueError(f"message id {mid!r} already in the outbox")
             self._open_delta += 1
+            self._touched.add(device_id)
         return mid
 
     def put_many(self, device_id: str, messages: Sequence[NewMessage], *, now: float,
@@ -442,6 +473,7 @@ class Outbox:
                 raise OutboxFull(f"outbox holds {self._open_now()} undelivered messages (limit {self.max_messages}); "
                                  f"the batch adds {added}")
             self._open_delta += added
+            self._touched.add(device_id)
         return out
 
     def _open_now(self) -> int:
@@ -458,6 +490,7 @@ class Outbox:
                 f"RETURNING {_COLUMNS}",
                 (device_id, limit),
             ).fetchall()
+            self._touched.add(device_id)
         return sorted((_item(r) for r in rows), key=lambda i: i.seq)
 
     def delivered(self, message_id: str, *, now: float, possible_duplicate: bool = False) -> bool:
@@ -481,10 +514,11 @@ class Outbox:
                     rows = self._writer.execute(
                         f"UPDATE messages SET status='delivered', done_at=?, code=NULL, reason=NULL, "
                         f"duplicate=MAX(duplicate, ?) WHERE id IN ({marks}) AND +status IN ('pending','inflight') "
-                        f"RETURNING id",
+                        f"RETURNING id, device_id",
                         (max(now for _, now in part), int(dup), *(mid for mid, _ in part)),
                     ).fetchall()
                     done.update(row[0] for row in rows)
+                    self._touched.update(row[1] for row in rows)
             self._open_delta -= len(done)
         return [mid in done for mid, _, _ in acks]
 
@@ -495,10 +529,13 @@ class Outbox:
     def release(self, message_id: str, *, possible_duplicate: bool = False) -> None:
         """Back to pending after a transient failure (its place in the order is kept)."""
         with self.transaction():
-            self._writer.execute(
-                "UPDATE messages SET status='pending', duplicate=MAX(duplicate, ?) WHERE id=? AND status='inflight'",
+            row = self._writer.execute(
+                "UPDATE messages SET status='pending', duplicate=MAX(duplicate, ?) WHERE id=? AND status='inflight' "
+                "RETURNING device_id",
                 (int(possible_duplicate), message_id),
-            )
+            ).fetchone()
+            if row is not None:
+                self._touched.add(row[0])
 
     def expire(self, *, now: float, code: int | None = None, reason: str | None = None) -> list[OutboxItem]:
         """Dead-letter every pending message whose deadline has passed (one statement); returns them
@@ -516,7 +553,9 @@ class Outbox:
                 (now, code or _EXPIRED, why, now),
             ).fetchall()
             self._open_delta -= len(rows)
-        return sorted((_item(r) for r in rows), key=lambda i: i.seq)
+            items = [_item(r) for r in rows]
+            self._touched.update(item.device_id for item in items)
+        return sorted(items, key=lambda i: i.seq)
 
     def replay(self, message_id: str, *, now: float, deadline: float | None = None) -> OutboxItem:
         """A dead letter back to pending, same id (its next claim is a new attempt). KeyError when there is
@@ -532,7 +571,9 @@ class Outbox:
             if row is None:
                 raise KeyError(message_id)
             self._open_delta += 1
-        return _item(row)
+            item = _item(row)
+            self._touched.add(item.device_id)
+        return item
 
     def _finish(
         self, message_id: str, status: Status, now: float, code: int | None, reason: str | None, dup: bool
@@ -545,6 +586,7 @@ class Outbox:
             ).fetchone()
             if row is not None:
                 self._open_delta -= 1
+                self._touched.add(row[0])
         return row is not None
 
     # -- retention --------------------------------------------------------------------------
@@ -569,7 +611,9 @@ class Outbox:
                 f"DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE status='dead' AND seq <= "
                 f"(SELECT seq FROM messages WHERE status='dead' ORDER BY seq DESC LIMIT 1 OFFSET ?) "
                 f"ORDER BY seq LIMIT ?) RETURNING {columns}", (r.dead_max, limit)).fetchall()
-        return Purged(delivered, [_item(row) for row in dead])
+            removed = [_item(row) for row in dead]
+            self._touched.update(item.device_id for item in removed)  # a removed delivered row counts on
+        return Purged(delivered, removed)
 
     def vacuum(self, *, min_free_pages: int = 256) -> int:
         """Give free pages back to the file system once enough have piled up; returns pages freed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -11,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway.outbox import IdTaken, NewMessage, Outbox, OutboxFull, Retention
@@ -366,4 +367,56 @@ def test_delivered_many_settles_a_group_in_one_statement_per_flag(tmp_path: path
     for update in updates:  # found through the id index, never by scanning a status
         plan = " ".join(row[3] for row in box._writer.execute("EXPLAIN QUERY PLAN " + update))
         assert "sqlite_autoindex_messages_1 (id=?)" in plan, plan
+    box.close()
+
+
+_EVERY_WRITE = [("put", 1), ("put", 4), ("put_many", 0), ("put_many", 3), ("claim", 5), ("claim", 2), ("ok", 0),
+                ("many", 1), ("dead", 0), ("release", 0), ("expire", 0), ("put", 2), ("claim", 0), ("dead", 0),
+                ("replay", 0), ("purge", 0), ("expire", 3), ("claim", 4), ("release", 1), ("many", 5), ("purge", 1)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "put_many", "claim", "ok", "many", "dead", "release", "expire",
+                                           "replay", "purge"]),
+                          st.integers(0, 5)), max_size=50))
+@example(_EVERY_WRITE)
+def test_counts_kept_per_touched_device_match_a_full_read(tmp_path_factory: pytest.TempPathFactory,
+                                                          ops: list[tuple[str, int]]) -> None:
+    """After each commit only the devices it touched are read again: the mirror must still equal the
+    whole counts table, whatever the mix of writes."""
+    from gateway.outbox import NewMessage
+
+    box = Outbox(str(tmp_path_factory.mktemp("o") / "o.db"), max_messages=1000,
+                 retention=Retention(delivered_max=2, dead_max=1))
+    inflight: list[str] = []
+    dead: list[str] = []
+    for t, (op, n) in enumerate(ops):
+        device = f"d{n % 3}"
+        if op == "put":
+            box.put(device, b"x", now=t, deadline=t + n if n else None)
+        elif op == "put_many":
+            box.put_many(device, [NewMessage(b"y"), NewMessage(b"z")], now=t)
+        elif op == "claim":
+            inflight += [i.id for i in box.claim(device, limit=n + 1)]
+        elif op == "ok" and inflight:
+            box.delivered(inflight.pop(0), now=t)
+        elif op == "many" and inflight:
+            box.delivered_many([(mid, t, n % 2 == 0) for mid in inflight[: n + 1]])
+            del inflight[: n + 1]
+        elif op == "dead" and inflight:
+            mid = inflight.pop()
+            box.dead_letter(mid, code=400000, reason="no", now=t)
+            dead.append(mid)
+        elif op == "release" and inflight:
+            box.release(inflight.pop(), possible_duplicate=True)
+        elif op == "expire":
+            dead += [i.id for i in box.expire(now=t)]
+        elif op == "replay" and dead:
+            with contextlib.suppress(KeyError):  # purged meanwhile
+                box.replay(dead.pop(), now=t)
+        elif op == "purge":
+            box.purge(now=t)
+        mirrored, mirrored_open = box._counts, box._open
+        box._refresh_counts()  # the whole table
+        assert mirrored == box._counts and mirrored_open == box._open, (op, n)
     box.close()
