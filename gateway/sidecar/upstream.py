@@ -518,6 +518,8 @@ class DevicePipeline:
         items = await self.outbox.claim(self.device_id, limit=room)
         if items:
             self._ready.extend(items)
+            if self.handler.state is not State.CONNECTED:  # the link went down while the claim was written
+                self._release_ready()
             return
         if self._tasks:
             waker = asyncio.ensure_future(self._wake.wait())
@@ -528,7 +530,13 @@ class DevicePipeline:
 
     def _window(self, pending: int) -> int:
         """How many may be claimed (in flight and ready) now: ``2 * max_inflight``, plus what the budget
-        lends while pending messages wait, given back as the backlog drains."""
+        lends while pending messages wait, given back as the backlog drains. Without a usable link, only
+        ``max_inflight``: sends wait in the handler, and nothing more is held in memory (see
+        :meth:`_release_ready`)."""
+        if self.handler.state is not State.CONNECTED:
+            self._budget.give_back(self._borrowed)
+            self._borrowed = 0
+            return self.max_inflight
         base = 2 * self.max_inflight
         wanted = min(self._budget.per_device, max(0, len(self._tasks) + len(self._ready) + pending - base))
         if wanted > self._borrowed:
@@ -537,6 +545,27 @@ class DevicePipeline:
             self._budget.give_back(self._borrowed - wanted)
             self._borrowed = wanted
         return base + self._borrowed
+
+    def _release_ready(self) -> None:
+        """The link is down (or throttled, parked, stopped): what was claimed ahead beyond the sends that
+        may start now goes back to pending, unflagged, in its place. Held in memory it would be out of reach
+        of the deadline sweep, show as in flight, and come back flagged as a possible duplicate after a
+        crash, though never sent."""
+        keep = max(0, self.max_inflight - len(self._tasks))
+        if len(self._ready) <= keep:
+            return
+        items = list(self._ready)[keep:]
+        for _ in items:
+            self._ready.pop()
+        self._budget.give_back(self._borrowed)
+        self._borrowed = 0
+
+        async def release() -> None:
+            await asyncio.gather(*(self._record(partial(self.outbox.release, item.id)) for item in items))
+
+        task = asyncio.get_running_loop().create_task(release(), name=f"release-{self.device_id}")
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -689,6 +718,8 @@ class DevicePipeline:
         if change.code is not None:
             self.stats.add(self.device_id, change.state.value, change.code)
         self.surface.on_state(change)
+        if change.state is not State.CONNECTED and self._ready and not self._stopping:
+            self._release_ready()
         if change.state is State.CONNECTED:
             self._failures = 0
             self._wake.set()

@@ -155,3 +155,37 @@ async def test_acknowledgements_of_a_busy_pipeline_are_written_in_few_commits(tm
 def test_rfc3339_formats_as_datetime_does(epoch: float) -> None:
     expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert rfc3339(epoch) == expected
+
+
+async def test_claimed_ahead_messages_go_back_to_pending_when_the_link_drops(tmp_path: Path, start_sidecar: Any):
+    """Held in memory through an outage they would be out of reach of the deadline sweep and, after a
+    crash, flagged as possible duplicates though never sent: the link's loss hands them back."""
+    from gateway.codes import code_of
+    from gateway.errors import make_error
+    from gateway.handler import State
+
+    stored = Outbox(str(tmp_path / "outbox.sqlite3"))
+    with stored.transaction():
+        for i in range(60):
+            stored.put("dev-mqtt", f"m{i}".encode(), now=0)
+    stored.close()
+    up = Upstream(block=asyncio.Event())
+    run = await start_sidecar(fake_config(tmp_path, ("dev-mqtt", "mqtt"),
+                                          delivery={"max_inflight": 2, "claim_ahead": 20, "claim_budget": 100}), up)
+    pipeline, outbox = run.sidecar.pipelines["dev-mqtt"], run.sidecar.outbox
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["inflight"] == 4 + 20)  # 2 sending, 22 ahead
+    up.transports["dev-mqtt"].drop(make_error(code_of("ServiceUnavailable"), transport="mqtt"))
+    await run.wait_for(lambda: pipeline.handler.state is not State.CONNECTED)
+    # at most the two sends stay in flight; what was claimed ahead is pending again, unflagged
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["inflight"] <= 2 and not pipeline._ready)
+    assert pipeline._borrowed == 0 and pipeline._budget.free == 100
+    stored = Outbox(str(tmp_path / "outbox.sqlite3"))
+    items = list(stored)
+    stored.close()
+    flagged = {item.body.decode() for item in items if item.possible_duplicate}
+    assert flagged <= {"m0", "m1"}  # only the sends cut short by the drop may have reached the hub
+    assert sum(item.status == "pending" for item in items) >= 58
+    up.block.set()  # type: ignore[union-attr]
+    await run.wait_for(lambda: outbox.counts("dev-mqtt")["delivered"] >= 60, timeout=30)
+    sent = [m.body.decode() for m in up.received]
+    assert [x for x in dict.fromkeys(sent)] == [f"m{i}" for i in range(60)]  # in order (a resend may repeat one)
