@@ -389,6 +389,7 @@ class DevicePipeline:
         #: acknowledged by the hub, to be written as delivered by the one writing task (``_flusher``)
         self._acked: list[tuple[OutboxItem, int, float, bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._releasing: asyncio.Task[None] | None = None  #: claimed messages going back to pending
         self._outcomes: dict[str, str] = {}
         self._runner: asyncio.Task[None] | None = None
         self._stopping = False
@@ -506,6 +507,11 @@ class DevicePipeline:
         if self._tasks and (room <= 0 or len(self._ready) > max(self.max_inflight, self._borrowed) // 2):
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
             return
+        if room <= 0:  # no usable link: nothing is claimed until it is back (its state change wakes us)
+            self._wake.clear()
+            if self.handler.state is not State.CONNECTED:
+                await self._sleep_or_wake(1.0)
+            return
         # Claim ahead (max_inflight more than are being sent, and what the budget lends while there is a
         # backlog): the next send starts the moment a slot frees, not after a round trip to the writer
         # thread, and one claim carries many rows.
@@ -514,6 +520,10 @@ class DevicePipeline:
             # Nothing waits (the counts are published after each commit, before an accept returns and
             # wakes us): no claim, no timer per second; 10,000 idle devices cost nothing.
             await self._sleep_or_wake(IDLE_RECHECK)
+            return
+        releasing = self._releasing
+        if releasing is not None and not releasing.done():
+            await asyncio.wait({releasing})  # what went back to pending is older than what a claim would take
             return
         items = await self.outbox.claim(self.device_id, limit=room)
         if items:
@@ -530,13 +540,13 @@ class DevicePipeline:
 
     def _window(self, pending: int) -> int:
         """How many may be claimed (in flight and ready) now: ``2 * max_inflight``, plus what the budget
-        lends while pending messages wait, given back as the backlog drains. Without a usable link, only
-        ``max_inflight``: sends wait in the handler, and nothing more is held in memory (see
-        :meth:`_release_ready`)."""
+        lends while pending messages wait, given back as the backlog drains. Without a usable link, no
+        more than the sends already waiting in the handler: the rest stays pending, in reach of the
+        deadline sweep, until the link is back (see :meth:`_release_ready`)."""
         if self.handler.state is not State.CONNECTED:
             self._budget.give_back(self._borrowed)
             self._borrowed = 0
-            return self.max_inflight
+            return len(self._tasks)
         base = 2 * self.max_inflight
         wanted = min(self._budget.per_device, max(0, len(self._tasks) + len(self._ready) + pending - base))
         if wanted > self._borrowed:
@@ -547,23 +557,26 @@ class DevicePipeline:
         return base + self._borrowed
 
     def _release_ready(self) -> None:
-        """The link is down (or throttled, parked, stopped): what was claimed ahead beyond the sends that
-        may start now goes back to pending, unflagged, in its place. Held in memory it would be out of reach
-        of the deadline sweep, show as in flight, and come back flagged as a possible duplicate after a
-        crash, though never sent."""
-        keep = max(0, self.max_inflight - len(self._tasks))
-        if len(self._ready) <= keep:
-            return
-        items = list(self._ready)[keep:]
-        for _ in items:
-            self._ready.pop()
+        """The link is down (or throttled, parked, stopped): what was claimed and not yet sent goes back to
+        pending, unflagged, in its place (the sends under way are older than all of it). Held in memory it
+        would be out of reach of the deadline sweep, show as in flight, and come back flagged as a possible
+        duplicate after a crash, though never sent. The next claim waits for these writes, so it cannot
+        overtake them."""
+        items = list(self._ready)
+        self._ready.clear()
         self._budget.give_back(self._borrowed)
         self._borrowed = 0
+        if not items:
+            return
+        earlier = self._releasing
 
         async def release() -> None:
+            if earlier is not None:
+                await asyncio.wait({earlier})
             await asyncio.gather(*(self._record(partial(self.outbox.release, item.id)) for item in items))
 
         task = asyncio.get_running_loop().create_task(release(), name=f"release-{self.device_id}")
+        self._releasing = task
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
