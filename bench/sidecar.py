@@ -161,6 +161,15 @@ def child(args: list[str], env: dict[str, str] | None = None, *, until: Callable
         log.close()
 
 
+def sidecar_child(config: Path, tmp: Path, env: dict[str, str], *, profile: str | None = None
+                  ) -> contextlib.AbstractContextManager[Child]:
+    """``iothub-gateway run --config``, its state directory in ``tmp``, read until it printed its URL."""
+    prefix = ["-m", "cProfile", "-o", profile] if profile else []
+    return child([*prefix, "-m", "gateway.cli", "run", "--config", str(config)],
+                 {"XDG_STATE_HOME": str(tmp / "state"), **env},
+                 until=lambda text: URL_LINE.search(text) is not None, from_stderr=True)
+
+
 @dataclass
 class Emulator:
     ports: dict[str, int]
@@ -322,7 +331,6 @@ async def accept_rounds(args: argparse.Namespace, emu: Emulator, tmp: Path) -> d
     dead = {t: free_port() for t in TRANSPORTS}
     devices = [(f"sc-{t}", t) for t in TRANSPORTS]
     ids = [d for d, _ in devices]
-    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
     started = lambda text: URL_LINE.search(text) is not None  # noqa: E731
     results: dict[str, list[float]] = {"bare": [], "NORMAL": [], "FULL": []}
     cpu: dict[str, list[float]] = {"bare": [], "NORMAL": [], "FULL": []}
@@ -331,8 +339,7 @@ async def accept_rounds(args: argparse.Namespace, emu: Emulator, tmp: Path) -> d
         for sync in ("NORMAL", "FULL"):
             config = sidecar_config(tmp / f"accept-{sync}.toml", outbox=tmp / f"accept-{sync}.sqlite3", ports=dead,
                                     devices=devices, synchronous=sync)
-            servers[sync] = stack.enter_context(child(["-m", "gateway.cli", "run", "--config", str(config)], env,
-                                                      until=started, from_stderr=True))
+            servers[sync] = stack.enter_context(sidecar_child(config, tmp, cs_env(emu)))
         servers["bare"] = stack.enter_context(child([str(Path(__file__).resolve()), "--bare-server"],
                                                     until=started))
         async with session(args.concurrency) as s:
@@ -438,9 +445,7 @@ async def drain_rate(args: argparse.Namespace, emu: Emulator, tmp: Path, t: str)
     prefill(outbox, device, args.messages)
     config = sidecar_config(tmp / f"drain-{t}.toml", outbox=outbox, ports=emu.ports, devices=[(device, t)],
                             inflight=args.inflight, retention_max=args.retention_max)
-    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
-    with child(["-m", "gateway.cli", "run", "--config", str(config)], env,
-               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+    with sidecar_child(config, tmp, cs_env(emu)) as sidecar:
         async with session(4) as s:
             async with asyncio.timeout(max(120.0, args.messages / 20)):
                 first = 0
@@ -509,14 +514,11 @@ async def method_round_trips(s: aiohttp.ClientSession, url: str, service: str, p
 async def end_to_end(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict[str, Any]:
     """2-4. One sidecar on the live emulator: e2e vs raw per transport, round trips, RSS and file size."""
     devices = [(f"sc-{t}", t) for t in args.transports]
-    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
     config = sidecar_config(tmp / "e2e.toml", outbox=tmp / "e2e.sqlite3", ports=emu.ports, devices=devices,
                             inflight=args.inflight, retention_max=args.retention_max)
     out: dict[str, Any] = {"raw": {}, "single": {}, "batched": {}, "drain": {}, "accepted": {},
                            "accepted_batched": {}, "ratio": {}, "c2d": {}, "methods": {}}
-    profile = ["-m", "cProfile", "-o", args.profile] if args.profile else []
-    with child([*profile, "-m", "gateway.cli", "run", "--config", str(config)], env,
-               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+    with sidecar_child(config, tmp, cs_env(emu), profile=args.profile) as sidecar:
         async with session(args.concurrency) as s:
             await wait_connected(s, sidecar.url)
             await asyncio.sleep(2.0)
@@ -575,13 +577,11 @@ async def soak(args: argparse.Namespace, emu: Emulator, tmp: Path) -> dict[str, 
     outbox = tmp / "soak.sqlite3"
     config = sidecar_config(tmp / "soak.toml", outbox=outbox, ports=emu.ports, devices=[(device, "mqtt")],
                             inflight=args.inflight, retention_max=args.retention_max)
-    env = {"XDG_STATE_HOME": str(tmp / "state"), **cs_env(emu)}
 
     def file_mb() -> float:
         return sum(p.stat().st_size for p in tmp.glob("soak.sqlite3*") if p.is_file()) / 2**20
 
-    with child(["-m", "gateway.cli", "run", "--config", str(config)], env,
-               until=lambda text: URL_LINE.search(text) is not None, from_stderr=True) as sidecar:
+    with sidecar_child(config, tmp, cs_env(emu)) as sidecar:
         async with session(8) as s:
             await wait_connected(s, sidecar.url)
             await asyncio.sleep(2.0)

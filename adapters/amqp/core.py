@@ -25,6 +25,7 @@ import os
 import ssl as _ssl
 import tempfile
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -265,9 +266,13 @@ def cbs_answer_error(message: Any, device_id: str) -> IoTHubError | None:
     return err
 
 
-def renewal_delay(expiry: float, margin: float, now: float) -> float:
-    """Seconds until a token expiring at ``expiry`` (epoch) is put again: when ``margin`` of its life is left."""
-    lifetime = expiry - now
+def renewal_delay(expiry: float, margin: float, now: float | None = None) -> float:
+    """Seconds until a token expiring at ``expiry`` (epoch) is put again: when ``margin`` of its life is left.
+
+    The one wall-clock read of the renewal: a token's expiry is a calendar time, turned here, once, into a
+    delay that the proton timer then counts on its own clock. ``now`` defaults to the wall clock.
+    """
+    lifetime = expiry - (time.time() if now is None else now)
     return max(1.0, lifetime * (1.0 - margin)) if lifetime > 0 else 1.0
 
 

@@ -39,7 +39,6 @@ import logging
 import random
 import ssl as _ssl
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal
@@ -414,7 +413,7 @@ class AmqpMux(Plumbing):
             if not member.links.stopped and not member.conn.stopped:
                 self._put_token(member)
 
-        delay = renewal_delay(expiry, self.renew_margin, time.time())  # a token's expiry is epoch seconds
+        delay = renewal_delay(expiry, self.renew_margin)
         member.renew_task = self._container.schedule(delay, Timer(renew))
 
     def _attach(self, member: _Member) -> None:

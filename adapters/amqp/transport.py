@@ -414,7 +414,7 @@ class _Bridge(Plumbing, Stay):
         expiry = self.renew_expiry
         if expiry is None or not callable(self.owner._token):
             return
-        delay = renewal_delay(expiry, self.owner.renew_margin, time.time())  # a token's expiry is epoch seconds
+        delay = renewal_delay(expiry, self.owner.renew_margin)
         self.renew_task = self.container.schedule(delay, Timer(self._renew))
 
     def _renew(self) -> None:

@@ -425,8 +425,7 @@ class DevicePipeline:
         if self._settling:  # acknowledged by the hub: write them down (a cut-short write is sent again later)
             _, late = await asyncio.wait(set(self._settling), timeout=max(deadline, 1.0))
             await cancel_and_wait(late)
-        self._budget.give_back(self._borrowed)
-        self._borrowed = 0
+        self._give_back()
         await self.surface.close()
         await self.handler.close()
         return len(pending)
@@ -544,8 +543,7 @@ class DevicePipeline:
         more than the sends already waiting in the handler: the rest stays pending, in reach of the
         deadline sweep, until the link is back (see :meth:`_release_ready`)."""
         if self.handler.state is not State.CONNECTED:
-            self._budget.give_back(self._borrowed)
-            self._borrowed = 0
+            self._give_back()
             return len(self._tasks)
         base = 2 * self.max_inflight
         wanted = min(self._budget.per_device, max(0, len(self._tasks) + len(self._ready) + pending - base))
@@ -556,6 +554,10 @@ class DevicePipeline:
             self._borrowed = wanted
         return base + self._borrowed
 
+    def _give_back(self) -> None:
+        self._budget.give_back(self._borrowed)
+        self._borrowed = 0
+
     def _release_ready(self) -> None:
         """The link is down (or throttled, parked, stopped): what was claimed and not yet sent goes back to
         pending, unflagged, in its place (the sends under way are older than all of it). Held in memory it
@@ -564,8 +566,7 @@ class DevicePipeline:
         overtake them."""
         items = list(self._ready)
         self._ready.clear()
-        self._budget.give_back(self._borrowed)
-        self._borrowed = 0
+        self._give_back()
         if not items:
             return
         earlier = self._releasing
